@@ -1,0 +1,73 @@
+"""What a training run reports: one record per epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["EpochRecord", "History"]
+
+
+@dataclass
+class EpochRecord:
+    """The figures of one epoch."""
+
+    epoch: int  # 1-based epoch number
+    loss: float  # mean training loss of the epoch (see FastTrainer's loss_normalization)
+    seconds: float  # wall time of the epoch, including its final loss read-back
+    tokens_per_second: float  # non-pad target tokens trained on per wall second
+    optimizer_steps: int  # optimizer steps taken (skipped ones included)
+    skipped_steps: int  # steps skipped because fp16 gradients overflowed
+    micro_batches: int  # forward/backward passes
+    empty_micro_batches: int  # micro-batches whose targets were all padding
+    tokens: int  # non-pad target tokens
+    extra: dict[str, Any] = field(default_factory=dict)  # figures added by strategies
+
+
+@dataclass
+class History:
+    """Per-epoch records of a run plus run-level figures from strategies (``info``)."""
+
+    records: list[EpochRecord] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. compile seconds, graph breaks
+
+    @property
+    def losses(self) -> list[float]:
+        """The mean loss of every epoch, in order."""
+        return [r.loss for r in self.records]
+
+    @property
+    def seconds(self) -> list[float]:
+        """The wall seconds of every epoch, in order."""
+        return [r.seconds for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> EpochRecord:
+        return self.records[i]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: ``{"epochs": [...], "info": {...}}``."""
+        return {"epochs": [asdict(r) for r in self.records], "info": dict(self.info)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "History":
+        """Inverse of :meth:`to_dict`."""
+        return cls([EpochRecord(**r) for r in d.get("epochs", [])], dict(d.get("info", {})))
+
+    def save_json(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`to_dict` as indented JSON."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False, default=str)
+
+    def __str__(self) -> str:
+        lines = ["epoch  loss      s/epoch  tok/s     steps  skipped"]
+        for r in self.records:
+            lines.append(
+                f"{r.epoch:>5}  {r.loss:<8.4f}  {r.seconds:>7.2f}  {r.tokens_per_second:>8.0f}  "
+                f"{r.optimizer_steps:>5}  {r.skipped_steps:>7}"
+            )
+        return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny seq2seq model that masks padding, and ragged token data."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+PAD = 0
+
+
+class TinySeq2Seq(nn.Module):
+    """A small GRU encoder-decoder that ignores padded source positions (causal decoder)."""
+
+    def __init__(self, vocab_size: int = 23, d: int = 16, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.emb = nn.Embedding(vocab_size, d)
+        self.drop = nn.Dropout(dropout)
+        self.rnn = nn.GRU(d, d, batch_first=True)
+        self.out = nn.Linear(d, vocab_size)
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        mask = (src != PAD).unsqueeze(-1).float()
+        ctx = (self.emb(src) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        h, _ = self.rnn(self.drop(self.emb(tgt_in)), ctx.unsqueeze(0).contiguous())
+        return self.out(h)
+
+
+def ragged_pairs(n: int = 40, vocab: int = 23, src_len: int = 10, tgt_len: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` pairs with random lengths, right-padded with 0; targets start with id 2 (bos)."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.zeros(n, src_len, dtype=torch.long)
+    tgt = torch.zeros(n, tgt_len, dtype=torch.long)
+    for i in range(n):
+        ls = int(torch.randint(2, src_len + 1, (1,), generator=g))
+        lt = int(torch.randint(3, tgt_len + 1, (1,), generator=g))
+        src[i, :ls] = torch.randint(4, vocab, (ls,), generator=g)
+        tgt[i, 0] = 2
+        tgt[i, 1:lt] = torch.randint(4, vocab, (lt - 1,), generator=g)
+    return src, tgt
+
+
+@pytest.fixture
+def tiny_model() -> TinySeq2Seq:
+    torch.manual_seed(0)
+    return TinySeq2Seq()
+
+
+@pytest.fixture
+def pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    return ragged_pairs()
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+def max_rel_diff(a: nn.Module, b: nn.Module) -> float:
+    """Largest |a - b| / max(|a|) over all parameters."""
+    worst = 0.0
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb
+        scale = pa.detach().abs().max().clamp(min=1e-12)
+        worst = max(worst, float((pa.detach() - pb.detach()).abs().max() / scale))
+    return worst
