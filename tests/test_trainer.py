@@ -1,0 +1,328 @@
+"""FastTrainer's contract: inputs it accepts, the errors it raises, what it reports and saves."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from hlbd_fast import (
+    DeferredLossSync,
+    EagerLossSync,
+    FastTrainer,
+    GradientAccumulation,
+    NonFiniteLossError,
+    Strategy,
+    StrategyConflictError,
+    presets,
+)
+from conftest import TinySeq2Seq, clone, ragged_pairs
+
+
+def make(model=None, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("seed", 0)
+    return FastTrainer(model if model is not None else TinySeq2Seq(), **kw)
+
+
+# ---------------------------------------------------------------- accepted inputs
+def test_fit_accepts_tensors_dataset_and_loader(pairs):
+    src, tgt = pairs
+    for data in [(src, tgt), TensorDataset(src, tgt), DataLoader(TensorDataset(src, tgt), batch_size=8)]:
+        h = make().fit(data, epochs=1, batch_size=8)
+        assert len(h) == 1 and math.isfinite(h.losses[0])
+        assert h[0].micro_batches == 5 and h[0].tokens == int((tgt[:, 1:] != 0).sum())
+
+
+def test_dataset_and_tensors_give_the_same_run(tiny_model, pairs):
+    a, b = clone(tiny_model), clone(tiny_model)
+    ha = make(a, seed=4).fit(pairs, 2, batch_size=8)
+    hb = make(b, seed=4).fit(TensorDataset(*pairs), 2, batch_size=8)
+    assert ha.losses == hb.losses
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["dict", "tuple"])
+def test_model_outputs_dict_or_tuple(kind, pairs):
+    class Wrapped(TinySeq2Seq):
+        def forward(self, src, tgt_in):
+            logits = super().forward(src, tgt_in)
+            return {"logits": logits, "aux": 1} if kind == "dict" else (logits, None)
+
+    h = make(Wrapped()).fit(pairs, 1, batch_size=8)
+    assert math.isfinite(h.losses[0])
+
+
+def test_history_fields_and_json(pairs, tmp_path):
+    t = make(strategies=[GradientAccumulation(2)])
+    h = t.fit(pairs, 2, batch_size=4)
+    r = h[0]
+    assert r.epoch == 1 and r.optimizer_steps == 5 and r.micro_batches == 10 and r.skipped_steps == 0
+    assert r.seconds > 0 and r.tokens_per_second > 0
+    assert h.losses[1] < h.losses[0]
+    h.save_json(tmp_path / "h.json")
+    d = json.loads((tmp_path / "h.json").read_text())
+    assert [e["loss"] for e in d["epochs"]] == h.losses
+    assert t.global_step == 10 and t.epoch == 2
+
+
+def test_fit_counts_epochs_already_done(pairs):
+    t = make()
+    t.fit(pairs, 2, batch_size=8)
+    t.fit(pairs, 3, batch_size=8)  # one more
+    assert [r.epoch for r in t.history] == [1, 2, 3]
+
+
+def test_leftover_micro_batches_make_a_final_smaller_step(pairs):
+    h = make(strategies=[GradientAccumulation(3)]).fit(pairs, 1, batch_size=4)  # 10 micro-batches
+    assert h[0].optimizer_steps == 4  # 3 + 3 + 3 + 1
+
+
+def test_drop_in_train_epoch_with_user_optimizer(tiny_model, pairs):
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.1)
+    t = make(tiny_model, optimizer=opt, strategies=[GradientAccumulation(2)], loss_normalization="micro_batch")
+    loader = DataLoader(TensorDataset(*pairs), batch_size=4, shuffle=True)
+    losses = [t.train_epoch(loader) for _ in range(3)]
+    assert t.optimizer is opt and losses[-1] < losses[0]
+
+
+def test_progress_bar_runs_without_error(pairs, capsys):
+    h = FastTrainer(TinySeq2Seq(), seed=0, progress=True).fit(pairs, 1, batch_size=8)
+    assert len(h) == 1
+
+
+def test_baseline_preset_is_the_seed_loop(pairs):
+    t = FastTrainer.from_preset(TinySeq2Seq(), "baseline", progress=False)
+    assert t.batch_size == 4 and t.accumulation == 8 and t.loss_normalization == "micro_batch"
+    assert isinstance(t.optimizer, torch.optim.Adam) and t.optimizer.param_groups[0]["lr"] == 5e-5
+    assert isinstance(t.owner("should_sync_loss"), EagerLossSync)
+    h = t.fit(pairs, 1)
+    assert h[0].micro_batches == 10 and h[0].optimizer_steps == 2
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        FastTrainer.from_preset(TinySeq2Seq(), "nope")
+
+
+# ---------------------------------------------------------------- strategies
+def test_two_owners_of_a_hook_is_an_error_naming_both():
+    with pytest.raises(StrategyConflictError, match=r"GradientAccumulation\(steps=8\).*GradientAccumulation\(steps=2\).*accumulation_steps"):
+        make(strategies=[GradientAccumulation(8), GradientAccumulation(2)])
+    with pytest.raises(StrategyConflictError, match="DeferredLossSync.*EagerLossSync.*should_sync_loss"):
+        make(strategies=[DeferredLossSync(), EagerLossSync()])
+
+
+def test_strategy_class_instead_of_instance_is_explained():
+    with pytest.raises(TypeError, match="instead of an instance"):
+        make(strategies=[GradientAccumulation])
+
+
+def test_optimizer_and_optimizer_strategy_conflict(tiny_model):
+    class MyOpt(Strategy):
+        def build_optimizer(self, params, trainer):
+            return torch.optim.SGD(params, lr=0.1)
+
+    with pytest.raises(StrategyConflictError, match="SGD.*MyOpt"):
+        make(tiny_model, optimizer=torch.optim.SGD(tiny_model.parameters(), lr=0.1), strategies=[MyOpt()])
+    assert isinstance(make(strategies=[MyOpt()]).optimizer, torch.optim.SGD)
+
+
+def test_strategy_state_goes_into_checkpoints(pairs, tmp_path):
+    class Counter(Strategy):
+        def __init__(self):
+            self.steps = 0
+
+        def on_step_end(self, trainer):
+            self.steps += 1
+
+        def state_dict(self):
+            return {"steps": self.steps}
+
+        def load_state_dict(self, state):
+            self.steps = state["steps"]
+
+    t = make(strategies=[Counter()])
+    t.fit(pairs, 1, batch_size=8)
+    t.save(tmp_path / "c.pt")
+    t2 = make(strategies=[Counter()])
+    t2.load(tmp_path / "c.pt")
+    assert t2.strategies[0].steps == 5 and t2.epoch == 1 and t2.global_step == 5
+    with pytest.raises(ValueError, match="holds the state of strategy Counter"):
+        make().load(tmp_path / "c.pt")
+
+
+@pytest.mark.parametrize("arg", [0, -1, 2.0, True])
+def test_bad_accumulation_steps(arg):
+    with pytest.raises(ValueError, match="GradientAccumulation"):
+        GradientAccumulation(arg)
+
+
+@pytest.mark.parametrize("arg", [0, 1.5])
+def test_bad_deferred_every(arg):
+    with pytest.raises(ValueError, match="every"):
+        DeferredLossSync(every=arg)
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "src,tgt,error,match",
+    [
+        (torch.zeros(4, 5), torch.ones(4, 6, dtype=torch.long), TypeError, "src has dtype torch.float32"),
+        (torch.ones(4, 5, dtype=torch.long), torch.ones(3, 6, dtype=torch.long), ValueError, "src has 4 rows but tgt has 3"),
+        (torch.ones(4, 5, 2, dtype=torch.long), torch.ones(4, 6, dtype=torch.long), ValueError, "expected 2-D"),
+        (torch.ones(4, 5, dtype=torch.long), torch.ones(4, 1, dtype=torch.long), ValueError, "at least 2 tokens"),
+        (torch.full((4, 5), -1), torch.ones(4, 6, dtype=torch.long), ValueError, "token id -1"),
+        (torch.full((4, 5), 23), torch.ones(4, 6, dtype=torch.long), ValueError, "token id 23 but the model's vocabulary has 23"),
+    ],
+)
+def test_bad_tensors_are_named(src, tgt, error, match):
+    with pytest.raises(error, match=match):
+        make().fit((src, tgt), 1)
+
+
+def test_out_of_vocab_ids_in_a_loader_are_caught_before_forward():
+    src = torch.ones(8, 5, dtype=torch.long)
+    tgt = torch.ones(8, 6, dtype=torch.long)
+    tgt[5, 2] = 99
+    loader = DataLoader(TensorDataset(src, tgt), batch_size=4)
+    with pytest.raises(ValueError, match="token id 99"):
+        make().fit(loader, 1)
+
+
+@pytest.mark.parametrize("kw,match", [({"epochs": 0}, "epochs=0"), ({"epochs": 1, "batch_size": 0}, "batch_size=0")])
+def test_bad_fit_arguments(pairs, kw, match):
+    with pytest.raises(ValueError, match=match):
+        make().fit(pairs, **kw)
+
+
+def test_empty_data():
+    with pytest.raises(ValueError, match="empty"):
+        make().fit((torch.ones(0, 5, dtype=torch.long), torch.ones(0, 6, dtype=torch.long)), 1)
+    with pytest.raises(TypeError, match="must be a \\(src, tgt\\) pair"):
+        make().fit([1, 2, 3], 1)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="loss_normalization='mean'"):
+        make(loss_normalization="mean")
+    with pytest.raises(ValueError, match="lr=0"):
+        make(lr=0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        make(max_grad_norm=-1)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        FastTrainer(lambda s, t: s)
+    m = TinySeq2Seq()
+    with pytest.raises(ValueError, match="does not hold this model's parameters"):
+        make(m, optimizer=torch.optim.SGD(TinySeq2Seq().parameters(), lr=0.1))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            make(device="cuda")
+
+
+def test_all_padding_micro_batch_counts_and_contributes_nothing(tiny_model):
+    src, tgt = ragged_pairs(n=8)
+    tgt[4:, 1:] = 0  # the second micro-batch of 4 has only padding targets
+    for norm in ("tokens", "micro_batch"):
+        a, b = clone(tiny_model), clone(tiny_model)
+        h = make(a, strategies=[GradientAccumulation(2)], loss_normalization=norm).fit((src, tgt), 1, 4, shuffle=False)
+        assert h[0].empty_micro_batches == 1 and math.isfinite(h[0].loss)
+        assert all(torch.isfinite(p).all() for p in a.parameters())
+        # only the first micro-batch counts: the same step as training on it alone
+        make(b, loss_normalization=norm, strategies=[GradientAccumulation(2)]).fit((src[:4], tgt[:4]), 1, 4, shuffle=False)
+        if norm == "tokens":
+            assert all(torch.allclose(p, q, atol=1e-7) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_model_returning_wrong_shape_is_named(pairs):
+    class Transposed(TinySeq2Seq):
+        def forward(self, src, tgt_in):
+            return super().forward(src, tgt_in).transpose(0, 1)
+
+    class NoLogits(TinySeq2Seq):
+        def forward(self, src, tgt_in):
+            return {"hidden": super().forward(src, tgt_in)}
+
+    with pytest.raises(ValueError, match=r"returned shape \(11, 8, 23\); expected logits \[B, T, V\] = \[8, 11, vocab\]"):
+        make(Transposed()).fit(pairs, 1, batch_size=8, shuffle=False)
+    with pytest.raises(ValueError, match="without 'logits'"):
+        make(NoLogits()).fit(pairs, 1, batch_size=8)
+
+
+class Explode(Strategy):
+    """Makes the loss NaN from optimizer step ``at`` on by poisoning a weight."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, trainer):
+        if trainer.global_step == self.at:
+            with torch.no_grad():
+                trainer.model.out.bias.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("sync", [None, DeferredLossSync(), EagerLossSync()])
+def test_nan_loss_stops_naming_epoch_and_step_and_keeps_checkpoint(pairs, tmp_path, sync):
+    strategies = [Explode(at=7)] + ([sync] if sync else [])
+    t = make(strategies=strategies)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, optimizer step 8.*last checkpoint .*last.pt is untouched") as e:
+        t.fit(pairs, 3, batch_size=8, checkpoint_dir=tmp_path)
+    assert e.value.epoch == 2 and e.value.step == 8
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(pairs, tmp_path, monkeypatch):
+    t = make()
+    t.fit(pairs, 1, batch_size=8, checkpoint_dir=tmp_path)
+    before = (tmp_path / "last.pt").read_bytes()
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        t.fit(pairs, 2, batch_size=8, checkpoint_dir=tmp_path)
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make().load(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not be read"):
+        make().load(tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
+        make().fit(ragged_pairs(), 1, resume=True)
+
+
+def test_custom_batch_format_by_subclassing(tiny_model):
+    """A model taking a dict batch: override forward_loss and count_tokens."""
+    src, tgt = ragged_pairs(n=16)
+    data = [{"src": src[i], "tgt": tgt[i], "weight": torch.tensor(1.0)} for i in range(16)]
+
+    class DictTrainer(FastTrainer):
+        def forward_loss(self, batch):
+            tgt = batch["tgt"]
+            logits = self.train_model(batch["src"], tgt[:, :-1])
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1),
+                                               ignore_index=self.pad_id, reduction="sum")
+            return loss * batch["weight"].mean(), self.count_tokens(batch)
+
+        def count_tokens(self, batch):
+            return (batch["tgt"][:, 1:] != self.pad_id).sum()
+
+    class ListDataset(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return data[i]
+
+    a, b = clone(tiny_model), clone(tiny_model)
+    ha = DictTrainer(a, seed=2, progress=False).fit(ListDataset(), 2, batch_size=4)
+    hb = FastTrainer(b, seed=2, progress=False).fit((src, tgt), 2, batch_size=4)
+    assert ha.losses == pytest.approx(hb.losses, rel=1e-6)
