@@ -221,6 +221,7 @@ class FastTrainer:
         self.epoch = 0  # completed epochs
         self.global_step = 0  # optimizer steps taken
         self.checkpoint_path: Path | None = None  # where fit's checkpoints go, when set
+        self.writes_checkpoints = True  # False on processes that must not write (DDP: ranks other than 0)
 
         if device is None:
             p = next(itertools.chain(model.parameters(), model.buffers()), None)
@@ -358,7 +359,8 @@ class FastTrainer:
 
     def _normalise(self, loss_sum: torch.Tensor, n_tokens: torch.Tensor, step_tokens: torch.Tensor) -> torch.Tensor:
         if self.loss_normalization == "tokens":
-            return loss_sum / step_tokens.clamp(min=1)
+            # only a zero count is replaced: a global_token_count owner may return a divisor below 1 (DDP: tokens / W)
+            return loss_sum / torch.where(step_tokens > 0, step_tokens, torch.ones_like(step_tokens))
         # the classic loop: mean per micro-batch, divided by the accumulation steps
         return loss_sum / n_tokens.clamp(min=1) / self.accumulation
 
@@ -584,7 +586,8 @@ class FastTrainer:
             batches = _advance(batches, skip)  # creating the iterator drew the loader's seed
             _set_rng_state(resume["rng"])
             self.meter.load_state_dict(resume["meter"])
-        total = source.num_batches()
+        count = getattr(self._owners.get("make_batches"), "num_batches", None)  # a sharding owner knows its share
+        total = count(source) if count is not None else source.num_batches()
         desc = f"epoch {epoch + 1}/{total_epochs}" if total_epochs else f"epoch {epoch + 1}"
         self._bar = tqdm(total=total, initial=skip, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True, unit="batch")
         self._last_read = time.perf_counter()
@@ -640,7 +643,14 @@ class FastTrainer:
         if owner is not None:
             read = owner.should_sync_loss(self, event)
         else:  # default: at step ends, only when the bar would redraw
-            read = event == "step" and self.progress and time.perf_counter() - self._last_read >= _BAR_REFRESH_S
+            # with a reduce_metrics owner each read is a collective that every process must make at the
+            # same step; a clock differs between processes, so the default then reads at the epoch end only
+            read = (
+                event == "step"
+                and self.progress
+                and "reduce_metrics" not in self._owners
+                and time.perf_counter() - self._last_read >= _BAR_REFRESH_S
+            )
         if read:
             figures = self._read_meter(self.epoch)  # waits for the device, like loss.item()
             if self._bar is not None:
@@ -705,6 +715,8 @@ class FastTrainer:
     def _save(self, path: Path, mid_epoch: bool) -> None:
         if mid_epoch:
             self._read_meter(self.epoch)  # never checkpoint weights after a non-finite loss
+        if not self.writes_checkpoints:
+            return  # another process writes it (every process still made the read above: a collective under DDP)
         state: dict[str, Any] = {
             "format": _CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
