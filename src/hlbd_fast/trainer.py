@@ -459,6 +459,10 @@ class FastTrainer:
                     "build the model with a larger vocab_size or re-encode the data with its tokenizer"
                 )
 
+    def mark_batches_validated(self) -> None:
+        """Batches come from data already validated on the host: skip the first device batch's check (a sync)."""
+        self._validated_device_batches = True
+
     def to_device(self, batch: Any) -> Any:
         """Move a batch (tensor, tuple, list or dict of them) to the device; check host pairs first."""
         if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor) and isinstance(batch[1], torch.Tensor):

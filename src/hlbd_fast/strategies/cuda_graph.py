@@ -1,0 +1,416 @@
+"""CUDAGraphStep: capture the whole optimizer step as one CUDA graph and replay it.
+
+At HLBD's size (a 3+3-layer transformer, micro-batches of a few hundred tokens) a step
+is hundreds of tiny kernels, and launching them costs more than running them. A CUDA
+graph launches them all at once. The step captured is :meth:`FastTrainer.default_train_step`
+itself — every micro-batch's forward and backward, the on-device loss bookkeeping in
+``trainer.meter``, clipping and the optimizer step — run on static input buffers that
+each step's batches are copied into on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
+
+import torch
+
+from .base import Strategy, StrategyConflictError
+from .data import GPUPreload
+from .sync import EagerLossSync
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..trainer import FastTrainer
+
+__all__ = ["CUDAGraphStep"]
+
+log = logging.getLogger("hlbd_fast")
+
+_SYNC_WARNING = "synchroniz"  # torch's sync-debug warning: "called a synchronizing CUDA operation"
+
+StepKey = tuple[Any, ...]
+
+
+# ---------------------------------------------------------------------------- helpers
+def _step_key(micro_batches: list[Any]) -> StepKey:
+    """What a step's graph depends on: micro-batch count, rows of each, padded lengths, dtypes."""
+    for b in micro_batches:
+        if not (
+            isinstance(b, (tuple, list))
+            and len(b) == 2
+            and isinstance(b[0], torch.Tensor)
+            and isinstance(b[1], torch.Tensor)
+            and b[0].dim() == 2
+            and b[1].dim() == 2
+        ):
+            raise TypeError(
+                "CUDAGraphStep feeds (src, tgt) pairs of 2-D token tensors through static buffers; got a batch of type "
+                f"{type(b).__name__}" + (f" with {len(b)} items" if isinstance(b, (tuple, list)) else "")
+            )
+    s_len = max(b[0].shape[1] for b in micro_batches)
+    t_len = max(b[1].shape[1] for b in micro_batches)
+    rows = tuple(b[0].shape[0] for b in micro_batches)
+    return (len(micro_batches), rows, s_len, t_len, micro_batches[0][0].dtype, micro_batches[0][1].dtype)
+
+
+def _fill(buffer: torch.Tensor, x: torch.Tensor, pad_id: int) -> None:
+    """Copy ``x`` into the left columns of ``buffer`` on the device; pad the rest."""
+    width = x.shape[1]
+    if width == buffer.shape[1]:
+        buffer.copy_(x)
+    else:
+        buffer[:, :width].copy_(x)
+        buffer[:, width:].fill_(pad_id)
+
+
+def _make_capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Switch every param group that has a ``capturable`` option on, moving step counters to the device.
+
+    ``capturable=True`` keeps Adam's step counter and bias corrections on the device, so its
+    step has no host work a graph could not replay (``step()`` refuses capture otherwise).
+    """
+    for group in optimizer.param_groups:
+        if "capturable" not in group or group["capturable"]:
+            continue
+        group["capturable"] = True
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            step = state.get("step") if state else None
+            if isinstance(step, torch.Tensor) and step.device != p.device:
+                state["step"] = step.to(p.device)  # once per state, when switching
+    off = [i for i, g in enumerate(optimizer.param_groups) if g.get("capturable") is False]
+    if off:
+        raise RuntimeError(f"could not switch param groups {off} of {type(optimizer).__name__} to capturable=True")
+
+
+def _signature(trainer: "FastTrainer") -> tuple[Any, ...]:
+    """What a captured graph baked in from the optimizer and meter: objects, state and hyper-parameters.
+
+    Python numbers (lr, betas, ...) are frozen into a graph; a change needs a new capture.
+    Tensor hyper-parameters are read on the device at replay, so only their identity counts.
+    """
+    opt = trainer.optimizer
+    groups = tuple(
+        tuple((k, ("tensor", id(v)) if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k != "params")
+        + ((id(g["params"]), len(g["params"])),)
+        for g in opt.param_groups
+    )
+    return (id(opt), id(opt.state), id(opt.param_groups), groups, trainer.meter.values.data_ptr(), trainer.meter.step_index.data_ptr())
+
+
+@contextlib.contextmanager
+def _no_autocast_cache() -> Iterator[None]:
+    """Autocast regions opened inside inherit ``cache_enabled=False`` (required inside a capture)."""
+    previous = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(previous)
+
+
+@dataclass
+class _SyncFinding:
+    message: str | None = None  # the first host-sync warning seen, if any
+
+
+@contextlib.contextmanager
+def _detect_syncs() -> Iterator[_SyncFinding]:
+    """Record whether the body makes a host-device sync torch can see (``.item()``, ``.cpu()``, ...).
+
+    Uses torch's sync debug mode in "warn" mode, so the body completes normally.
+    """
+    finding = _SyncFinding()
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield finding
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    for w in caught:
+        if _SYNC_WARNING in str(w.message):
+            finding.message = f"{w.message} at {w.filename}:{w.lineno}"
+            break
+    for w in caught:  # hand the body's other warnings on
+        if _SYNC_WARNING not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+@dataclass
+class _StepGraph:
+    """One step shape: its static input buffers, eager steps run so far, and its graph once captured."""
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]]  # static (src, tgt) buffers, one pair per micro-batch
+    eager_steps: int = 0  # warm-up steps run (real training steps)
+    graph: Any = None  # torch.cuda.CUDAGraph once captured
+    capture_seconds: float = field(default=0.0)
+
+    @classmethod
+    def allocate(cls, key: StepKey, device: torch.device) -> "_StepGraph":
+        _, rows, s_len, t_len, s_dtype, t_dtype = key
+        return cls(
+            [
+                (torch.empty((r, s_len), dtype=s_dtype, device=device), torch.empty((r, t_len), dtype=t_dtype, device=device))
+                for r in rows
+            ]
+        )
+
+    def load(self, micro_batches: list[Any], pad_id: int) -> None:
+        for (bs, bt), b in zip(self.batches, micro_batches):
+            _fill(bs, b[0], pad_id)
+            _fill(bt, b[1], pad_id)
+
+
+# ---------------------------------------------------------------------------- the strategy
+class CUDAGraphStep(Strategy):
+    """Run each optimizer step as one replayed CUDA graph: forward, backward, clipping, optimizer step.
+
+    Needs :class:`GPUPreload` (batches already on the device). Each step's micro-batches are
+    copied on the device into static buffers (``static.copy_(batch)``) and the graph of
+    :meth:`FastTrainer.default_train_step` over those buffers is replayed; the loss
+    bookkeeping in ``trainer.meter`` happens inside the graph, on the device, and the
+    meter's host counters are advanced after each replay.
+
+    **Shapes.** A graph is captured per step shape: the number of micro-batches, the rows of
+    each, and the longest ``src``/``tgt`` among them (shorter micro-batches of one step —
+    :class:`TrimPadding` buckets with accumulation — are padded up to it with ``pad_id`` in
+    the static buffers). With :class:`TrimPadding` buckets that is one graph per bucket
+    pair. A shape is run eagerly ``warmup_steps`` times, then captured the next time it
+    comes: the partial last step of an epoch (fewer micro-batches, or a smaller last batch
+    with ``GPUPreload(last_batch="keep")``) is captured like any other shape, epochs later.
+    Each graph keeps its own memory pool.
+
+    **Warm-up steps are real training steps** on the real batches, run eagerly on a side
+    stream before capture (as CUDA graph capture requires), so nothing is trained twice or
+    skipped. The optimizer is switched to ``capturable=True`` at the first step (Adam/AdamW
+    and :class:`FusedAdamW` accept it; their step then keeps its counter and bias corrections
+    on the device). Replays compute what the same eager step computes with that optimizer;
+    Adam's capturable path computes its bias corrections in float32 on the device, so
+    against the default eager Adam results agree up to float rounding (the CUDA tests in
+    ``tests/test_cuda_graph.py`` assert both).
+
+    **Fallback.** On a non-CUDA device, or when the step cannot be captured — a host sync in
+    the step (``.item()``, ``.cpu()``, printing a tensor, a Python ``if`` on a tensor: seen
+    during warm-up with torch's sync debug mode) or a failed capture — every step runs
+    :meth:`FastTrainer.default_train_step` instead, with one warning naming the reason
+    (also in ``trainer.history.info["cuda_graph_fallback"]``). A failed capture runs no
+    kernel; its host-side effects (gradients, meter counters) are undone and the step is
+    then run eagerly, so training is the eager loop's.
+
+    **Frozen at capture.** Python values the step reads are baked in: the optimizer's
+    hyper-parameters (a changed ``lr`` or a new optimizer state, e.g. after ``load``, is
+    detected and the graphs are captured again, with one warning), strategies' Python-side
+    work in their hooks (runs once, at capture), and Python branches in the model. Tensor
+    learning rates are read at replay. The wall seconds spent capturing (each capture starts
+    with one device sync) go to ``trainer.history.info["capture_seconds"]`` and the graph
+    count to ``["cuda_graphs"]``.
+
+    Refused at construction: fp16 loss scaling (a ``backward``/``optimizer_step`` owner such
+    as ``MixedPrecision("fp16")``: the GradScaler decides on the host whether to step; use
+    ``MixedPrecision("bf16")``), and :class:`EagerLossSync` (it reads the loss after every
+    micro-batch; use :class:`DeferredLossSync`). bf16 autocast is captured with its weight
+    cache off (``cache_enabled=False``).
+
+    Args:
+        warmup_steps: eager steps of each shape before it is captured (>= 1).
+    """
+
+    def __init__(self, warmup_steps: int = 3) -> None:
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(
+                f"CUDAGraphStep(warmup_steps={warmup_steps!r}): warmup_steps must be an integer >= 1 "
+                "(capture needs eager steps first: lazy initialisation, optimizer state)"
+            )
+        self.warmup_steps = warmup_steps
+        self.fallback_reason: str | None = None  # why steps run eagerly, once that happened
+        self._step: Callable[["FastTrainer", list[Any]], None] = self._eager
+        self._graphs: dict[StepKey, _StepGraph] = {}
+        self._stream: Any = None
+        self._signature: tuple[Any, ...] | None = None
+        self._tensors: tuple[int, ...] | None = None
+        self._warned_recapture = False
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: "FastTrainer") -> None:
+        if not isinstance(trainer.owner("make_batches"), GPUPreload):
+            raise ValueError(
+                "CUDAGraphStep needs GPUPreload among the strategies (batches must already be on the device for the "
+                "graph's on-device copy into its static buffers); add GPUPreload() to strategies"
+            )
+        for hook in ("backward", "optimizer_step"):
+            owner = trainer.owner(hook)
+            if owner is not None:
+                raise StrategyConflictError(
+                    f"CUDAGraphStep cannot capture {owner!r}, which owns '{hook}': fp16 loss scaling (GradScaler) decides "
+                    "on the host whether to step, which a replayed graph cannot do. Use MixedPrecision('bf16') (no "
+                    "scaler) with CUDAGraphStep, or drop CUDAGraphStep"
+                )
+        sync = trainer.owner("should_sync_loss")
+        if isinstance(sync, EagerLossSync):
+            raise StrategyConflictError(
+                "CUDAGraphStep replays a whole step at once, so the loss cannot be read back after every micro-batch "
+                "as EagerLossSync does; use DeferredLossSync() (or no sync strategy) with CUDAGraphStep"
+            )
+        if trainer.device.type != "cuda":
+            self._fall_back(trainer, f"the trainer's device is {trainer.device.type}; CUDA graphs need a CUDA device")
+            return
+        self._step = self._graphed
+
+    @property
+    def graphing(self) -> bool:
+        """Whether steps go through CUDA graphs (False on CPU and after a fallback)."""
+        return self._step == self._graphed
+
+    # ------------------------------------------------------------------ the step
+    def train_step(self, trainer: "FastTrainer", micro_batches: list[Any]) -> None:
+        self._step(trainer, micro_batches)
+
+    def _eager(self, trainer: "FastTrainer", micro_batches: list[Any]) -> None:
+        trainer.default_train_step(micro_batches)
+
+    def _graphed(self, trainer: "FastTrainer", micro_batches: list[Any]) -> None:
+        self._check_unchanged(trainer)
+        key = _step_key(micro_batches)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = _StepGraph.allocate(key, trainer.device)
+        entry.load(micro_batches, trainer.pad_id)  # on-device copies into the static buffers
+        if entry.graph is not None:
+            entry.graph.replay()
+            self._count(trainer, len(micro_batches))
+        elif entry.eager_steps < self.warmup_steps:
+            self._warm_up(trainer, entry)
+        else:
+            self._capture(trainer, entry, micro_batches)
+
+    @staticmethod
+    def _count(trainer: "FastTrainer", micro: int) -> None:
+        """The meter's host counters: a replay advances only the device figures."""
+        trainer.meter.micro_batches += micro
+        trainer.meter.steps += 1
+
+    def _warm_up(self, trainer: "FastTrainer", entry: _StepGraph) -> None:
+        """One real eager step on the static buffers, on the side stream, watching for host syncs."""
+        with self._side_stream(), _no_autocast_cache(), self._detect_syncs() as found:
+            trainer.default_train_step(entry.batches)
+        entry.eager_steps += 1
+        if found.message is not None:
+            self._fall_back(
+                trainer,
+                f"the step makes a host-device sync ({found.message}), for example .item(), .cpu(), printing a tensor or "
+                "a Python `if` on a tensor in the model's forward; a CUDA graph cannot contain one",
+            )
+
+    def _capture(self, trainer: "FastTrainer", entry: _StepGraph, micro_batches: list[Any]) -> None:
+        meter = trainer.meter
+        counters = (meter.micro_batches, meter.steps)
+        # gradients start as None so the graph allocates them in its own pool (and clears them itself)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        try:
+            try:
+                with _no_autocast_cache():
+                    graph = self._capture_graph(lambda: trainer.default_train_step(entry.batches))
+            finally:
+                meter.micro_batches, meter.steps = counters  # capture ran the step's Python once, no kernel
+        except Exception as e:  # noqa: BLE001 - any failure means: run eagerly, loudly
+            trainer.optimizer.zero_grad(set_to_none=True)  # drop the gradients the capture assigned
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            self._fall_back(trainer, f"capturing the step failed ({type(e).__name__}: {first_line})")
+            trainer.default_train_step(micro_batches)  # this step, eagerly
+            return
+        seconds = time.perf_counter() - t0
+        entry.graph, entry.capture_seconds = graph, seconds
+        info = trainer.history.info
+        info["capture_seconds"] = info.get("capture_seconds", 0.0) + seconds
+        info["cuda_graphs"] = sum(g.graph is not None for g in self._graphs.values())
+        log.info("CUDAGraphStep: captured a step of shape %s in %.2f s", _describe(entry), seconds)
+        graph.replay()  # the capture itself ran nothing: this is the step
+        self._count(trainer, len(micro_batches))
+
+    # ------------------------------------------------------------------ CUDA specifics
+    def _side_stream(self) -> ContextManager[Any]:
+        """Run on the side stream, ordered after and before the current stream's work (no host sync)."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return _on_stream(self._stream)
+
+    def _detect_syncs(self) -> ContextManager[_SyncFinding]:
+        return _detect_syncs()
+
+    def _capture_graph(self, step: Callable[[], None]) -> Any:
+        """Capture ``step`` into a new CUDA graph on the side stream (warm-up used the same stream)."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        graph = torch.cuda.CUDAGraph()
+        # the outer context restores the current stream even if capture_end raises inside torch.cuda.graph
+        with torch.cuda.stream(self._stream):
+            # torch.cuda.graph synchronizes the device once before capturing (a one-off per shape)
+            with torch.cuda.graph(graph, stream=self._stream):
+                step()
+        return graph
+
+    # ------------------------------------------------------------------ invalidation
+    def _check_unchanged(self, trainer: "FastTrainer") -> None:
+        """Host-only check each step: is the optimizer (object, state, hyper-parameters) still the captured one?"""
+        signature = _signature(trainer)
+        if signature == self._signature:
+            return
+        if self._signature is not None:
+            self._drop_graphs("the optimizer changed (its hyper-parameters such as lr, its state, or the object)")
+        _make_capturable(trainer.optimizer)
+        self._signature = _signature(trainer)
+
+    def on_epoch_start(self, trainer: "FastTrainer", epoch: int) -> None:
+        """Once per epoch: have the parameters or buffers been moved to new memory since capture?"""
+        if not self.graphing:
+            return
+        tensors = tuple(t.data_ptr() for t in (*trainer.params, *trainer.model.buffers()))
+        if self._tensors is not None and tensors != self._tensors:
+            self._drop_graphs("the model's parameters or buffers moved to new memory")
+        self._tensors = tensors
+
+    def _drop_graphs(self, why: str) -> None:
+        captured = any(g.graph is not None for g in self._graphs.values())
+        self._graphs.clear()
+        if captured and not self._warned_recapture:
+            self._warned_recapture = True
+            warnings.warn(
+                f"CUDAGraphStep: {why} after capture; the step graphs are captured again ({self.warmup_steps} eager "
+                "steps per shape first). Changing it every step makes every step eager: pass the learning rate as a "
+                "0-d CUDA tensor to change it without a new capture",
+                stacklevel=4,
+            )
+
+    def _fall_back(self, trainer: "FastTrainer", reason: str) -> None:
+        self._step = self._eager
+        self._graphs.clear()
+        self.fallback_reason = reason
+        trainer.history.info["cuda_graph_fallback"] = reason
+        warnings.warn(f"CUDAGraphStep: running the eager step instead of a CUDA graph: {reason}", stacklevel=4)
+
+    def teardown(self, trainer: "FastTrainer") -> None:
+        """Graphs are kept for a later ``fit`` of the same trainer; :meth:`release` frees them."""
+
+    def release(self) -> None:
+        """Free the captured graphs and their static buffers (a later step captures again)."""
+        self._graphs.clear()
+
+
+@contextlib.contextmanager
+def _on_stream(stream: Any) -> Iterator[None]:
+    current = torch.cuda.current_stream()
+    stream.wait_stream(current)  # the side stream sees the static buffers just filled
+    with torch.cuda.stream(stream):
+        yield
+    current.wait_stream(stream)  # later work on the current stream sees the step's results
+
+
+def _describe(entry: _StepGraph) -> str:
+    return "+".join(f"{tuple(s.shape)}/{tuple(t.shape)}" for s, t in entry.batches)

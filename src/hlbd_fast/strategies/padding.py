@@ -1,0 +1,269 @@
+"""TrimPadding: cut the columns that are padding in every row of a micro-batch.
+
+HLBD pairs are padded to 64 tokens while sources average about 7 characters and targets
+11-15, so most of every batch is padding. For a model that masks source padding and
+decodes causally, trailing columns that are padding in every row change nothing at the
+real positions: cutting them computes the same logits and loss (up to float rounding)
+on a fraction of the work. :func:`verify_trim` checks that property on a batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Strategy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..trainer import FastTrainer
+
+__all__ = ["TrimPadding", "TrimCheck", "verify_trim", "row_lengths"]
+
+log = logging.getLogger("hlbd_fast")
+
+_MIN_SRC = 1  # a source keeps at least one column (a model needs a position to attend to)
+_MIN_TGT = 2  # a target keeps at least two: the model reads tgt[:, :-1] and predicts tgt[:, 1:]
+
+
+def row_lengths(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Per row of ``tokens`` ``[N, L]``: the index of its last non-pad column plus one (0 if all pad).
+
+    Runs where ``tokens`` lives and reads nothing back (no host sync).
+    """
+    pos = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
+    return (tokens.ne(pad_id) * pos).amax(dim=1)
+
+
+def _pair(batch: Any, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(src, tgt)`` tensors of a batch, or a TypeError naming ``who``."""
+    if (
+        isinstance(batch, (tuple, list))
+        and len(batch) >= 2
+        and isinstance(batch[0], torch.Tensor)
+        and isinstance(batch[1], torch.Tensor)
+        and batch[0].dim() == 2
+        and batch[1].dim() == 2
+    ):
+        return batch[0], batch[1]
+    raise TypeError(
+        f"{who} needs batches that are (src, tgt, ...) tuples of 2-D token tensors; got {type(batch).__name__}. "
+        "Other batch formats: drop TrimPadding or cut the padding in your own collate function"
+    )
+
+
+def _replace_pair(batch: Any, src: torch.Tensor, tgt: torch.Tensor) -> Any:
+    """``batch`` with its first two items replaced, keeping its type (tuple, list, namedtuple)."""
+    rest = tuple(batch[2:])
+    if hasattr(batch, "_fields"):
+        return type(batch)(src, tgt, *rest)
+    if isinstance(batch, list):
+        return [src, tgt, *rest]
+    return (src, tgt) + rest
+
+
+# ---------------------------------------------------------------------------- verify_trim
+@dataclass(frozen=True)
+class TrimCheck:
+    """What :func:`verify_trim` measured on one batch."""
+
+    src_columns_cut: int  # trailing source columns that were padding in every row
+    tgt_columns_cut: int  # trailing target columns that were padding in every row
+    max_logit_diff: float  # largest |padded - trimmed| logit at real target positions, over max(1, max |logit|)
+    loss_diff: float  # |padded - trimmed| mean token loss, over max(1, |loss|)
+
+    @property
+    def columns_cut(self) -> int:
+        """Source plus target columns cut; 0 means the batch proved nothing."""
+        return self.src_columns_cut + self.tgt_columns_cut
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, dict):
+        out = out["logits"]
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.dim() != 3:
+        raise ValueError("verify_trim: the model must return logits [B, T, V] (a tensor, a dict with 'logits' or a tuple starting with them)")
+    return out.float()
+
+
+def _mean_loss(logits: torch.Tensor, tgt_out: torch.Tensor, pad_id: int) -> torch.Tensor:
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=pad_id, reduction="sum")
+    return loss / tgt_out.ne(pad_id).sum().clamp(min=1)
+
+
+def verify_trim(model: nn.Module, batch: Any, pad_id: int = 0, tol: float = 1e-5) -> TrimCheck:
+    """Check that cutting trailing padding columns leaves ``model``'s logits and loss unchanged.
+
+    Runs ``model(src, tgt[:, :-1])`` on the batch as given and on the batch with every
+    trailing column that is padding in all rows cut (sources keep at least 1 column,
+    targets 2), in fp32 with autocast off, in eval mode (dropout off; the mode is
+    restored) and without gradients. Compares the logits at the real target positions
+    (targets ``!= pad_id``) and the mean token loss. A model with non-fp32 weights is
+    checked on an fp32 copy. Reads results back to the host (one-off syncs).
+
+    Args:
+        model: called as ``model(src, tgt_in)``; returns logits ``[B, T, V]`` (or a dict
+            with ``"logits"``, or a tuple starting with them).
+        batch: ``(src, tgt, ...)`` with 2-D integer token tensors, right-padded.
+        pad_id: the padding id of both ``src`` and ``tgt``.
+        tol: largest accepted relative difference (see :class:`TrimCheck`).
+
+    Returns:
+        The measured :class:`TrimCheck`. ``columns_cut == 0`` means the batch had no
+        trailing padding to cut, so it proved nothing.
+
+    Raises:
+        ValueError: the differences exceed ``tol``: the model lets padding influence real
+            positions, so :class:`TrimPadding` would change its results; or bad arguments.
+        TypeError: ``batch`` is not a ``(src, tgt, ...)`` pair of 2-D tensors.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"verify_trim: model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        raise ValueError(f"verify_trim: pad_id={pad_id!r} must be an int token id")
+    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol > 0):
+        raise ValueError(f"verify_trim: tol={tol!r} must be a positive number, e.g. 1e-5")
+    src, tgt = _pair(batch, "verify_trim")
+    if tgt.shape[1] < _MIN_TGT:
+        raise ValueError(f"verify_trim: tgt has length {tgt.shape[1]}; targets need at least 2 tokens")
+    weights = next(iter(model.parameters()), None)
+    device = weights.device if weights is not None else src.device
+    src, tgt = src.to(device), tgt.to(device)
+    # one read-back of both lengths (a one-off check, not on the training path)
+    ls, lt = torch.stack([row_lengths(src, pad_id).max(), row_lengths(tgt, pad_id).max()]).tolist()
+    ks = min(max(int(ls), _MIN_SRC), src.shape[1])
+    kt = min(max(int(lt), _MIN_TGT), tgt.shape[1])
+
+    not_fp32 = any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters())
+    net = copy.deepcopy(model).float() if not_fp32 else model
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            full = _logits(net(src, tgt[:, :-1]))
+            cut = _logits(net(src[:, :ks], tgt[:, : kt - 1]))
+    finally:
+        net.train(was_training)
+    tgt_out = tgt[:, 1:kt]
+    real = tgt_out.ne(pad_id)
+    a, b = full[:, : kt - 1][real], cut[real]
+    logit_diff = float((a - b).abs().max() / a.abs().max().clamp(min=1.0)) if a.numel() else 0.0
+    la = float(_mean_loss(full, tgt[:, 1:], pad_id))
+    lb = float(_mean_loss(cut, tgt_out, pad_id))
+    loss_diff = abs(la - lb) / max(1.0, abs(la))
+    result = TrimCheck(src.shape[1] - ks, tgt.shape[1] - kt, logit_diff, loss_diff)
+    if not (logit_diff <= tol and loss_diff <= tol):  # also catches NaN
+        raise ValueError(
+            f"verify_trim: cutting {result.src_columns_cut} trailing padding columns of src and "
+            f"{result.tgt_columns_cut} of tgt changed the model's logits at real target positions by "
+            f"{logit_diff:.2e} and its loss by {loss_diff:.2e} (relative; tolerance {tol:.0e}). The model lets "
+            "padding influence real positions (for example it does not pass a key padding mask for the source, "
+            "or pools over padded positions), so TrimPadding would change its results. Mask padding in the model, "
+            "or train without TrimPadding"
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------- TrimPadding
+class TrimPadding(Strategy):
+    """Cut the trailing columns of ``src`` and ``tgt`` that are padding in every row.
+
+    Runs on every micro-batch after it reached the device (``prepare_batch``). The kept
+    length is the longest row, rounded up to ``multiple_of`` (or to the smallest of
+    ``buckets`` that fits), never below 1 source / 2 target columns and never above the
+    input length. The cut columns hold only padding, so for a model that masks source
+    padding and decodes causally (:class:`~hlbd_fast.models.Seq2SeqTransformer`) the
+    logits at real positions and the loss are the same up to float rounding (proven by
+    ``tests/test_padding.py``; :func:`verify_trim` checks a model). The pad id is the
+    trainer's ``pad_id``, for sources and targets alike.
+
+    Host syncs: the longest row must be known on the host to cut. With :class:`GPUPreload`
+    (or any ``make_batches`` owner with a ``host_lengths(batch)`` method) the lengths are
+    known on the host from preload time: no sync at all. Otherwise the two lengths are read
+    back together, one sync per micro-batch (none on a CPU device).
+
+    Args:
+        multiple_of: round the kept length up to a multiple of this (8 suits tensor cores).
+        buckets: increasing lengths; each batch is rounded up to the smallest bucket that
+            fits (a longer batch keeps its input length), so ``Compile`` sees a handful of
+            shapes and :class:`CUDAGraphStep` captures one graph per bucket pair. Replaces
+            ``multiple_of`` rounding when given.
+        check: run :func:`verify_trim` on the first batch that has padding to cut and raise
+            if the model is not trim-exact (costs two extra forward passes, once).
+    """
+
+    def __init__(self, multiple_of: int = 8, buckets: Sequence[int] | None = None, check: bool = False) -> None:
+        if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+            raise ValueError(f"TrimPadding(multiple_of={multiple_of!r}): multiple_of must be an integer >= 1 (1: no rounding)")
+        if buckets is not None:
+            if isinstance(buckets, (str, bytes)) or not isinstance(buckets, Sequence) or len(buckets) == 0:
+                raise ValueError(f"TrimPadding(buckets={buckets!r}): buckets must be a non-empty sequence of lengths, e.g. (16, 32, 48, 64), or None")
+            for b in buckets:
+                if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+                    raise ValueError(f"TrimPadding(buckets={buckets!r}): every bucket must be an integer >= 1, got {b!r}")
+            if any(b <= a for a, b in zip(buckets, buckets[1:])):
+                raise ValueError(f"TrimPadding(buckets={buckets!r}): buckets must be strictly increasing, e.g. (16, 32, 48, 64)")
+            buckets = tuple(buckets)
+        if not isinstance(check, bool):
+            raise ValueError(f"TrimPadding(check={check!r}): check must be True or False")
+        self.multiple_of = multiple_of
+        self.buckets: tuple[int, ...] | None = buckets
+        self.check = check
+        self._pad_id = 0
+        self._model: nn.Module | None = None
+        self._host_lengths: Callable[[Any], tuple[int, int] | None] | None = None
+        self._told_sync = False
+        self._verify: Callable[[Any], None] = self._verify_batch if check else _no_check
+
+    def setup(self, trainer: "FastTrainer") -> None:
+        self._pad_id = trainer.pad_id
+        self._model = trainer.model
+        provider = trainer.owner("make_batches")
+        self._host_lengths = getattr(provider, "host_lengths", None)
+
+    # ------------------------------------------------------------------ the cut
+    def keep_length(self, needed: int, length: int, minimum: int = 1) -> int:
+        """Columns kept of a ``length``-column tensor whose longest row has ``needed`` columns."""
+        n = max(needed, minimum)
+        if self.buckets is not None:
+            k = next((b for b in self.buckets if b >= n), length)
+        else:
+            k = math.ceil(n / self.multiple_of) * self.multiple_of
+        return min(k, length)
+
+    def prepare_batch(self, batch: Any) -> Any:
+        src, tgt = _pair(batch, "TrimPadding")
+        lengths = self._host_lengths(batch) if self._host_lengths is not None else None
+        if lengths is None:
+            lengths = self._device_lengths(src, tgt)
+        self._verify(batch)
+        ks = self.keep_length(lengths[0], src.shape[1], _MIN_SRC)
+        kt = self.keep_length(lengths[1], tgt.shape[1], _MIN_TGT)
+        if ks == src.shape[1] and kt == tgt.shape[1]:
+            return batch
+        return _replace_pair(batch, src[:, :ks], tgt[:, :kt])
+
+    def _device_lengths(self, src: torch.Tensor, tgt: torch.Tensor) -> tuple[int, int]:
+        if self._host_lengths is not None and not self._told_sync:
+            self._told_sync = True
+            log.info("TrimPadding: the batch is not the one the data strategy yielded; reading its lengths back (one sync per batch)")
+        both = torch.stack([row_lengths(src, self._pad_id).max(), row_lengths(tgt, self._pad_id).max()])
+        ls, lt = both.tolist()  # host sync: the cut needs the longest row on the host; both read at once
+        return int(ls), int(lt)
+
+    def _verify_batch(self, batch: Any) -> None:
+        assert self._model is not None, "TrimPadding.setup was not called"
+        if verify_trim(self._model, batch, self._pad_id).columns_cut > 0:
+            self._verify = _no_check  # proven on a batch with padding to cut; never again
+
+
+def _no_check(batch: Any) -> None:
+    """The disabled check."""

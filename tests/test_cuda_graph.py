@@ -1,0 +1,460 @@
+"""CUDAGraphStep: the replayed step computes what the eager step computes, or falls back loudly.
+
+Three parts: the CPU fallback and the refused configurations; the graph path's
+bookkeeping driven on CPU with a stand-in for CUDA graphs (capture runs the step's Python
+and undoes its tensor effects, replay re-runs it without touching host counters); and
+CUDA-only tests that prove the equality claims on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import hlbd_fast.strategies.cuda_graph as cuda_graph
+from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
+from hlbd_fast import DeferredLossSync, EagerLossSync, FastTrainer, GradientAccumulation, Strategy, StrategyConflictError
+from hlbd_fast.strategies.cuda_graph import CUDAGraphStep, _fill, _make_capturable, _step_key, _SyncFinding
+from hlbd_fast.strategies.data import GPUPreload
+from hlbd_fast.strategies.padding import TrimPadding
+
+needs_cuda = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def cuda_test(f):
+    for mark in needs_cuda:
+        f = mark(f)
+    return f
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and OpenMP spinning on a shared 2-core machine costs 10x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def padded_pairs(n: int = 42, extra: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    src, tgt = ragged_pairs(n=n)
+    z = torch.zeros(n, extra, dtype=torch.long)
+    return torch.cat([src, z], 1), torch.cat([tgt, z], 1)
+
+
+def graph_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "CUDAGraphStep" in str(w.message)]
+
+
+def identical(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+class OwnsBackward(Strategy):
+    """Stands in for MixedPrecision('fp16'), which owns backward (scaled) and optimizer_step."""
+
+    def backward(self, loss):
+        loss.backward()
+
+
+class OwnsOptimizerStep(Strategy):
+    def optimizer_step(self, optimizer):
+        optimizer.step()
+        return False
+
+
+# ---------------------------------------------------------------------------- CPU: fallback and refusals
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_on_cpu_one_warning_and_exactly_the_eager_loop(accumulation):
+    torch.manual_seed(0)
+    base = TinySeq2Seq(dropout=0.3)
+    a, b = clone(base), clone(base)
+    step = CUDAGraphStep()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        t = FastTrainer(a, strategies=[GPUPreload(), DeferredLossSync(), GradientAccumulation(accumulation), step],
+                        seed=2, progress=False, lr=1e-3)
+        h = t.fit(ragged_pairs(n=42), 2, batch_size=4)
+    assert graph_warnings(record) == [
+        "CUDAGraphStep: running the eager step instead of a CUDA graph: the trainer's device is cpu; "
+        "CUDA graphs need a CUDA device"
+    ]
+    assert not step.graphing and "device is cpu" in h.info["cuda_graph_fallback"]
+    h_ref = FastTrainer(b, strategies=[GPUPreload(), DeferredLossSync(), GradientAccumulation(accumulation)],
+                        seed=2, progress=False, lr=1e-3).fit(ragged_pairs(n=42), 2, batch_size=4)
+    assert h.losses == h_ref.losses
+    assert identical(a, b)
+
+
+@pytest.mark.parametrize("strategies, error, match", [
+    ([DeferredLossSync()], ValueError, "CUDAGraphStep needs GPUPreload.*add GPUPreload"),
+    ([GPUPreload(), EagerLossSync()], StrategyConflictError, "EagerLossSync.*use DeferredLossSync"),
+    ([GPUPreload(), OwnsBackward()], StrategyConflictError, r"owns 'backward'.*MixedPrecision\('bf16'\)"),
+    ([GPUPreload(), OwnsOptimizerStep()], StrategyConflictError, r"owns 'optimizer_step'.*MixedPrecision\('bf16'\)"),
+    ([GPUPreload(), "fp16"], StrategyConflictError, r"MixedPrecision\(dtype='fp16'.*MixedPrecision\('bf16'\)"),
+])
+def test_refused_combinations(strategies, error, match):
+    from hlbd_fast.strategies.precision import MixedPrecision
+
+    extra = [MixedPrecision("fp16")] if "fp16" in strategies else []  # listed after: refused before its own set-up
+    strategies = [s for s in strategies if s != "fp16"]
+    with pytest.raises(error, match=match):
+        FastTrainer(TinySeq2Seq(), strategies=[*strategies, CUDAGraphStep(), *extra], progress=False)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "3"])
+def test_bad_warmup_steps(value):
+    with pytest.raises(ValueError, match="warmup_steps must be an integer >= 1"):
+        CUDAGraphStep(warmup_steps=value)
+
+
+def test_make_capturable_switches_groups_that_have_the_option():
+    p = nn.Parameter(torch.randn(3))
+    adam = torch.optim.Adam([p])
+    _make_capturable(adam)
+    assert adam.param_groups[0]["capturable"] is True
+    sgd = torch.optim.SGD([p], lr=0.1)  # no such option: left alone
+    _make_capturable(sgd)
+    assert "capturable" not in sgd.param_groups[0]
+
+
+def test_step_key_and_static_buffers():
+    a = (torch.ones(4, 5, dtype=torch.long), torch.ones(4, 7, dtype=torch.long))
+    b = (torch.ones(2, 3, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
+    assert _step_key([a, b]) == (2, (4, 2), 5, 8, torch.long, torch.long)
+    buf = torch.full((2, 5), 9)
+    _fill(buf, b[0], 0)
+    assert buf.tolist() == [[1, 1, 1, 0, 0]] * 2
+    with pytest.raises(TypeError, match=r"\(src, tgt\) pairs.*3 items"):
+        _step_key([(*a, a[0])])
+
+
+# ---------------------------------------------------------------------------- CPU: the graph path with stand-in graphs
+class StandInGraph:
+    """Replays the captured step: device work again, host counters untouched (as a CUDA graph does)."""
+
+    def __init__(self, step, trainer) -> None:
+        self.step, self.trainer, self.replays = step, trainer, 0
+
+    def replay(self) -> None:
+        m = self.trainer.meter
+        counters = (m.micro_batches, m.steps)
+        self.step()
+        m.micro_batches, m.steps = counters
+        self.replays += 1
+
+
+def drive_graph_path(monkeypatch, trainer, step, fail=None, syncs=()):
+    """Make ``step`` take its graph path on CPU; capture runs the Python, then undoes the tensor work."""
+    monkeypatch.setattr(cuda_graph, "_make_capturable", lambda optimizer: None)  # CPU Adam has no capturable path
+    step._step = step._graphed
+    step.fallback_reason = None
+    trainer.history.info.clear()
+    step._side_stream = contextlib.nullcontext
+    findings = iter(syncs)
+    step._detect_syncs = lambda: contextlib.nullcontext(_SyncFinding(next(findings, None)))
+    graphs = []
+
+    def capture(run):
+        if fail:
+            raise RuntimeError(fail)
+        opt = trainer.optimizer
+        tensors = [*trainer.model.parameters(), trainer.meter.values, trainer.meter.step_index,
+                   *(v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))]
+        saved = [t.detach().clone() for t in tensors]
+        rng = torch.get_rng_state()
+        run()
+        with torch.no_grad():
+            for t, s in zip(tensors, saved):
+                t.copy_(s)
+        torch.set_rng_state(rng)
+        graphs.append(StandInGraph(run, trainer))
+        return graphs[-1]
+
+    step._capture_graph = capture
+    return graphs
+
+
+def make(strategies, seed=6, dropout=0.3):
+    torch.manual_seed(0)
+    model = TinySeq2Seq(dropout=dropout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CPU fallback warning of construction
+        return model, FastTrainer(model, strategies=strategies, seed=seed, progress=False, lr=1e-3)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_graph_path_replays_exactly_the_eager_steps(monkeypatch, accumulation):
+    """Warm-up, capture per step shape (the epoch's partial last step too), replays: the eager loop, bit for bit."""
+    step = CUDAGraphStep(warmup_steps=2)
+    ours, t = make([GPUPreload(), DeferredLossSync(), GradientAccumulation(accumulation), step])
+    graphs = drive_graph_path(monkeypatch, t, step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback, no re-capture
+        h = t.fit(ragged_pairs(n=42), 3, batch_size=4)
+    ref, t_ref = make([GPUPreload(), DeferredLossSync(), GradientAccumulation(accumulation)])
+    h_ref = t_ref.fit(ragged_pairs(n=42), 3, batch_size=4)
+    assert h.losses == h_ref.losses
+    assert identical(ours, ref)
+    assert [(r.micro_batches, r.optimizer_steps, r.tokens) for r in h] == [(r.micro_batches, r.optimizer_steps, r.tokens) for r in h_ref]
+    assert step.graphing and h.info["cuda_graphs"] == len(graphs) == 2  # full steps, and the partial last step
+    assert h.info["capture_seconds"] > 0
+    steps = sum(r.optimizer_steps for r in h)
+    assert sum(g.replays for g in graphs) == steps - 2 * step.warmup_steps
+    assert t.global_step == steps
+
+
+def test_graph_path_with_buckets_pads_micro_batches_to_the_step_shape(monkeypatch):
+    """TrimPadding buckets: one graph per bucket pair; with accumulation, a step's shorter micro-batches are padded up."""
+    data = padded_pairs()
+    buckets = (4, 8, 12)
+    for accumulation in (1, 2):
+        step = CUDAGraphStep(warmup_steps=1)
+        ours, t = make([GPUPreload(), TrimPadding(buckets=buckets), GradientAccumulation(accumulation), step], dropout=0.0)
+        graphs = drive_graph_path(monkeypatch, t, step)
+        h = t.fit(data, 3, batch_size=4)
+        ref, t_ref = make([GPUPreload(), TrimPadding(buckets=buckets), GradientAccumulation(accumulation)], dropout=0.0)
+        h_ref = t_ref.fit(data, 3, batch_size=4)
+        assert len(graphs) >= 2
+        assert {k[2] for k in step._graphs} <= set(buckets) and {k[3] for k in step._graphs} <= set(buckets)
+        if accumulation == 1:  # every micro-batch is its own step: the eager shapes exactly
+            assert h.losses == h_ref.losses and identical(ours, ref)
+        else:  # padded columns are masked: equal up to float rounding
+            assert h.losses == pytest.approx(h_ref.losses, rel=1e-6)
+            assert max_rel_diff(ours, ref) < 1e-5
+        assert [r.tokens for r in h] == [r.tokens for r in h_ref]
+
+
+def test_a_failed_capture_falls_back_with_one_warning_and_changes_nothing(monkeypatch):
+    step = CUDAGraphStep(warmup_steps=1)
+    ours, t = make([GPUPreload(), GradientAccumulation(2), step])
+    drive_graph_path(monkeypatch, t, step, fail="operation not permitted when stream is capturing")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        h = t.fit(ragged_pairs(n=42), 2, batch_size=4)
+    assert graph_warnings(record) == [
+        "CUDAGraphStep: running the eager step instead of a CUDA graph: capturing the step failed "
+        "(RuntimeError: operation not permitted when stream is capturing)"
+    ]
+    assert not step.graphing and "capturing the step failed" in h.info["cuda_graph_fallback"]
+    ref, t_ref = make([GPUPreload(), GradientAccumulation(2)])
+    h_ref = t_ref.fit(ragged_pairs(n=42), 2, batch_size=4)
+    assert h.losses == h_ref.losses and identical(ours, ref)
+    assert [r.micro_batches for r in h] == [r.micro_batches for r in h_ref]
+
+
+def test_a_host_sync_seen_in_warm_up_falls_back_before_any_capture(monkeypatch):
+    step = CUDAGraphStep(warmup_steps=2)
+    ours, t = make([GPUPreload(), step])
+    drive_graph_path(monkeypatch, t, step, fail="must not be reached",
+                     syncs=[None, "called a synchronizing CUDA operation at model.py:3"])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        h = t.fit(ragged_pairs(n=42), 2, batch_size=4)
+    messages = graph_warnings(record)
+    assert len(messages) == 1 and "host-device sync (called a synchronizing CUDA operation at model.py:3)" in messages[0]
+    assert ".item()" in messages[0]
+    ref, t_ref = make([GPUPreload()])
+    h_ref = t_ref.fit(ragged_pairs(n=42), 2, batch_size=4)
+    assert h.losses == h_ref.losses and identical(ours, ref)
+
+
+def test_a_changed_learning_rate_is_captured_again(monkeypatch):
+    """A Python lr is frozen into a graph: changing it drops the graphs (one warning) and training follows the new lr."""
+    step = CUDAGraphStep(warmup_steps=1)
+    ours, t = make([GPUPreload(), step])
+    graphs = drive_graph_path(monkeypatch, t, step)
+    t.fit(ragged_pairs(n=42), 1, batch_size=4)
+    captured = len(graphs)
+    t.optimizer.param_groups[0]["lr"] = 3e-3
+    with pytest.warns(UserWarning, match="the optimizer changed.*captured again"):
+        h = t.fit(ragged_pairs(n=42), 2, batch_size=4)
+    assert len(graphs) > captured
+    ref, t_ref = make([GPUPreload()])
+    t_ref.fit(ragged_pairs(n=42), 1, batch_size=4)
+    t_ref.optimizer.param_groups[0]["lr"] = 3e-3
+    h_ref = t_ref.fit(ragged_pairs(n=42), 2, batch_size=4)
+    assert h.losses == h_ref.losses and identical(ours, ref)
+
+
+# ---------------------------------------------------------------------------- CUDA: the real thing
+@pytest.fixture
+def fp32_only():
+    """No TF32: fp32 matmuls, so eager and replayed steps can be compared tightly."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def reference(dropout: float = 0.0) -> nn.Module:
+    from hlbd_fast.models import Seq2SeqTransformer
+
+    torch.manual_seed(0)
+    return Seq2SeqTransformer(vocab_size=23, d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=64,
+                              dropout=dropout, max_length=32).cuda()
+
+
+EPS = 1e-2  # Adam's eps in the CUDA tests; see train_cuda
+
+
+def train_cuda(base, strategies, capturable, data=None, epochs=2):
+    """Train a copy of ``base`` on the GPU with Adam(lr=1e-3, eps=1e-2).
+
+    The large eps: attention's key biases get a zero gradient in exact arithmetic (softmax
+    ignores a shift shared by all keys), and with a tiny eps Adam turns their rounding noise
+    into full-size steps, so any rounding difference would look like a large weight difference.
+    """
+    model = clone(base)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=EPS, capturable=capturable)
+    t = FastTrainer(model, optimizer=opt, strategies=strategies, seed=7, progress=False)
+    h = t.fit(padded_pairs() if data is None else data, epochs, batch_size=4)
+    return model, h
+
+
+def weight_diff(a: nn.Module, b: nn.Module) -> float:
+    """Largest |a - b| over all parameters, relative to the largest |a|."""
+    with torch.no_grad():
+        num = max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+        return num / max(float(p.abs().max()) for p in a.parameters())
+
+
+def assert_same_training(ours, h, reference_run, repeat_run, tol, tol_if_not_repeatable):
+    """``tol`` when the eager loop repeats itself bit for bit; else the eager loop's own spread decides."""
+    (e1, he1), (e2, he2) = reference_run, repeat_run
+    repeatable = identical(e1, e2) and he1.losses == he2.losses
+    bound = tol if repeatable else tol_if_not_repeatable
+    assert h.losses == pytest.approx(he1.losses, rel=bound, abs=0), f"losses differ beyond {bound:g} (eager repeatable: {repeatable})"
+    assert weight_diff(ours, e1) <= bound, f"weights differ by {weight_diff(ours, e1):.2e} (eager repeatable: {repeatable})"
+
+
+def compare(ours, h, base, strategies_fn, tol=1e-6, tol_if_not_repeatable=1e-5, data=None):
+    """Against the eager loop with a capturable Adam (the same optimizer arithmetic as the graph)."""
+    runs = [train_cuda(base, strategies_fn(), capturable=True, data=data) for _ in range(2)]
+    assert_same_training(ours, h, runs[0], runs[1], tol, tol_if_not_repeatable)
+
+
+@cuda_test
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_cuda_graph_equals_eager(fp32_only, recwarn, accumulation, dropout):
+    base = reference(dropout)
+
+    def strategies():
+        return [GPUPreload(), DeferredLossSync(), GradientAccumulation(accumulation)]
+
+    step = CUDAGraphStep(warmup_steps=1)
+    ours, h = train_cuda(base, strategies() + [step], capturable=False)  # switched to capturable by the strategy
+    assert graph_warnings(recwarn) == [] and step.graphing
+    assert h.info["cuda_graphs"] == 2 and h.info["capture_seconds"] > 0  # full steps and the partial last step
+    compare(ours, h, base, strategies)
+    # against the default (non-capturable) eager Adam: float rounding of the bias corrections only
+    default, h_default = train_cuda(base, strategies(), capturable=False)
+    assert h.losses == pytest.approx(h_default.losses, rel=1e-5)
+    assert weight_diff(ours, default) < 1e-5
+    assert weight_diff(ours, base) > 1e-3
+
+
+@cuda_test
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_cuda_graph_with_trim_buckets(fp32_only, recwarn, accumulation):
+    base = reference()
+    buckets = (8, 12, 16)
+
+    def strategies():
+        return [GPUPreload(), TrimPadding(buckets=buckets), DeferredLossSync(), GradientAccumulation(accumulation)]
+
+    step = CUDAGraphStep(warmup_steps=1)
+    ours, h = train_cuda(base, strategies() + [step], capturable=True)
+    assert graph_warnings(recwarn) == [] and step.graphing and h.info["cuda_graphs"] >= 2
+    assert {k[2] for k in step._graphs} <= set(buckets) and {k[3] for k in step._graphs} <= set(buckets)
+    if accumulation == 1:
+        compare(ours, h, base, strategies)
+    else:  # a step's shorter micro-batches are padded up to its longest: equal up to rounding
+        compare(ours, h, base, strategies, tol=1e-5)
+
+
+class ItemInForward(nn.Module):
+    """The reference model plus a host read-back in forward, as a hand-written NaN guard would do."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.vocab_size = inner.vocab_size
+
+    def forward(self, src, tgt_in):
+        out = self.inner(src, tgt_in)
+        if out.abs().max().item() > 1e6:  # a host sync
+            out = out / 2
+        return out
+
+
+class SynchronizeInForward(ItemInForward):
+    def forward(self, src, tgt_in):
+        torch.cuda.synchronize()  # a device-wide wait, not a read-back
+        return self.inner(src, tgt_in)
+
+
+@cuda_test
+@pytest.mark.parametrize("wrapper, match", [
+    (ItemInForward, "host-device sync"),
+    # not a read-back, so it may pass warm-up and fail the capture itself; dropout on: a failed
+    # capture must leave the CUDA RNG as it was
+    (SynchronizeInForward, "host-device sync|capturing the step failed"),
+])
+def test_cuda_unsafe_forward_falls_back_with_one_warning(fp32_only, wrapper, match):
+    base = wrapper(reference(dropout=0.1))
+
+    def strategies():
+        return [GPUPreload(), DeferredLossSync()]
+
+    step = CUDAGraphStep(warmup_steps=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ours, h = train_cuda(base, strategies() + [step], capturable=True)
+    messages = graph_warnings(record)
+    assert len(messages) == 1 and not step.graphing
+    assert re.search(match, messages[0])
+    compare(ours, h, base, strategies)
+
+
+@cuda_test
+def test_cuda_graph_under_bf16_autocast(recwarn):
+    from hlbd_fast.strategies.precision import MixedPrecision
+
+    base = reference()
+
+    def strategies():
+        return [GPUPreload(), DeferredLossSync(), MixedPrecision("bf16")]
+
+    step = CUDAGraphStep(warmup_steps=1)
+    ours, h = train_cuda(base, strategies() + [step], capturable=True)
+    assert graph_warnings(recwarn) == [] and step.graphing
+    compare(ours, h, base, strategies, tol=1e-6, tol_if_not_repeatable=1e-3)
+
+
+@cuda_test
+def test_cuda_graph_with_fused_adamw(fp32_only, recwarn):
+    """FusedAdamW built without capturable: the strategy switches it on; same as the eager capturable FusedAdamW."""
+    from hlbd_fast.strategies.optim import FusedAdamW
+
+    base = reference()
+
+    def run(strategies):
+        model = clone(base)
+        h = FastTrainer(model, strategies=strategies, seed=7, progress=False).fit(padded_pairs(), 2, batch_size=4)
+        return model, h
+
+    step = CUDAGraphStep(warmup_steps=1)
+    ours, h = run([GPUPreload(), DeferredLossSync(), FusedAdamW(lr=1e-3, eps=EPS), step])
+    assert graph_warnings(recwarn) == [] and step.graphing and h.info["cuda_graphs"] == 2
+    eager = [run([GPUPreload(), DeferredLossSync(), FusedAdamW(lr=1e-3, eps=EPS, capturable=True)]) for _ in range(2)]
+    assert_same_training(ours, h, eager[0], eager[1], 1e-6, 1e-5)
