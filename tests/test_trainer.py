@@ -326,3 +326,31 @@ def test_custom_batch_format_by_subclassing(tiny_model):
     ha = DictTrainer(a, seed=2, progress=False).fit(ListDataset(), 2, batch_size=4)
     hb = FastTrainer(b, seed=2, progress=False).fit((src, tgt), 2, batch_size=4)
     assert ha.losses == pytest.approx(hb.losses, rel=1e-6)
+
+
+def test_load_weights_for_inference(pairs, tmp_path):
+    from hlbd_fast import load_weights
+    from hlbd_fast.models import Seq2SeqTransformer
+
+    model = Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32)
+    make(model).fit(pairs, 1, batch_size=8, checkpoint_dir=tmp_path)
+    fresh = Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32)
+    rng = torch.get_rng_state()
+    config = load_weights(fresh, tmp_path / "last.pt")
+    assert config["d_model"] == 16 and config["vocab_size"] == 23
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
+    assert torch.equal(rng, torch.get_rng_state())  # no RNG state touched
+    with pytest.raises(FileNotFoundError):
+        load_weights(fresh, tmp_path / "nope.pt")
+
+
+def test_seed_none_follows_torch_manual_seed_without_drawing():
+    torch.manual_seed(42)
+    a = FastTrainer(TinySeq2Seq(), progress=False)
+    after_a = torch.get_rng_state()
+    torch.manual_seed(42)
+    TinySeq2Seq()
+    assert torch.equal(after_a, torch.get_rng_state())  # building the trainer drew nothing
+    torch.manual_seed(42)
+    b = FastTrainer(TinySeq2Seq(), progress=False)
+    assert a.seed == b.seed

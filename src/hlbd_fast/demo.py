@@ -78,10 +78,14 @@ def run_demo(
         raise DemoError("--epochs must be >= 1 and --baseline-epochs >= 0")
     if preset not in PRESETS:
         raise DemoError(f"--preset {preset!r} is unknown; choose one of {', '.join(sorted(PRESETS))}")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise DemoError(f"--out {out}: exists and is not a directory; name a directory")
     try:
         pairs = load_hlbd(data)
     except FileNotFoundError:
         raise DemoError(f"--data {data}: no such file") from None
+    except IsADirectoryError:
+        raise DemoError(f"--data {data}: is a directory; name an HLBD file") from None
     except ValueError as e:
         raise DemoError(f"--data {data}: {e}") from None
     tokenizer = CharTokenizer.from_pairs(pairs, vocab_size=5000)

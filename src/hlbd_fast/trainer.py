@@ -8,6 +8,7 @@ each strategy hook is called.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from .history import EpochRecord, History
 from .strategies.base import EXCLUSIVE_HOOKS, Strategy, StrategyConflictError
 
-__all__ = ["FastTrainer", "DataSource", "EpochMeter", "NonFiniteLossError", "CHECKPOINT_NAME"]
+__all__ = ["FastTrainer", "DataSource", "EpochMeter", "NonFiniteLossError", "CHECKPOINT_NAME", "load_weights"]
 
 log = logging.getLogger("hlbd_fast")
 
@@ -232,7 +233,8 @@ class FastTrainer:
         model.to(self.device)
 
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())  # host RNG, no device sync
+            # follows torch.manual_seed without drawing from the RNG (dropout streams stay as they were)
+            seed = torch.initial_seed() % (2**62)
         else:
             torch.manual_seed(seed)
         self.seed = int(seed)
@@ -287,7 +289,11 @@ class FastTrainer:
         from .presets import Preset, get_preset
 
         if not isinstance(preset, Preset):
-            preset = get_preset(preset, device=kwargs.get("device"))
+            device = kwargs.get("device")
+            if device is None:  # the trainer's own default: the model's device
+                p = next(itertools.chain(model.parameters(), model.buffers()), None)
+                device = p.device if p is not None else torch.device("cpu")
+            preset = get_preset(preset, device=device)
         extra = tuple(kwargs.pop("strategies", ()))
         kwargs.setdefault("batch_size", preset.batch_size)
         kwargs.setdefault("loss_normalization", preset.loss_normalization)
@@ -321,7 +327,10 @@ class FastTrainer:
         """Forward one micro-batch; return ``(summed token loss, non-pad token count)``.
 
         Override for other model signatures or batch formats (override
-        :meth:`count_tokens` too). Both results are 0-d tensors on the device.
+        :meth:`count_tokens` too). Both results are 0-d tensors on the device. Token ids
+        are checked against the vocabulary only for ``(src, tgt)`` tuple batches; a
+        subclass with another batch format checks its own (e.g. in :meth:`to_device`
+        with :meth:`validate_tensors`).
         """
         src, tgt = batch[0], batch[1]
         tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
@@ -732,6 +741,7 @@ class FastTrainer:
             "loss_normalization": self.loss_normalization,
             "rng": _get_rng_state(),
             "history": self.history.to_dict(),
+            "model_config": _model_config(self.model),
             "mid_epoch": None,
         }
         if mid_epoch:
@@ -797,6 +807,27 @@ class FastTrainer:
 
 
 # ---------------------------------------------------------------------------- helpers
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Load only the model weights of a checkpoint into ``model`` (inference; no trainer needed).
+
+    Returns the model configuration stored with the checkpoint (``model.config`` as a dict,
+    when the model had a dataclass ``config``), or ``None``. Touches no RNG state.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a hlbd_fast checkpoint")
+    model.load_state_dict(state["model"])
+    return state.get("model_config")
+
+
+def _model_config(model: nn.Module) -> dict[str, Any] | None:
+    cfg = getattr(model, "config", None)
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) else None
+
+
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r} must be an integer >= 1")

@@ -90,7 +90,12 @@ class Strategy:
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: "FastTrainer") -> None:
-        """Called once when the trainer is built, before the model is wrapped."""
+        """Called once when the trainer is built, before the model is wrapped.
+
+        ``trainer.params`` and ``trainer.optimizer`` do not exist yet (they are built
+        after every set-up); use :meth:`on_epoch_start` for work that needs them, and
+        keep a reference to ``trainer`` here if a later hook (``before_clip``) needs it.
+        """
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """Return the module the loop calls (compiled, DDP-wrapped...). Default: unchanged."""

@@ -1,0 +1,195 @@
+"""``hlbd-fast demo`` and the ``hlbd-fast`` command: a tiny run end to end, and every bad input as one clear line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from hlbd_fast import cli, demo
+from hlbd_fast.data import bundled_samples
+
+TINY = dict(d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=4, d_ff=64, dropout=0.0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids thread contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def small_hlbd(tmp_path):
+    """An HLBD file with the first two bundled concepts (rain, love): 12 pairs, every test prompt among them."""
+    path = tmp_path / "hlbd_small.json"
+    path.write_text(json.dumps(list(bundled_samples())[:2], ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------- a tiny run
+def test_run_demo_prints_table_and_generations_and_writes_histories(small_hlbd, tmp_path, capsys):
+    out = tmp_path / "out"
+    result = demo.run_demo(
+        epochs=2, baseline_epochs=1, preset="fastest", data=str(small_hlbd), device="cpu",
+        out=str(out), seed=0, model_overrides=TINY, progress=False,
+    )
+    text = capsys.readouterr().out
+
+    # what it trained on and how
+    assert "HLBD: 12 pairs" in text and "device cpu" in text
+    assert "training 'baseline' for 1 epochs (micro-batch 4, accumulation 8)" in text
+    assert "training 'fastest' for 2 epochs (micro-batch 32, accumulation 1)" in text
+
+    # the table: a header and one row per run, with its epochs and final loss
+    assert "| run | epochs | s/epoch | speedup | loss @ epoch 1 | final loss |" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| baseline") or line.startswith("| fastest")}
+    assert set(rows) == {"baseline", "fastest"}
+    assert rows["baseline"].split("|")[2].strip() == "1"
+    assert rows["fastest"].split("|")[2].strip() == "2"
+    assert rows["fastest"].split("|")[6].strip() == f"{result['fastest']['losses'][-1]:.4f}"
+    assert rows["baseline"].split("|")[4].strip() == "1.0x"  # the baseline against itself
+
+    # the generations: every test prompt, with its expected answer from the data
+    assert "generations (greedy):" in text
+    gens = result["generations"]
+    assert [g["prompt"] for g in gens] == list(demo.TEST_PROMPTS)
+    assert gens[0]["expected"] == "下雨了，出门记得带伞。"
+    assert all(g["expected"] == "我爱你，不管发生什么，我都会一直陪在你身边。" for g in gens[1:])
+    for g in gens:
+        assert repr(g["prompt"]) in text
+
+    # the returned figures
+    assert len(result["baseline"]["losses"]) == 1 and len(result["fastest"]["losses"]) == 2
+    for name in ("baseline", "fastest"):
+        assert all(math.isfinite(x) and 0 < x < 2 * math.log(5000) for x in result[name]["losses"])
+        assert result[name]["s_per_epoch"] > 0 and result[name]["total_s"] > 0
+
+    # --out: one history per run, matching what was returned, and the generations
+    for name, epochs in (("baseline", 1), ("fastest", 2)):
+        saved = json.loads((out / f"history_{name}.json").read_text(encoding="utf-8"))
+        assert [e["epoch"] for e in saved["epochs"]] == list(range(1, epochs + 1))
+        assert [e["loss"] for e in saved["epochs"]] == pytest.approx(result[name]["losses"], rel=1e-12)
+    assert json.loads((out / "generations.json").read_text(encoding="utf-8")) == gens
+
+
+def test_run_demo_baseline_preset_runs_once(small_hlbd, capsys):
+    result = demo.run_demo(epochs=1, baseline_epochs=3, preset="baseline", data=str(small_hlbd), device="cpu",
+                           model_overrides=TINY, progress=False)
+    assert set(result) == {"baseline", "generations"}
+    assert len(result["baseline"]["losses"]) == 1  # --epochs, not --baseline-epochs, when the preset is the baseline
+    assert capsys.readouterr().out.count("training '") == 1
+
+
+# ---------------------------------------------------------------------------- bad inputs
+def _bad(argv, capsys):
+    status = demo.main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert status == 2
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("hlbd-fast demo: error: ")
+    assert captured.out == ""  # nothing was trained or printed before the error
+    return lines[0]
+
+
+def test_missing_data_file(tmp_path, capsys):
+    line = _bad(["--data", str(tmp_path / "nope.json")], capsys)
+    assert "--data" in line and "nope.json" in line and "no such file" in line
+
+
+def test_data_file_without_samples(tmp_path, capsys):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("just some notes, no samples here\n", encoding="utf-8")
+    line = _bad(["--data", str(bad)], capsys)
+    assert "--data" in line and "no HLBD samples found" in line
+
+
+def test_data_file_that_is_not_json(tmp_path, capsys):
+    bad = tmp_path / "broken.json"
+    bad.write_text("[{\"concept\": ", encoding="utf-8")
+    line = _bad(["--data", str(bad)], capsys)
+    assert "not valid JSON" in line and "line 1" in line
+
+
+def test_data_path_that_is_a_directory(tmp_path, capsys):
+    line = _bad(["--data", str(tmp_path)], capsys)
+    assert "directory" in line
+
+
+@pytest.mark.parametrize("device, words", [
+    ("tpu-nonsense", "is not a device name"),
+    ("meta", "only cpu and cuda are supported"),
+])
+def test_bad_device(device, words, capsys):
+    line = _bad(["--device", device], capsys)
+    assert f"--device {device}" in line.replace("'", "") and words in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(capsys):
+    line = _bad(["--device", "cuda"], capsys)
+    assert "CUDA is not available" in line and "--device cpu" in line
+
+
+def test_unknown_preset(capsys):
+    line = _bad(["--preset", "turbo"], capsys)
+    assert "--preset 'turbo' is unknown; choose one of baseline, extreme, fastest, quick" in line
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--baseline-epochs", "-1"]])
+def test_bad_epochs(argv, capsys):
+    line = _bad(argv, capsys)
+    assert "--epochs must be >= 1 and --baseline-epochs >= 0" in line
+
+
+def test_non_integer_epochs_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--epochs", "ten"])
+    assert e.value.code == 2
+    assert "--epochs: invalid int value: 'ten'" in capsys.readouterr().err
+
+
+def test_out_path_that_is_a_file(small_hlbd, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("", encoding="utf-8")
+    with pytest.raises(demo.DemoError, match="--out"):
+        demo.run_demo(epochs=1, baseline_epochs=0, data=str(small_hlbd), device="cpu", out=str(taken),
+                      model_overrides=TINY, progress=False)
+
+
+# ---------------------------------------------------------------------------- the hlbd-fast command
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], []])
+def test_cli_help(argv, capsys):
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: hlbd-fast {demo,bench,doctor}")
+    for command in ("demo", "bench", "doctor"):
+        assert f"\n  {command} " in out
+
+
+def test_cli_unknown_command(capsys):
+    assert cli.main(["frobnicate"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0] == "hlbd-fast: unknown command 'frobnicate'"
+    assert "usage: hlbd-fast" in captured.err and captured.out == ""
+
+
+def test_cli_demo_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--epochs", "--baseline-epochs", "--preset", "--data", "--device", "--out", "--seed", "--no-progress"):
+        assert option in out
+
+
+def test_cli_passes_demo_errors_through(capsys):
+    assert cli.main(["demo", "--preset", "turbo"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "hlbd-fast demo: error: --preset 'turbo' is unknown; choose one of baseline, extreme, fastest, quick"
+    )
