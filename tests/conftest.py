@@ -43,6 +43,16 @@ def ragged_pairs(n: int = 40, vocab: int = 23, src_len: int = 10, tgt_len: int =
     return src, tgt
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning threads on a shared
+    2-core machine cost up to 10x; one thread also keeps CPU results repeatable."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def tiny_model() -> TinySeq2Seq:
     torch.manual_seed(0)

@@ -16,15 +16,6 @@ from conftest import TinySeq2Seq, clone, ragged_pairs
 VOCAB = 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_transformer(seed: int = 0, dropout: float = 0.0, layers: int = 2) -> Seq2SeqTransformer:
     torch.manual_seed(seed)
     return Seq2SeqTransformer(vocab_size=VOCAB, d_model=32, n_encoder_layers=layers, n_decoder_layers=layers,

@@ -8,7 +8,6 @@ marked ``slow`` (deselect with ``-m "not slow"``).
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -23,15 +22,6 @@ from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 VOCAB = 50
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 slow = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

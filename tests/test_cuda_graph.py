@@ -35,15 +35,6 @@ def cuda_test(f):
     return f
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and OpenMP spinning on a shared 2-core machine costs 10x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def padded_pairs(n: int = 42, extra: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     src, tgt = ragged_pairs(n=n)
     z = torch.zeros(n, extra, dtype=torch.long)

@@ -14,15 +14,6 @@ from hlbd_fast.strategies.data import DataLoaderWorkers, GPUPreload
 from hlbd_fast.strategies.padding import row_lengths
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and OpenMP spinning on a shared 2-core machine costs 10x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class Pairs(Dataset):
     """A map-style dataset of (src, tgt) rows that counts its reads."""
 

@@ -14,15 +14,6 @@ from hlbd_fast.data import bundled_samples
 TINY = dict(d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=4, d_ff=64, dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def small_hlbd(tmp_path):
     """An HLBD file with the first two bundled concepts (rain, love): 12 pairs, every test prompt among them."""

@@ -19,15 +19,6 @@ from hlbd_fast.data import CharTokenizer, load_hlbd
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def load_example(name: str) -> dict:
     """The example's module namespace (its ``main`` is not run)."""
     return runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name=f"example_{name}")

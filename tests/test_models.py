@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,15 +18,6 @@ TINY = dict(
     vocab_size=50, d_model=32, n_encoder_layers=1, n_decoder_layers=1,
     n_heads=4, d_ff=64, dropout=0.0, max_length=64,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads; one thread avoids spin-wait stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(**overrides: object) -> Seq2SeqTransformer:

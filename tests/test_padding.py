@@ -14,15 +14,6 @@ from hlbd_fast.strategies.data import DataLoaderWorkers, GPUPreload
 from hlbd_fast.strategies.padding import TrimCheck, TrimPadding, row_lengths, verify_trim
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and OpenMP spinning on a shared 2-core machine costs 10x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def padded_pairs(n: int = 42, extra: int = 14, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged pairs (sources <= 10, targets <= 12 tokens) padded with ``extra`` more columns, like HLBD's 64."""
     src, tgt = ragged_pairs(n=n, seed=seed)

@@ -31,15 +31,6 @@ def tiny_transformer(seed: int = 0, dropout: float = 0.0) -> Seq2SeqTransformer:
                               d_ff=64, dropout=dropout, max_length=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def data() -> tuple[torch.Tensor, torch.Tensor]:
     return ragged_pairs(n=120, vocab=VOCAB)  # batch 8: 15 steps per epoch

@@ -17,15 +17,6 @@ from conftest import TinySeq2Seq, ragged_pairs
 TINY = dict(d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=4, d_ff=64, dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def names(preset: presets.Preset) -> list[str]:
     return [type(s).__name__ for s in preset.strategies]
 
@@ -158,12 +149,7 @@ def plain_run(hlbd_tensors):
     torch.manual_seed(0)
     initial = Seq2SeqTransformer(vocab_size=vocab, **TINY)
     model = copy.deepcopy(initial)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # module-scoped: runs before the one_thread fixture
-    try:
-        history = FastTrainer(model, batch_size=32, lr=3e-3, seed=7, progress=False).fit((src, tgt), epochs=5)
-    finally:
-        torch.set_num_threads(n)
+    history = FastTrainer(model, batch_size=32, lr=3e-3, seed=7, progress=False).fit((src, tgt), epochs=5)
     return initial, history
 
 

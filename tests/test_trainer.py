@@ -18,7 +18,6 @@ from hlbd_fast import (
     NonFiniteLossError,
     Strategy,
     StrategyConflictError,
-    presets,
 )
 from conftest import TinySeq2Seq, clone, ragged_pairs
 
