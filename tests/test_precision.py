@@ -15,6 +15,7 @@ from hlbd_fast.strategies import precision
 from hlbd_fast.strategies.precision import (
     MixedPrecision,
     autocast_context,
+    cpu_has_native_bf16,
     find_gradient_hooks,
     resolve_dtype,
     scaler_step,
@@ -73,11 +74,13 @@ def run(strategies, data, epochs=2, lr=2e-3, seed=0, device="cpu", model=None):
 def test_bf16_on_cpu_final_loss_within_2_percent_of_fp32(data):
     """30 steps from the same weights and order: bf16 autocast ends within 2% of fp32, and trains."""
     probe = DtypeProbe()
-    mp = MixedPrecision("auto")
+    mp = MixedPrecision("bf16")
     t32, h32 = run([], data)
-    t16, h16 = run([mp, probe], data)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "MixedPrecision\\('bf16'\\) on a CPU without native bf16")
+        t16, h16 = run([mp, probe], data)
     assert [r.optimizer_steps for r in h16] == [15, 15]
-    assert mp.dtype == "auto" and mp.resolved == "bf16"
+    assert mp.dtype == "bf16" and mp.resolved == "bf16"
     assert t16.history.info["precision"] == "bf16"
     assert probe.dtypes == {torch.bfloat16}  # autocast was really on
     assert h32.losses[-1] < 0.9 * h32.losses[0]  # the run moved enough for the comparison to mean something
@@ -102,7 +105,7 @@ def test_fp16_on_cpu_is_an_error_naming_the_fix():
 
 
 def test_resolve_and_bad_arguments():
-    assert resolve_dtype("auto", "cpu") == "bf16"
+    assert resolve_dtype("auto", "cpu") == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert resolve_dtype("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(ValueError, match="dtype='fp32'.*'bf16'"):
         resolve_dtype("fp32", "cpu")
@@ -140,7 +143,7 @@ def test_autocast_context_function():
     with autocast_context("cpu", "bf16"):
         assert (a @ b).dtype == torch.bfloat16
     with autocast_context("cpu", "auto"):
-        assert (a @ b).dtype == torch.bfloat16
+        assert (a @ b).dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert (a @ b).dtype == torch.float32
 
 
@@ -269,7 +272,8 @@ def test_fp16_warns_about_gradient_hooks(fp16_on_cpu, data):
     assert trainer.strategies[0].scaler.get_scale() == 2.0**40
 
 
-def test_bf16_does_not_warn_about_hooks(data):
+def test_bf16_does_not_warn_about_hooks(data, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # only the hook warning is in question
     m = tiny_transformer()
     m.embed.weight.register_hook(nan_to_zero)
     with warnings.catch_warnings():
@@ -293,3 +297,20 @@ def test_cuda_final_loss_within_half_percent_of_fp32(dtype, data):
     assert hmp.losses[-1] == pytest.approx(h32.losses[-1], rel=0.005)
     if dtype == "fp16":
         assert sum(r.skipped_steps for r in hmp) <= 3
+
+
+def test_auto_on_a_cpu_without_native_bf16_keeps_fp32_and_bf16_warns(monkeypatch, caplog):
+    """Emulated bf16 is slower than fp32: "auto" keeps fp32 there (said in the log); "bf16" warns."""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    mp = MixedPrecision("auto")
+    with caplog.at_level("INFO", logger="hlbd_fast"):
+        t = FastTrainer(tiny_transformer(), strategies=[mp], progress=False)
+    assert mp.resolved == "fp32" and t.history.info["precision"] == "fp32"
+    assert "no native bf16" in caplog.text
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with mp.forward_context():
+        assert (a @ b).dtype == torch.float32
+    with pytest.warns(RuntimeWarning, match=r"without native bf16.*MixedPrecision\('auto'\)"):
+        FastTrainer(tiny_transformer(), strategies=[MixedPrecision("bf16")], progress=False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype("auto", "cpu") == "bf16"

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from hlbd_fast import DeferredLossSync, FastTrainer, StrategyConflictError, presets
+from hlbd_fast import DeferredLossSync, FastTrainer, MixedPrecision, StrategyConflictError, presets
 from hlbd_fast.data import CharTokenizer, encode_pairs, load_hlbd
 from hlbd_fast.models import Seq2SeqTransformer
+from hlbd_fast.strategies.precision import cpu_has_native_bf16
 from conftest import TinySeq2Seq, ragged_pairs
 
 TINY = dict(d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=4, d_ff=64, dropout=0.0)
+#: What MixedPrecision("auto") resolves to on this machine's CPU.
+CPU_AUTO = "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def names(preset: presets.Preset) -> list[str]:
@@ -94,7 +98,7 @@ def test_fastest_cpu_contents():
     assert preload.last_batch == "keep"  # the plain loop's batches, the last one smaller
     assert trim.buckets is None
     assert sync.every is None  # the loss is read once per epoch
-    assert precision.dtype == "bf16"
+    assert precision.dtype == "auto"  # bf16 where the CPU has native bf16, fp32 elsewhere
     assert (p.batch_size, p.loss_normalization, p.lr) == (32, "tokens", 5e-5)
 
 
@@ -116,7 +120,7 @@ def test_fastest_default_device_follows_cuda_availability():
 def test_from_preset_name_builds_the_preset_for_the_given_device():
     trainer = FastTrainer.from_preset(TinySeq2Seq(), "fastest", device="cpu", progress=False)
     assert [type(s).__name__ for s in trainer.strategies] == names(presets.fastest("cpu"))
-    assert trainer.strategies[-1].resolved == "bf16"
+    assert trainer.strategies[-1].resolved == CPU_AUTO
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the warning a CPU-only machine gives")
@@ -153,8 +157,13 @@ def plain_run(hlbd_tensors):
     return initial, history
 
 
-def test_fastest_on_cpu_stays_within_2_percent_of_the_plain_loop(hlbd_tensors, plain_run):
+@pytest.mark.filterwarnings("ignore:MixedPrecision\\('bf16'\\) on a CPU without native bf16")
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_fastest_on_cpu_stays_within_2_percent_of_the_plain_loop(hlbd_tensors, plain_run, precision):
     """The fastest CPU preset (preload + trim + deferred sync + bf16) stays within 2% of the fp32 loop's loss.
+
+    Run as the preset is ("auto": bf16 only on CPUs with native bf16) and with bf16 forced,
+    so the bf16 combination is checked on every CPU.
 
     Same initial weights, same sample order (the trainer's seed), batch 32, five epochs at
     lr 3e-3 so that the loss falls far enough for the comparison to mean something.
@@ -165,7 +174,9 @@ def test_fastest_on_cpu_stays_within_2_percent_of_the_plain_loop(hlbd_tensors, p
     src, tgt, _ = hlbd_tensors
     initial, plain = plain_run
     model = copy.deepcopy(initial)
-    trainer = FastTrainer.from_preset(model, "fastest", device="cpu", lr=3e-3, seed=7, progress=False)
+    preset = presets.fastest("cpu")
+    preset = dataclasses.replace(preset, strategies=preset.strategies[:-1] + (MixedPrecision(precision),))
+    trainer = FastTrainer.from_preset(model, preset, device="cpu", lr=3e-3, seed=7, progress=False)
     fast = trainer.fit((src, tgt), epochs=5)
     assert plain.losses[-1] < 0.8 * plain.losses[0], f"the loss barely moved: {plain.losses}"
     for a, b in zip(fast.losses, plain.losses):
@@ -174,7 +185,7 @@ def test_fastest_on_cpu_stays_within_2_percent_of_the_plain_loop(hlbd_tensors, p
     # trimming drops no token and preloading no sample: the same steps over the same tokens
     assert [r.tokens for r in fast] == [r.tokens for r in plain]
     assert [r.optimizer_steps for r in fast] == [r.optimizer_steps for r in plain] == [3] * 5
-    assert fast.info.get("precision") == "bf16"
+    assert fast.info.get("precision") == (CPU_AUTO if precision == "auto" else "bf16")
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
@@ -190,11 +201,11 @@ def test_quick_runs_on_cpu_with_workers_and_bf16(hlbd_tensors, plain_run):
     trainer = FastTrainer.from_preset(model, "quick", device="cpu", lr=3e-3, seed=7, progress=False)
     assert type(trainer.optimizer).__name__ == "AdamW"
     precision = trainer.strategies[1]
-    assert type(precision).__name__ == "MixedPrecision" and precision.resolved == "bf16"  # "auto" on the CPU
+    assert type(precision).__name__ == "MixedPrecision" and precision.resolved == CPU_AUTO
     history = trainer.fit((src, tgt), epochs=1)
     r = history[0]
     assert (r.micro_batches, r.optimizer_steps, r.tokens) == (6, 3, plain[0].tokens)
-    assert history.info.get("precision") == "bf16"
+    assert history.info.get("precision") == CPU_AUTO
     assert math.isfinite(r.loss)
     assert abs(r.loss - plain.losses[0]) / plain.losses[0] < 0.02
     assert abs(r.loss - plain.losses[0]) / plain.losses[0] < 2e-4, f"quick {r.loss} vs plain {plain.losses[0]}"
