@@ -11,7 +11,6 @@ import argparse
 import copy
 import json
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,11 +49,6 @@ def _device(name: str | None) -> torch.device:
         raise DemoError(f"--device {name}: only cpu and cuda are supported")
     return dev
 
-
-def per_epoch_seconds(history: History) -> float:
-    """Median wall seconds of the epochs after the first (the first pays one-off costs)."""
-    s = history.seconds
-    return statistics.median(s[1:]) if len(s) > 1 else s[0]
 
 
 def run_demo(
@@ -117,7 +111,7 @@ def run_demo(
     if out is not None:
         _write_outputs(Path(out), runs, generations)
     return {
-        name: {"losses": r["history"].losses, "s_per_epoch": per_epoch_seconds(r["history"]), "total_s": r["total_s"]}
+        name: {"losses": r["history"].losses, "s_per_epoch": r["history"].s_per_epoch(), "total_s": r["total_s"]}
         for name, r in runs.items()
     } | {"generations": generations}
 
@@ -130,8 +124,8 @@ def _print_table(runs: dict[str, dict[str, Any]]) -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in runs.items():
         h: History = r["history"]
-        spe = per_epoch_seconds(h)
-        speedup = per_epoch_seconds(base["history"]) / spe if base else float("nan")
+        spe = h.s_per_epoch()
+        speedup = base["history"].s_per_epoch() / spe if base else float("nan")
         print(f"| {name} | {len(h)} | {spe:.2f} | {speedup:.1f}x | {h.losses[shared - 1]:.4f} | {h.losses[-1]:.4f} |")
     print()
 
@@ -166,7 +160,7 @@ def _write_outputs(out: Path, runs: dict[str, dict[str, Any]], generations: list
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in runs.items():
         h = r["history"]
-        ax.plot(range(1, len(h) + 1), h.losses, marker="o", label=f"{name} ({per_epoch_seconds(h):.2f} s/epoch)")
+        ax.plot(range(1, len(h) + 1), h.losses, marker="o", label=f"{name} ({h.s_per_epoch():.2f} s/epoch)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss")
     ax.legend()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,6 +43,16 @@ class History:
     def seconds(self) -> list[float]:
         """The wall seconds of every epoch, in order."""
         return [r.seconds for r in self.records]
+
+    def s_per_epoch(self) -> float:
+        """Median wall seconds of the epochs after the first (the first pays one-off costs).
+
+        The only epoch's seconds when there is one; ``nan`` when there is none.
+        """
+        s = self.seconds
+        if not s:
+            return float("nan")
+        return statistics.median(s[1:]) if len(s) > 1 else s[0]
 
     def __len__(self) -> int:
         return len(self.records)

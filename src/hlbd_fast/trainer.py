@@ -222,6 +222,7 @@ class FastTrainer:
         self.epoch = 0  # completed epochs
         self.global_step = 0  # optimizer steps taken
         self.checkpoint_path: Path | None = None  # where fit's checkpoints go, when set
+        self.loss_reads = 0  # host syncs spent reading the running loss back (all epochs)
         self.writes_checkpoints = True  # False on processes that must not write (DDP: ranks other than 0)
 
         if device is None:
@@ -676,6 +677,7 @@ class FastTrainer:
         if owner is not None:
             values = owner.reduce_metrics(values.clone())
         v = values.tolist()  # host sync: waits for the device
+        self.loss_reads += 1
         m = EpochMeter
         if v[m.FIRST_BAD] >= 0:
             where = f"; the last checkpoint {self.checkpoint_path} is untouched" if self.checkpoint_path else ""

@@ -1,0 +1,120 @@
+"""hlbd_fast.bench: rows from the same weights and order, counted syncs, failed rows reported, JSON and table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hlbd_fast import bench
+from hlbd_fast.bench import ROWS, BenchError, format_table, resolve_rows, run_bench
+from conftest import TinySeq2Seq, ragged_pairs
+
+ROW_KEYS = {"name", "s_per_epoch", "speedup", "final_loss", "loss_rel_diff", "compile_s", "peak_mem_mb", "syncs_per_step", "losses", "error"}
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _broken(device):
+    raise ImportError("hlbd_fast.strategies.nothing is not there")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("bench")
+    table = dict(ROWS, broken=_broken)
+    try:
+        rep = run_bench(
+            rows="baseline,deferred sync,+BIGGER-batch,broken",
+            epochs=2,
+            device="cpu",
+            out=out,
+            model_factory=lambda: TinySeq2Seq(vocab_size=23),
+            data=ragged_pairs(n=32),  # baseline: 8 micro-batches of 4 = one optimizer step per epoch
+            row_table=table,
+        )
+    finally:
+        torch.set_num_threads(before)
+    return rep, out
+
+
+def test_rows_share_weights_and_order(report):
+    rep, _ = report
+    rows = {r["name"]: r for r in rep["rows"]}
+    assert list(rows) == ["baseline", "+deferred sync", "+bigger batch", "broken"]
+    base, deferred, bigger = rows["baseline"], rows["+deferred sync"], rows["+bigger batch"]
+    # DeferredLossSync changes only when the loss is read: same losses from the same start and order
+    assert deferred["losses"] == base["losses"] and deferred["loss_rel_diff"] == 0.0
+    assert base["speedup"] == 1.0 and base["loss_rel_diff"] == 0.0
+    assert bigger["micro_batch"] == 16 and bigger["accumulation"] == 2
+    assert bigger["losses"] != base["losses"]  # 'micro_batch' normalisation: the means differ a little
+    assert bigger["loss_rel_diff"] == pytest.approx(abs(bigger["final_loss"] - base["final_loss"]) / base["final_loss"])
+    assert deferred["note"] == "replaces EagerLossSync()"
+    assert all(len(r["losses"]) == 2 and r["s_per_epoch"] > 0 and r["peak_mem_mb"] > 0 for r in (base, deferred, bigger))
+
+
+def test_syncs_are_counted(report):
+    rows = {r["name"]: r for r in report[0]["rows"]}
+    # baseline reads after each of 8 micro-batches plus once at the epoch's end, one step per epoch
+    assert rows["baseline"]["syncs_per_step"] == 9.0
+    assert rows["+deferred sync"]["syncs_per_step"] == 1.0
+    assert rows["+bigger batch"]["syncs_per_step"] == 3.0  # 2 micro-batches + the epoch's end
+
+
+def test_failed_row_is_reported_not_raised(report):
+    broken = report[0]["rows"][-1]
+    assert broken["error"] == "ImportError: hlbd_fast.strategies.nothing is not there"
+    assert broken["s_per_epoch"] is None and broken["speedup"] is None
+    assert "failed: ImportError" in format_table(report[0])
+
+
+def test_json_schema(report):
+    rep, out = report
+    saved = json.loads((out / "bench.json").read_text())
+    assert set(saved) == {"machine", "config", "rows"}
+    assert {"cpu", "gpu", "torch", "torch_threads", "date"} <= set(saved["machine"])
+    assert saved["machine"]["torch_threads"] == 1
+    assert {"epochs", "rows", "pairs", "seed"} <= set(saved["config"]) and saved["config"]["epochs"] == 2
+    for r in saved["rows"]:
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+    table = format_table(rep)
+    assert "| row | epochs | s/epoch |" in table and "| +deferred sync | 2 |" in table
+
+
+def test_row_names_and_bad_arguments():
+    cpu = torch.device("cpu")
+    assert resolve_rows("Compile, +fused-adamw,grad_checkpointing", cpu) == ["+compile", "+fused adamw", "+grad checkpointing"]
+    assert resolve_rows(None, cpu) == list(bench.CPU_DEFAULT_ROWS)
+    assert resolve_rows(None, torch.device("cuda")) == list(ROWS)
+    with pytest.raises(BenchError, match="unknown row 'turbo'"):
+        resolve_rows("baseline,turbo", cpu)
+    with pytest.raises(BenchError, match="--epochs 0 must be an integer >= 1"):
+        run_bench(rows="baseline", epochs=0, device="cpu", data=ragged_pairs(n=8), model_factory=TinySeq2Seq)
+
+
+def test_cli_prints_the_table_last(tmp_path, capsys, one_thread):
+    assert bench.main(["--tiny", "--rows", "deferred-sync", "--epochs", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("s/epoch:") and out[-3].startswith("| +deferred sync | 1 |")
+    assert out[-3].split("|")[5].strip() == "-"  # no baseline row: no speed-up
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["config"]["pairs"] == 64 and saved["rows"][0]["error"] is None
+    assert bench.main(["--rows", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown row 'nope'" in capsys.readouterr().err
+
+
+def test_time_budget_skips_later_rows(one_thread):
+    rep = run_bench(rows="baseline,deferred-sync", epochs=1, device="cpu", data=ragged_pairs(n=8),
+                    model_factory=TinySeq2Seq, time_budget_s=1e-9)
+    first, second = rep["rows"]
+    assert first["error"] is None and first["s_per_epoch"] > 0  # the first row always runs
+    assert second["error"].startswith("skipped: the time budget") and second["speedup"] is None

@@ -1,0 +1,218 @@
+"""hlbd_fast.doctor: it must point at the module that costs the time and count its host syncs."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from hlbd_fast import EagerLossSync, GradientAccumulation
+from hlbd_fast.doctor import Diagnosis, DoctorError, diagnose, main
+from conftest import TinySeq2Seq, ragged_pairs
+
+BATCH = 8
+HEADS = 4
+ITEMS_PER_SAMPLE = 1 + HEADS
+
+
+class SlowStats(nn.Module):
+    """Loops over the batch and the heads in Python and reads statistics back (.item()), like the user's attention."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for b in range(x.shape[0]):
+            xb = self.proj(x[b])
+            peak = xb.max().item()
+            heads = []
+            for h in xb.chunk(HEADS, dim=-1):
+                w = torch.softmax(h @ h.T / (1.0 + h.abs().mean().item()), dim=-1)
+                heads.append(w @ h)
+            outs.append(torch.cat(heads, dim=-1) * (1.0 + 0.0 * peak))
+        return torch.stack(outs)
+
+
+class SlowModel(nn.Module):
+    """An otherwise normal tiny seq2seq model with one slow module inside."""
+
+    def __init__(self, vocab: int = 23, d: int = 16) -> None:
+        super().__init__()
+        self.vocab_size = vocab
+        self.emb = nn.Embedding(vocab, d)
+        self.stats = SlowStats(d)
+        self.out = nn.Linear(d, vocab)
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        ctx = self.emb(src).mean(1, keepdim=True)
+        return self.out(self.stats(self.emb(tgt_in) + ctx))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # tiny matmuls on a shared 2-core machine: one intra-op thread keeps timings about the model
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def slow_diagnosis(one_thread) -> tuple[Diagnosis, SlowModel, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = SlowModel()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    d = diagnose(model, ragged_pairs(n=48), steps=4, batch_size=BATCH, warmup=1)
+    return d, model, before
+
+
+def test_slow_module_ranked_first_with_its_syncs(slow_diagnosis):
+    d, _, _ = slow_diagnosis
+    first = d.top_modules[0]
+    assert (first.name, first.cls) == ("stats", "SlowStats"), [m.label for m in d.top_modules]
+    assert first.label == "stats (SlowStats)"
+    assert first.calls == pytest.approx(1.0)
+    # its Linear runs once per sample: the loop shows as the child's call count
+    assert first.max_child_calls == pytest.approx(BATCH) and "stats.proj" in first.child
+    mine = [s for s in d.sync_sources if s.module == "stats (SlowStats)"]
+    assert sum(s.per_step for s in mine) >= BATCH * ITEMS_PER_SAMPLE
+    assert {s.op for s in mine} == {"aten::_local_scalar_dense"}
+    assert d.syncs_per_step is not None and d.syncs_per_step >= BATCH * ITEMS_PER_SAMPLE
+    assert "test_doctor.py" in d.sync_locations["stats (SlowStats) | aten::_local_scalar_dense"]
+
+
+def test_phases_add_up_and_model_untouched(slow_diagnosis):
+    d, model, before = slow_diagnosis
+    assert d.step_s > 0 and d.timed_step_s > 0
+    assert set(d.phases) == {"data", "forward", "backward", "optimizer", "loss read-back", "other"}
+    assert all(v >= 0 for v in d.phases.values())
+    assert sum(d.phases.values()) == pytest.approx(d.timed_step_s, rel=1e-6)
+    assert d.phases["forward"] > 0 and d.phases["backward"] > 0 and d.phases["optimizer"] > 0
+    # module self times fit inside the forward phase
+    assert sum(m.self_s for m in d.top_modules) <= d.phases["forward"] * 1.001
+    assert d.device_s is None and d.device == "cpu"
+    assert 0 < d.padding["trimmable_fraction"] <= d.padding["pad_fraction"] < 1
+    for k, v in model.state_dict().items():  # diagnose trained a copy
+        assert torch.equal(v, before[k]), k
+
+
+def test_report_names_the_module_and_a_recommendation(slow_diagnosis):
+    d, _, _ = slow_diagnosis
+    text = str(d)
+    assert "stats (SlowStats)" in text
+    top = next(r for r in d.recommendations if "SlowStats.forward" in r.text)
+    assert "host syncs per step" in top.text and "Python loop" in top.text and "test_doctor.py" in top.text
+    assert f"[{100 * top.share:.0f}%] `SlowStats.forward` (stats): " in text
+    assert [r.share for r in d.recommendations] == sorted((r.share for r in d.recommendations), reverse=True)
+    assert "device time: n/a on CPU" in text
+    data = json.loads(json.dumps(d.to_dict()))
+    assert data["top_modules"][0]["label"] == "stats (SlowStats)"
+    assert data["sync_sources"][0]["module"] == "stats (SlowStats)"
+    assert top.text in [r["text"] for r in data["recommendations"]]
+
+
+def test_loss_read_back_counted_and_deferred_sync_recommended(one_thread):
+    """EagerLossSync reads the loss every micro-batch: 2 syncs per step with accumulation 2."""
+    torch.manual_seed(0)
+    d = diagnose(TinySeq2Seq(), ragged_pairs(n=40), strategies=[GradientAccumulation(2), EagerLossSync()], steps=3, batch_size=4, warmup=1)
+    assert d.accumulation == 2
+    assert d.sync_sources == [("(loss read-back)", "aten::tolist (loss read-back)", 2.0)]
+    assert d.syncs_per_step == 2.0
+    assert any("DeferredLossSync" in r.strategies for r in d.recommendations)
+    # the plain loop without per-micro-batch reads has no sync at all (this model has none);
+    # 30 columns of padding after every row are found and TrimPadding is suggested
+    torch.manual_seed(0)
+    src, tgt = ragged_pairs(n=40)
+    padded = (torch.nn.functional.pad(src, (0, 30)), torch.nn.functional.pad(tgt, (0, 30)))
+    clean = diagnose(TinySeq2Seq(), padded, steps=2, batch_size=4, warmup=0)
+    assert clean.syncs_per_step == 0.0 and clean.sync_sources == []
+    assert not any("DeferredLossSync" in r.strategies for r in clean.recommendations)
+    assert clean.padding["trimmable_fraction"] >= (30 + 30) / (40 + 42)
+    assert any(r.strategies == ["TrimPadding"] for r in clean.recommendations)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"steps": 0}, "steps=0"),
+        ({"steps": 2.5}, "steps=2.5"),
+        ({"warmup": -1}, "warmup=-1"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"optimizer": "opt"}, "copy_model=False"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, words):
+    with pytest.raises(DoctorError, match=words.replace("(", r"\(").replace(".", r"\.")):
+        diagnose(TinySeq2Seq(), ragged_pairs(n=8), **kwargs)
+    with pytest.raises(DoctorError, match="torch.nn.Module"):
+        diagnose("not a model", ragged_pairs(n=8))
+
+
+FACTORY = textwrap.dedent(
+    """
+    import torch
+    from conftest import TinySeq2Seq, ragged_pairs
+
+    def factory():
+        torch.manual_seed(0)
+        return TinySeq2Seq(), ragged_pairs(n=24)
+
+    def not_a_model():
+        return 42
+    """
+)
+
+
+def test_cli_on_a_factory(tmp_path, monkeypatch, capsys, one_thread):
+    (tmp_path / "doctor_factory_mod.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "d.json"
+    assert main(["--model", "doctor_factory_mod:factory", "--steps", "2", "--warmup", "0", "--batch-size", "4", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "TinySeq2Seq on cpu; 2 steps of 1 x 4 samples" in text and "Recommendations" in text
+    saved = json.loads(out.read_text())
+    assert saved["model"] == "TinySeq2Seq" and saved["batch_size"] == 4 and saved["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("no_colon_here", "must be 'module:factory'"),
+        ("no_such_module_xyz:factory", "cannot import 'no_such_module_xyz'"),
+        ("doctor_factory_mod:missing", "has no callable 'missing'"),
+        ("doctor_factory_mod:not_a_model", "returned int"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, spec, words):
+    (tmp_path / "doctor_factory_mod.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["--model", spec, "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hlbd-fast doctor: error: --model") and words in err
+    assert len(err.splitlines()) == 1
+
+
+class ItemModel(TinySeq2Seq):
+    """TinySeq2Seq with one value read back inside forward: a graph break under torch.compile."""
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 + 0.0 * src.float().mean().item()
+        return super().forward(src, tgt_in) * scale
+
+
+@pytest.mark.filterwarnings("ignore:Compile. torch.compile split:RuntimeWarning")
+def test_compile_graph_breaks_reported(one_thread):
+    from hlbd_fast.strategies.compile import Compile
+
+    torch.manual_seed(0)
+    d = diagnose(ItemModel(), ragged_pairs(n=24), strategies=[Compile(backend="eager")], steps=2, batch_size=8, warmup=1)
+    assert d.graph_breaks is not None and d.graph_breaks >= 1
+    assert any(".item()" in reason and "test_doctor.py" in reason for reason, _ in d.graph_break_reasons)
+    assert d.top_modules == [] and d.syncs_per_step is None  # compiled: no per-module view, no CPU sync count
+    assert any("graph" in r.text and "Compile" in r.strategies for r in d.recommendations)
+    assert "torch.compile graph breaks:" in str(d)
