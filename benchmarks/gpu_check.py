@@ -1,10 +1,10 @@
-"""One run for a machine with a CUDA GPU: the CUDA tests, then the presets against the seed's loop.
+"""One run for a machine with a CUDA GPU: the CUDA tests, then the presets against the original HLBD loop.
 
     python benchmarks/gpu_check.py [--out DIR]     # DIR defaults to $OUT, else gpu_check_results
 
 1. ``pytest -m cuda -q tests`` (the CUDA-only tests), time-limited;
 2. on the bundled HLBD data with the reference model, every row from the same initial
-   weights and sample order: ``baseline`` (the seed's loop, timed on a few epochs: its
+   weights and sample order: ``baseline`` (the original HLBD loop, timed on a few epochs: its
    seconds per epoch are measured and its 50-epoch time extrapolated), ``quick``,
    ``extreme``, ``fastest``, and ``fastest`` with and without length buckets;
 3. ``hlbd_fast.doctor`` on the reference model under the baseline preset (it must

@@ -197,7 +197,7 @@ def test_gpu_preload_reads_data_once_and_again_after_in_place_changes():
 
 
 def test_gpu_preload_reuses_the_data_of_a_new_loader_over_the_same_dataset():
-    """The seed's habit: a new DataLoader every epoch. The dataset is read (and the warning given) once."""
+    """The original loop's habit: a new DataLoader every epoch. The dataset is read (and the warning given) once."""
     src, tgt = ragged_pairs(n=12)
     ds = Pairs(src, tgt)
     trainer = FastTrainer(TinySeq2Seq(), strategies=[GPUPreload()], seed=1, progress=False)

@@ -14,7 +14,7 @@ from conftest import clone, max_rel_diff, ragged_pairs
 
 
 def seed_train_epoch(model, dataloader, optimizer, criterion, device, accumulation_steps=8):
-    """The seed's loop, literally, with the final partial step it takes at the epoch's end."""
+    """The original HLBD loop, literally, with the final partial step it takes at the epoch's end."""
     model.train()
     total_loss = 0
     total_steps = 0
@@ -58,7 +58,7 @@ def test_accumulation_equals_big_batch(tiny_model, pairs):
 
 
 def test_micro_batch_normalisation_reproduces_seed_loop(tiny_model, pairs):
-    """(b) loss_normalization='micro_batch' is the seed's loop, bit for bit."""
+    """(b) loss_normalization='micro_batch' is the original HLBD loop, bit for bit."""
     src, tgt = pairs  # 40 pairs / 4 = 10 micro-batches: one step of 8, one leftover of 2
     ref, ours = clone(tiny_model), clone(tiny_model)
     opt_ref = torch.optim.Adam(ref.parameters(), lr=5e-3)
@@ -69,7 +69,7 @@ def test_micro_batch_normalisation_reproduces_seed_loop(tiny_model, pairs):
     for epoch in range(2):
         loss_ref = seed_train_epoch(ref, fixed_loader(src, tgt, 4, epoch), opt_ref, crit, "cpu", 8)
         loss_ours = trainer.train_epoch(fixed_loader(src, tgt, 4, epoch))
-        # the seed sums float32 values via .item(); the trainer averages in float64
+        # the original loop sums float32 values via .item(); the trainer averages in float64
         assert loss_ours == pytest.approx(loss_ref, rel=1e-6)
     for p, q in zip(ref.parameters(), ours.parameters()):
         assert torch.equal(p, q)

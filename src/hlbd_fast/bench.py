@@ -5,7 +5,7 @@ On the bundled HLBD data (600 pairs) with the reference model (vocab 5000, d_mod
 starts from the same initial weights (a deep copy of one initial state) and sees the
 samples in the same order (the same trainer seed):
 
-* ``baseline``: the seed's loop (:func:`hlbd_fast.presets.baseline`: micro-batch 4 x
+* ``baseline``: the original HLBD loop (:func:`hlbd_fast.presets.baseline`: micro-batch 4 x
   GradientAccumulation(8), Adam 5e-5, the loss read back every micro-batch);
 * ``+<speed-up>``: baseline plus that one speed-up (a baseline strategy owning the same
   exclusive hook is replaced: ``+deferred sync`` drops the per-micro-batch read);
@@ -314,7 +314,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def reference_data(max_pairs: int | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
-    """The bundled HLBD pairs encoded like the seed (vocab 5000, length 64); returns (data, vocab)."""
+    """The bundled HLBD pairs encoded like the original loop (vocab 5000, length 64); returns (data, vocab)."""
     from .data import CharTokenizer, encode_pairs, load_hlbd
 
     pairs = load_hlbd()

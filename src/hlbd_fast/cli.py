@@ -1,4 +1,4 @@
-"""``hlbd-fast``: ``demo`` (the main job), ``bench`` (the seed's table, measured), ``doctor`` (where a step's time goes)."""
+"""``hlbd-fast``: ``demo`` (the main job), ``bench`` (the speed-up plan's table, measured), ``doctor`` (where a step's time goes)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""``hlbd-fast demo``: the seed's job on the bundled HLBD data, plain loop versus a fast preset.
+"""``hlbd-fast demo``: the HLBD training job on the bundled HLBD data, plain loop versus a fast preset.
 
 Both runs start from the same initial weights and see the same samples in the same
 order; the table shows time per epoch, the speed-up and the losses, then the fast
-run's model answers the seed's test prompts.
+run's model answers the HLBD test prompts.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ __all__ = ["main", "run_demo", "TEST_PROMPTS"]
 
 log = logging.getLogger("hlbd_fast")
 
-#: The seed's test prompts: rain and love, in five scripts.
+#: The HLBD test prompts: rain and love, in five scripts.
 TEST_PROMPTS: tuple[str, ...] = ("🌧️", "❤️", "I love you", "愛してる", "사랑해")
 
 

@@ -44,7 +44,7 @@ class DeferredLossSync(Strategy):
 class EagerLossSync(Strategy):
     """Read the loss back after every micro-batch, as ``loss.item()`` in a classic loop does.
 
-    This is the cost the seed's loop pays (one host-device sync per micro-batch); the
+    This is the cost the original HLBD loop pays (one host-device sync per micro-batch); the
     ``baseline`` preset uses it so that benchmarks measure that loop faithfully.
     """
 
