@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+
+from .cli import resolve_device
 from torch import nn
 
 from .presets import Preset
@@ -456,17 +458,10 @@ def compare_rows(rows: list[dict[str, Any]]) -> None:
 
 
 def _device(name: str | torch.device | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise BenchError(f"--device {name!r} is not a device name; use cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise BenchError(f"--device {name}: only cpu and cuda are supported")
-    return dev
+        return resolve_device(name)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------- output

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 
-__all__ = ["main"]
+import torch
+
+__all__ = ["main", "resolve_device"]
 
 _USAGE = """usage: hlbd-fast {demo,bench,doctor} [options]
 
@@ -14,6 +16,21 @@ _USAGE = """usage: hlbd-fast {demo,bench,doctor} [options]
   doctor   profile a few training steps and say where the time goes
 
 Run 'hlbd-fast COMMAND --help' for a command's options."""
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The ``--device`` of a command: cuda when available by default; a ValueError says what is wrong."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device name; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    return dev
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .cli import resolve_device
 from .data import CharTokenizer, encode_pairs, load_hlbd
 from .history import History
 from .models import Seq2SeqTransformer
@@ -36,19 +37,11 @@ class DemoError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _device(name: str | torch.device | None) -> torch.device:
     try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise DemoError(f"--device {name!r} is not a device name ({e}); use cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DemoError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise DemoError(f"--device {name}: only cpu and cuda are supported")
-    return dev
-
+        return resolve_device(name)
+    except ValueError as e:
+        raise DemoError(str(e)) from None
 
 
 def run_demo(

@@ -1152,12 +1152,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the diagnosis as JSON to this file")
     args = p.parse_args(argv)
     try:
+        from .cli import resolve_device
+
         try:
-            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        except RuntimeError:
-            raise DoctorError(f"--device {args.device!r} is not a device name; use cpu or cuda") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise DoctorError(f"--device {args.device} asked for, but CUDA is not available here; use --device cpu")
+            device = resolve_device(args.device)
+        except ValueError as e:
+            raise DoctorError(str(e)) from None
         if args.preset is not None:
             from .presets import PRESETS
 
