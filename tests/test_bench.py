@@ -118,3 +118,12 @@ def test_time_budget_skips_later_rows(one_thread):
     first, second = rep["rows"]
     assert first["error"] is None and first["s_per_epoch"] > 0  # the first row always runs
     assert second["error"].startswith("skipped: the time budget") and second["speedup"] is None
+
+
+def test_fastest_plus_compile_row_is_the_preset_with_compile():
+    from hlbd_fast.presets import fastest
+
+    spec = ROWS["fastest+compile"](torch.device("cpu"))
+    names = [type(s).__name__ for s in spec.preset.strategies]
+    assert names == [type(s).__name__ for s in fastest("cpu").strategies] + ["Compile"]
+    assert spec.preset.strategies[-1].dynamic is True and spec.preset.batch_size == 32

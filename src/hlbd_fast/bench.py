@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as _dt
 import gc
 import json
@@ -120,6 +121,18 @@ def _named_preset(name: str) -> Callable[[torch.device], RowSpec]:
     return build
 
 
+def _plus_preset(name: str, strategy: Callable[[torch.device], Strategy]) -> Callable[[torch.device], RowSpec]:
+    """A named preset plus one strategy (for example ``fastest`` plus ``Compile``)."""
+
+    def build(device: torch.device) -> RowSpec:
+        from .presets import get_preset
+
+        preset = get_preset(name, device=device)
+        return RowSpec(dataclasses.replace(preset, name=f"{name}+", strategies=(*preset.strategies, strategy(device))))
+
+    return build
+
+
 def _accumulation(steps: int) -> Callable[[torch.device], Strategy]:
     def build(device: torch.device) -> Strategy:
         from .strategies.accumulation import GradientAccumulation
@@ -145,6 +158,7 @@ ROWS: dict[str, Callable[[torch.device], RowSpec]] = {
     "quick": _named_preset("quick"),
     "extreme": _named_preset("extreme"),
     "fastest": _named_preset("fastest"),
+    "fastest+compile": _plus_preset("fastest", _strategy("compile", "Compile", dynamic=True)),
 }
 
 #: Rows run by default on a CPU device. fp32 rows come first: the rows with bf16
