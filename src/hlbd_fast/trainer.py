@@ -247,7 +247,8 @@ class FastTrainer:
                 f"{self._owners['build_optimizer']!r} builds one too; keep one of them"
             )
         self.vocab_size = _infer_vocab_size(model)
-        self._validated_device_batches = False
+        self._validated_device_batches = False  # the first device batch was checked (one sync)
+        self._batches_prevalidated = False  # the data was checked whole; skip per-batch checks
         self._stop_requested = False
         self._resume: dict[str, Any] | None = None  # set by load() when resuming mid-epoch
         self._epoch_start_rng: torch.Tensor | None = None
@@ -470,11 +471,17 @@ class FastTrainer:
                 )
 
     def mark_batches_validated(self) -> None:
-        """Batches come from data already validated on the host: skip the first device batch's check (a sync)."""
-        self._validated_device_batches = True
+        """Batches come from data already validated on the host: skip the per-batch checks.
+
+        A ``make_batches`` owner that checked its data once (``validate_tensors``) calls
+        this, so no batch is checked again (on a device, that check would be a sync).
+        """
+        self._batches_prevalidated = True
 
     def to_device(self, batch: Any) -> Any:
         """Move a batch (tensor, tuple, list or dict of them) to the device; check host pairs first."""
+        if self._batches_prevalidated:
+            return _move(batch, self.device, self.non_blocking)
         if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor) and isinstance(batch[1], torch.Tensor):
             on_host = batch[0].device.type == "cpu" and batch[1].device.type == "cpu"
             if on_host or not self._validated_device_batches:
@@ -505,6 +512,8 @@ class FastTrainer:
 
     def _epoch_batches(self, source: DataSource, epoch: int) -> Iterator[Any]:
         owner = self._owners.get("make_batches")
+        if owner is None and source.tensors is not None:
+            self._batches_prevalidated = True  # make_source checked the whole tensors once
         raw: Iterable[Any] = owner.make_batches(self, source, epoch) if owner else self.host_batches(source, epoch)
         for batch in raw:
             batch = self.to_device(batch)
@@ -546,6 +555,7 @@ class FastTrainer:
         _check_positive_int("epochs", epochs)
         _check_positive_int("checkpoint_every", checkpoint_every)
         source = self.make_source(data, batch_size, shuffle)
+        self._batches_prevalidated = False
         if checkpoint_dir is not None:
             Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
             self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME
@@ -575,6 +585,7 @@ class FastTrainer:
         ``data`` as in :meth:`fit`; a DataLoader is used as it is.
         """
         source = self.make_source(data, batch_size, shuffle)
+        self._batches_prevalidated = False
         self._stop_requested = False
         record = self._run_epoch(source, None)
         return record.loss if record is not None else float("nan")

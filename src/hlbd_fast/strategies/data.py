@@ -206,9 +206,6 @@ class GPUPreload(Strategy):
             shuffle=shuffle,
             draws_seed=_plain_loop_draws_seed(source),
         )
-        if trainer.device.type != "cpu":
-            # every batch is cut from data validated above: the trainer need not read the first one back
-            trainer.mark_batches_validated()
         self._data = data
         log.info("GPUPreload: %d pairs (src %s, tgt %s) read once and placed on %s", n, tuple(src.shape), tuple(tgt.shape), trainer.device)
         return data
@@ -216,6 +213,7 @@ class GPUPreload(Strategy):
     # ------------------------------------------------------------------ batches
     def make_batches(self, trainer: "FastTrainer", source: "DataSource", epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         data = self._preload(trainer, source)
+        trainer.mark_batches_validated()  # every batch is cut from data validated once at preload
         n, bs = int(data.src.shape[0]), data.batch_size
         order = trainer.epoch_order(n, epoch) if data.shuffle else torch.arange(n)
         if data.draws_seed:
