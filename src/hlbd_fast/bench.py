@@ -155,6 +155,7 @@ ROWS: dict[str, Callable[[torch.device], RowSpec]] = {
     "+gpu preload": _plus(_strategy("data", "GPUPreload")),
     "+grad checkpointing": _plus(_strategy("checkpointing", "GradientCheckpointing")),
     "+trim padding": _plus(_strategy("padding", "TrimPadding")),
+    "+fast dropout": _plus(_strategy("dropout", "FastDropout")),
     "quick": _named_preset("quick"),
     "extreme": _named_preset("extreme"),
     "fastest": _named_preset("fastest"),
@@ -168,6 +169,7 @@ ROWS: dict[str, Callable[[torch.device], RowSpec]] = {
 CPU_DEFAULT_ROWS: tuple[str, ...] = (
     "baseline",
     "+trim padding",
+    "+fast dropout",
     "+batch 32",
     "+bigger batch",
     "+deferred sync",

@@ -17,6 +17,7 @@ from .strategies import DeferredLossSync, EagerLossSync, GradientAccumulation, S
 from .strategies.compile import Compile
 from .strategies.cuda_graph import CUDAGraphStep
 from .strategies.data import DataLoaderWorkers, GPUPreload
+from .strategies.dropout import FastDropout
 from .strategies.optim import FusedAdamW
 from .strategies.padding import TrimPadding
 from .strategies.precision import MixedPrecision
@@ -79,9 +80,10 @@ def fastest(device: str | torch.device | None = None) -> Preset:
 
     CUDA: data preloaded on the GPU, loss read once per epoch, fused AdamW, the whole step
     captured as a CUDA graph per length bucket, TF32 matmuls. CPU: data preloaded, loss
-    read once per epoch, each batch trimmed to its longest row, and bf16 autocast on CPUs
-    with native bf16 (``MixedPrecision("auto")``: fp32 elsewhere, where bf16 is emulated
-    and slower).
+    read once per epoch, each batch trimmed to its longest row, fused AdamW, dropout
+    masks from half the random draws (:class:`~hlbd_fast.strategies.FastDropout`: the
+    same distribution, another random stream), and bf16 autocast on CPUs with native
+    bf16 (``MixedPrecision("auto")``: fp32 elsewhere, where bf16 is emulated and slower).
     Batch 32 (the plan's effective batch) and lr 5e-5 in both.
     """
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,8 +99,18 @@ def fastest(device: str | torch.device | None = None) -> Preset:
         description = "GPU preload + length buckets + deferred sync + fused AdamW + TF32 + whole-step CUDA graphs"
     else:
         # multiple_of=1: rounding lengths up helps GPU tensor cores, not CPU kernels
-        strategies = (GPUPreload(), TrimPadding(multiple_of=1), DeferredLossSync(), MixedPrecision("auto"))
-        description = "preloaded tensors + trimmed padding + deferred sync + bf16 autocast where the CPU has native bf16"
+        strategies = (
+            GPUPreload(),
+            TrimPadding(multiple_of=1),
+            DeferredLossSync(),
+            FusedAdamW(),
+            FastDropout(),
+            MixedPrecision("auto"),
+        )
+        description = (
+            "preloaded tensors + trimmed padding + deferred sync + fused AdamW + fast dropout masks "
+            "+ bf16 autocast where the CPU has native bf16"
+        )
     return Preset(name="fastest", strategies=strategies, batch_size=32, description=description)
 
 

@@ -10,6 +10,7 @@ from .compile import Compile
 from .cuda_graph import CUDAGraphStep
 from .data import DataLoaderWorkers, GPUPreload
 from .distributed import DistributedDataParallel
+from .dropout import FastDropout, fast_dropout
 from .optim import FusedAdamW
 from .padding import TrimPadding, verify_trim
 from .precision import MixedPrecision
@@ -25,6 +26,7 @@ __all__ = [
     "DeferredLossSync",
     "DistributedDataParallel",
     "EagerLossSync",
+    "FastDropout",
     "FusedAdamW",
     "GPUPreload",
     "GradientAccumulation",
@@ -33,5 +35,6 @@ __all__ = [
     "Strategy",
     "StrategyConflictError",
     "TrimPadding",
+    "fast_dropout",
     "verify_trim",
 ]
