@@ -127,3 +127,29 @@ def test_fastest_plus_compile_row_is_the_preset_with_compile():
     names = [type(s).__name__ for s in spec.preset.strategies]
     assert names == [type(s).__name__ for s in fastest("cpu").strategies] + ["Compile"]
     assert spec.preset.strategies[-1].dynamic is True and spec.preset.batch_size == 32
+
+
+def test_interleaved_and_sequential_orders_measure_the_same_training(one_thread, caplog):
+    """Interleaving changes when each epoch runs, not what it computes; the epochs alternate between rows."""
+    kwargs = dict(rows="baseline,deferred-sync,bigger-batch", epochs=2, device="cpu", data=ragged_pairs(n=32),
+                  model_factory=lambda: TinySeq2Seq(vocab_size=23))
+    with caplog.at_level("INFO", logger="hlbd_fast"):
+        inter = run_bench(interleave=True, **kwargs)
+    epochs_logged = [m.split(":")[0].strip() + m.split("epoch")[1].split()[0] for m in caplog.messages if ": epoch " in m]
+    assert epochs_logged == ["baseline1/2", "+deferred sync1/2", "+bigger batch1/2",
+                             "baseline2/2", "+deferred sync2/2", "+bigger batch2/2"]
+    seq = run_bench(interleave=False, **kwargs)
+    assert inter["config"]["order"].startswith("interleaved") and seq["config"]["order"].startswith("sequential")
+    for a, b in zip(inter["rows"], seq["rows"]):
+        assert a["name"] == b["name"] and a["error"] is None
+        assert a["losses"] == b["losses"]
+        assert a["syncs_per_step"] == b["syncs_per_step"]
+    assert "order: interleaved" in format_table(inter)
+
+
+def test_time_budget_cuts_interleaved_rows_short(one_thread):
+    rep = run_bench(rows="baseline,deferred-sync", epochs=3, device="cpu", data=ragged_pairs(n=8),
+                    model_factory=TinySeq2Seq, time_budget_s=1e-9, interleave=True)
+    first, second = rep["rows"]
+    assert first["error"] is None and len(first["losses"]) == 3  # the first row always runs
+    assert second["error"].startswith("skipped: the time budget") and second["speedup"] is None

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from hlbd_fast import EagerLossSync, GradientAccumulation
+from hlbd_fast import EagerLossSync, FastDropout, GradientAccumulation
 from hlbd_fast.doctor import Diagnosis, DoctorError, diagnose, main
+from hlbd_fast.strategies.dropout import torch_draws_dropout_serially
 from conftest import TinySeq2Seq, ragged_pairs
 
 BATCH = 8
@@ -134,6 +135,36 @@ def test_loss_read_back_counted_and_deferred_sync_recommended(one_thread):
     assert not any("DeferredLossSync" in r.strategies for r in clean.recommendations)
     assert clean.padding["trimmable_fraction"] >= (30 + 30) / (40 + 42)
     assert any(r.strategies == ["TrimPadding"] for r in clean.recommendations)
+
+
+class DropoutHeavy(nn.Module):
+    """A tiny seq2seq model whose step is mostly dropout on a wide hidden layer."""
+
+    def __init__(self, vocab: int = 23, d: int = 16, wide: int = 2048) -> None:
+        super().__init__()
+        self.vocab_size = vocab
+        self.emb = nn.Embedding(vocab, d)
+        self.up = nn.Linear(d, wide)
+        self.drop = nn.Dropout(0.1)
+        self.down = nn.Linear(wide, vocab)
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        x = self.emb(tgt_in) + self.emb(src).mean(1, keepdim=True)
+        return self.down(self.drop(self.up(x)))
+
+
+@pytest.mark.skipif(not torch_draws_dropout_serially(), reason="this torch draws CPU dropout masks in parallel (MKL)")
+def test_dropout_masks_found_and_fast_dropout_recommended(one_thread):
+    torch.manual_seed(0)
+    d = diagnose(DropoutHeavy(), ragged_pairs(n=32), steps=2, batch_size=16, warmup=1)
+    rec = next((r for r in d.recommendations if r.strategies == ["FastDropout"]), None)
+    assert rec is not None, [r.text for r in d.recommendations]
+    assert "aten::bernoulli_" in rec.text
+    # with FastDropout the masks no longer come from bernoulli_'s kernel, and it is not suggested again
+    torch.manual_seed(0)
+    fast = diagnose(DropoutHeavy(), ragged_pairs(n=32), strategies=[FastDropout()], steps=2, batch_size=16, warmup=1)
+    assert not any("FastDropout" in r.strategies for r in fast.recommendations)
+    assert not any(o.name == "aten::bernoulli_" for o in fast.top_ops)
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,15 @@ step (counted while the row trains; each is one host-device sync; other syncs ar
 what ``hlbd-fast doctor`` counts). CPU peak memory includes what the process already
 held before the row.
 
+Order: on CPU the rows are interleaved by default (every row's epoch ``e`` runs before
+any row's epoch ``e+1``, all trainers alive), because a shared CPU's speed drifts by tens
+of percent over minutes: run one after the other, the same configuration measured 21.6
+and 30.6 s/epoch minutes apart on this project's 2-core machine. Interleaved, a drift
+slows every row alike and the speed-ups stay side by side. CUDA rows run one after the
+other (``interleave=False``), each with its own peak memory.
+
 Defaults: 50 epochs per row on CUDA; on CPU 2 epochs per row, the rows in
-:data:`CPU_DEFAULT_ROWS`, and no row starts after :data:`CPU_TIME_BUDGET_S` seconds.
+:data:`CPU_DEFAULT_ROWS`, and no epoch starts after :data:`CPU_TIME_BUDGET_S` seconds.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import argparse
 import copy
 import dataclasses
 import datetime as _dt
+import functools
 import gc
 import json
 import logging
@@ -263,48 +271,130 @@ class _EpochLog(Strategy):
 
 
 
+def _spec(table: dict[str, Callable[[torch.device], Any]], name: str, device: torch.device) -> RowSpec:
+    spec = table[name](device)
+    return RowSpec(spec) if isinstance(spec, Preset) else spec
+
+
+class _Row:
+    """One row while the bench runs: its trainer, what it has measured so far, its warnings."""
+
+    def __init__(self, name: str, build: Callable[[], RowSpec], epochs: int) -> None:
+        self.name = name
+        self._build = build
+        self.spec: RowSpec | None = None
+        self.epochs = epochs
+        self.trainer: FastTrainer | None = None
+        self.history: Any = None
+        self.error: str | None = None
+        self.skipped_after: int | None = None  # epochs done when the time budget ran out
+        self.peak = 0  # bytes: absolute (sequential) or above each epoch's start (interleaved)
+        self.before = 0
+        self.wall_s = 0.0
+        self.warnings: list[str] = []
+
+    @property
+    def done(self) -> int:
+        return len(self.history.records) if self.history is not None else 0
+
+    def _guarded(self, fn: Callable[[], None]) -> None:
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
+                self.error = f"{type(e).__name__}: {e}".splitlines()[0]
+                self.trainer = None
+                log.info("  %s failed: %s", self.name, self.error)
+        for w in caught:
+            msg = f"{w.category.__name__}: {w.message}".splitlines()[0]
+            if msg not in self.warnings:
+                self.warnings.append(msg)
+        self.wall_s += time.perf_counter() - t0
+
+    def start(self, initial: nn.Module, device: torch.device, seed: int) -> None:
+        def build() -> None:
+            self.spec = self._build()
+            preset = self.spec.preset
+            self.trainer = FastTrainer(
+                copy.deepcopy(initial),
+                strategies=(*preset.strategies, _EpochLog(self.name, self.epochs)),
+                batch_size=preset.batch_size,
+                loss_normalization=preset.loss_normalization,
+                lr=preset.lr,
+                device=device,
+                seed=seed,
+                progress=False,
+            )
+
+        self._guarded(build)
+
+    def run_epoch(self, data: tuple[torch.Tensor, torch.Tensor], device: torch.device, relative_memory: bool) -> None:
+        """Train one more epoch, measuring memory around it."""
+        trainer = self.trainer
+        assert trainer is not None
+
+        def epoch() -> None:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                start = torch.cuda.memory_allocated(device)
+                self.history = trainer.fit(data, epochs=self.done + 1)
+                peak = torch.cuda.max_memory_allocated(device)
+            else:
+                with _RssSampler() as rss:
+                    start = rss.peak  # the resident set when the epoch started
+                    self.history = trainer.fit(data, epochs=self.done + 1)
+                peak = rss.peak
+            if self.done == 1:
+                self.before = start
+            self.peak = max(self.peak, peak - start if relative_memory else peak)
+
+        self._guarded(epoch)
+
+    def result(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"name": self.name, "epochs": self.epochs, "error": self.error,
+                               "note": self.spec.note if self.spec is not None else ""}
+        if self.error is None and self.skipped_after is not None and self.done == 0:
+            row["error"] = self.skipped_error
+        row["warnings"] = self.warnings[:5]
+        row["wall_s"] = self.wall_s
+        if row["error"] is not None or self.trainer is None or self.history is None or self.spec is None:
+            return row
+        history, trainer, preset = self.history, self.trainer, self.spec.preset
+        steps = sum(r.optimizer_steps for r in history.records)
+        if self.skipped_after is not None:
+            row["epochs"] = self.done
+            row["note"] = "; ".join(x for x in (row["note"], f"stopped after {self.done} epoch(s): time budget spent") if x)
+        row.update({
+            "s_per_epoch": history.s_per_epoch(),
+            "epoch_seconds": history.seconds,
+            "compile_s": _one_off_seconds(history.info),
+            "final_loss": history.losses[-1],
+            "losses": history.losses,
+            "peak_mem_mb": self.peak / 2**20 if self.peak else None,
+            "mem_before_mb": self.before / 2**20 if self.before else None,  # held when the row's first epoch started
+            "syncs_per_step": trainer.loss_reads / steps if steps else None,  # each read is one host sync
+            "micro_batch": preset.batch_size,
+            "accumulation": trainer.accumulation,
+            "strategies": [repr(s) for s in preset.strategies],
+            "info": dict(history.info),
+        })
+        return row
+
+    skipped_error = "skipped: the time budget was spent"
+
+    def release(self, device: torch.device) -> None:
+        """Drop the trainer (its model and optimizer) once the row's result is taken."""
+        self.trainer = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def _one_off_seconds(info: dict[str, Any]) -> float | None:
     found = [float(info[k]) for k in ("compile_seconds", "capture_seconds") if isinstance(info.get(k), (int, float))]
     return sum(found) if found else None
-
-
-def _run_row(name: str, spec: RowSpec, initial: nn.Module, data: tuple[torch.Tensor, torch.Tensor], epochs: int,
-             device: torch.device, seed: int) -> dict[str, Any]:
-    model = copy.deepcopy(initial)
-    preset = spec.preset
-    trainer = FastTrainer(
-        model,
-        strategies=(*preset.strategies, _EpochLog(name, epochs)),
-        batch_size=preset.batch_size,
-        loss_normalization=preset.loss_normalization,
-        lr=preset.lr,
-        device=device,
-        seed=seed,
-        progress=False,
-    )
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    with _RssSampler() as rss:
-        if device.type != "cuda":
-            before = rss.peak  # the resident set when the row started
-        history = trainer.fit(data, epochs=epochs)
-    steps = sum(r.optimizer_steps for r in history.records)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.peak
-    return {
-        "s_per_epoch": history.s_per_epoch(),
-        "epoch_seconds": history.seconds,
-        "compile_s": _one_off_seconds(history.info),
-        "final_loss": history.losses[-1],
-        "losses": history.losses,
-        "peak_mem_mb": peak / 2**20 if peak else None,
-        "mem_before_mb": before / 2**20 if before else None,  # held when the row started (same measure)
-        "syncs_per_step": trainer.loss_reads / steps if steps else None,  # each read is one host sync
-        "micro_batch": preset.batch_size,
-        "accumulation": trainer.accumulation,
-        "strategies": [repr(s) for s in preset.strategies],
-        "info": dict(history.info),
-    }
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -354,6 +444,7 @@ def run_bench(
     seed: int = 0,
     time_budget_s: float | None = None,
     row_table: dict[str, Callable[[torch.device], RowSpec]] | None = None,
+    interleave: bool | None = None,
 ) -> dict[str, Any]:
     """Measure the rows and return ``{"machine", "config", "rows"}`` (also written to ``out/bench.json``).
 
@@ -369,9 +460,13 @@ def run_bench(
         row_epochs: epochs for particular rows (e.g. a shorter baseline); its seconds
             per epoch still compare, its loss is compared at the shorter length.
         seed: initial weights and sample order.
-        time_budget_s: rows that would start after this many seconds are skipped and
-            reported as such (the first row always runs).
+        time_budget_s: no row starts an epoch after this many seconds; rows skipped or
+            cut short are reported as such (the first row always runs).
         row_table: the rows to pick from (default :data:`ROWS`).
+        interleave: run every row's epoch ``e`` before any row's epoch ``e+1`` (all
+            trainers stay alive), so that a machine whose speed drifts (a shared CPU)
+            slows every row alike and the ratios stay side by side; default on CPU.
+            ``False`` runs the rows one after the other (default on CUDA).
     """
     dev = _device(device)
     table = ROWS if row_table is None else row_table
@@ -410,38 +505,60 @@ def run_bench(
         "syncs_per_step": "loss read-backs per optimizer step, counted (one host-device sync each)",
     }
     machine = machine_info(dev)
-    results: list[dict[str, Any]] = []
+    interleave = dev.type == "cpu" if interleave is None else bool(interleave)
+    config["order"] = (
+        "interleaved: every row's epoch e runs before any row's epoch e+1" if interleave else "sequential: one row after the other"
+    )
+    if interleave:
+        config["peak_mem_mb"] = (
+            "CUDA: torch.cuda.max_memory_allocated" if dev.type == "cuda" else "CPU: resident set sampled every 50 ms"
+        ) + ", its largest rise above the start of one of the row's epochs (the other rows' trainers stay alive)"
+    rows_ = [_Row(name, functools.partial(_spec, table, name, dev), per_row.get(name, epochs)) for name in names]
     started = time.perf_counter()
-    for i, name in enumerate(names, 1):
-        n_epochs = per_row.get(name, epochs)
-        row: dict[str, Any] = {"name": name, "epochs": n_epochs, "error": None}
-        if time_budget_s is not None and i > 1 and time.perf_counter() - started > time_budget_s:
-            row["error"] = f"skipped: the time budget of {time_budget_s:.0f} s was spent"
-            results.append(row)
-            log.info("[%d/%d] %s: %s", i, len(names), name, row["error"])
-            continue
-        log.info("[%d/%d] %s: %d epochs ...", i, len(names), name, n_epochs)
-        t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                spec = table[name](dev)
-                if isinstance(spec, Preset):
-                    spec = RowSpec(spec)
-                row["note"] = spec.note
-                row.update(_run_row(name, spec, initial_state, data, n_epochs, dev, seed))
-            except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
-                row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
-                log.info("  %s failed: %s", name, row["error"])
-        msgs = list(dict.fromkeys(f"{w.category.__name__}: {w.message}".splitlines()[0] for w in caught))
-        row["warnings"] = msgs[:5]
-        row["wall_s"] = time.perf_counter() - t0
-        results.append(row)
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        if row["error"] is None:
-            log.info("  %s: %.2f s/epoch, final loss %.4f (%.0f s)", name, row["s_per_epoch"], row["final_loss"], row["wall_s"])
+
+    def out_of_time(row: _Row) -> bool:
+        if time_budget_s is None or row is rows_[0] or time.perf_counter() - started <= time_budget_s:
+            return False
+        if row.skipped_after is None:
+            row.skipped_after = row.done
+            log.info("  %s: %s", row.name, "skipped: the time budget was spent" if row.done == 0 else
+                     f"stopped after {row.done} epoch(s): the time budget was spent")
+        return True
+
+    def begin(i: int, row: _Row) -> None:
+        log.info("[%d/%d] %s: %d epochs ...", i, len(rows_), row.name, row.epochs)
+        if row.error is None:
+            row.start(initial_state, dev, seed)
+
+    def finish(row: _Row) -> None:
+        if row.error is None and row.history is not None:
+            log.info("  %s: %.2f s/epoch, final loss %.4f (%.0f s)", row.name, row.history.s_per_epoch(),
+                     row.history.losses[-1], row.wall_s)
+
+    results: list[dict[str, Any]] = []
+    if interleave:
+        for i, row in enumerate(rows_, 1):
+            if not out_of_time(row):
+                begin(i, row)
+        for e in range(max(r.epochs for r in rows_)):
+            for row in rows_:
+                if row.error is None and row.trainer is not None and row.done == e < row.epochs and not out_of_time(row):
+                    row.run_epoch(data, dev, relative_memory=True)
+        for row in rows_:
+            finish(row)
+            results.append(row.result())
+            row.release(dev)
+    else:
+        for i, row in enumerate(rows_, 1):
+            if out_of_time(row):
+                results.append(row.result())
+                continue
+            begin(i, row)
+            while row.error is None and row.trainer is not None and row.done < row.epochs:
+                row.run_epoch(data, dev, relative_memory=False)
+            finish(row)
+            results.append(row.result())
+            row.release(dev)
     compare_rows(results)
     report = {"machine": machine, "config": config, "rows": results}
     if out is not None:
@@ -516,7 +633,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"{_fmt(r['peak_mem_mb'], '.0f')} | {_fmt(r['syncs_per_step'], '.3g')} | {'; '.join(note)} |"
         )
     lines.append("")
-    lines.append(f"s/epoch: {c['s_per_epoch']}; peak MB: {c['peak_mem_mb']}; syncs/step: {c['syncs_per_step']}.")
+    lines.append(f"s/epoch: {c['s_per_epoch']}; peak MB: {c['peak_mem_mb']}; syncs/step: {c['syncs_per_step']}; "
+                 f"order: {c.get('order', 'sequential')}.")
     return "\n".join(lines)
 
 
@@ -567,6 +685,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--budget", type=float, default=None,
                    help=f"seconds after which no new row starts (default: {CPU_TIME_BUDGET_S:.0f} on CPU, none on CUDA; 0: none)")
+    p.add_argument("--order", choices=("auto", "interleaved", "sequential"), default="auto",
+                   help="interleaved: every row's epoch e before any row's epoch e+1, so that a drifting machine speed "
+                        "slows all rows alike; sequential: one row after the other (default: interleaved on CPU, "
+                        "sequential on CUDA)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # a small model and 64 pairs: smoke tests
     args = p.parse_args(argv)
     root = logging.getLogger()
@@ -592,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
             row_epochs={"baseline": args.baseline_epochs} if args.baseline_epochs else None,
             seed=args.seed,
             time_budget_s=budget,
+            interleave=None if args.order == "auto" else args.order == "interleaved",
         )
     except BenchError as e:
         print(f"hlbd-fast bench: error: {e}", file=sys.stderr)

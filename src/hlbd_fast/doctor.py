@@ -957,12 +957,31 @@ def _recommend(d: Diagnosis, kernels_per_step: float, trainer: FastTrainer) -> l
                     "(hlbd-fast bench --rows baseline,mixed-precision) before using it"
                 )
 
+    if d.device.startswith("cpu") and d.top_ops and not any("FastDropout" in s for s in d.strategies):
+        total = sum(o.host_s for o in d.top_ops) or float("nan")
+        masks = sum(o.host_s for o in d.top_ops if o.name == "aten::bernoulli_")
+        if masks / total >= 0.05:
+            from .strategies.dropout import torch_draws_dropout_serially
+
+            if torch_draws_dropout_serially():
+                fb = share.get("forward", 0) + share.get("backward", 0)
+                recs.append(
+                    Recommendation(
+                        f"dropout's random masks (aten::bernoulli_) are {_pct(masks / total)} of the busiest operators' host "
+                        "time; this torch draws them on one core, two 32-bit draws per element: FastDropout() draws the same "
+                        "distribution with half the draws (FastDropout(exact=True): torch's own masks, bit for bit, with a "
+                        "smaller gain)",
+                        fb * masks / total,
+                        ["FastDropout"],
+                    )
+                )
+
     # 6. optimizer
     if share.get("optimizer", 0) >= 0.15 and not any("FusedAdamW" in s for s in d.strategies):
         recs.append(
             Recommendation(
                 f"the optimizer step (clip + step + zero_grad) takes {_pct(share['optimizer'])} of step time: "
-                "FusedAdamW() updates all parameters in one kernel on CUDA",
+                "FusedAdamW() updates all parameters in one kernel (CUDA, and the CPU in recent torch)",
                 share["optimizer"],
                 ["FusedAdamW"],
             )
