@@ -130,9 +130,10 @@ def test_fastest_plus_compile_row_is_the_preset_with_compile():
 
 
 def test_interleaved_and_sequential_orders_measure_the_same_training(one_thread, caplog):
-    """Interleaving changes when each epoch runs, not what it computes; the epochs alternate between rows."""
+    """Interleaving changes when each epoch runs, not what it computes (each row keeps its own random
+    stream: dropout is on); the epochs alternate between rows; the speed-up pairs epochs of one round."""
     kwargs = dict(rows="baseline,deferred-sync,bigger-batch", epochs=2, device="cpu", data=ragged_pairs(n=32),
-                  model_factory=lambda: TinySeq2Seq(vocab_size=23))
+                  model_factory=lambda: TinySeq2Seq(vocab_size=23, dropout=0.2))
     with caplog.at_level("INFO", logger="hlbd_fast"):
         inter = run_bench(interleave=True, **kwargs)
     epochs_logged = [m.split(":")[0].strip() + m.split("epoch")[1].split()[0] for m in caplog.messages if ": epoch " in m]
@@ -144,7 +145,11 @@ def test_interleaved_and_sequential_orders_measure_the_same_training(one_thread,
         assert a["name"] == b["name"] and a["error"] is None
         assert a["losses"] == b["losses"]
         assert a["syncs_per_step"] == b["syncs_per_step"]
+    assert inter["rows"][1]["losses"] == inter["rows"][0]["losses"]  # deferred sync: the baseline's losses, dropout on
     assert "order: interleaved" in format_table(inter)
+    for r in inter["rows"]:
+        b, x = inter["rows"][0]["epoch_seconds"][1], r["epoch_seconds"][1]
+        assert r["speedup"] == pytest.approx(b / x)  # round 2 against round 2
 
 
 def test_time_budget_cuts_interleaved_rows_short(one_thread):

@@ -271,6 +271,16 @@ class _EpochLog(Strategy):
 
 
 
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
 def _spec(table: dict[str, Callable[[torch.device], Any]], name: str, device: torch.device) -> RowSpec:
     spec = table[name](device)
     return RowSpec(spec) if isinstance(spec, Preset) else spec
@@ -292,6 +302,7 @@ class _Row:
         self.before = 0
         self.wall_s = 0.0
         self.warnings: list[str] = []
+        self.rng: tuple[torch.Tensor, list[torch.Tensor] | None] | None = None  # the row's own RNG stream
 
     @property
     def done(self) -> int:
@@ -327,6 +338,7 @@ class _Row:
                 seed=seed,
                 progress=False,
             )
+            self.rng = _rng_state(device)  # as the trainer's seed left it
 
         self._guarded(build)
 
@@ -336,6 +348,9 @@ class _Row:
         assert trainer is not None
 
         def epoch() -> None:
+            # each row continues its own random stream (dropout, DataLoader seeds), as if it ran alone
+            if self.rng is not None:
+                _set_rng_state(self.rng)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 start = torch.cuda.memory_allocated(device)
@@ -346,6 +361,7 @@ class _Row:
                     start = rss.peak  # the resident set when the epoch started
                     self.history = trainer.fit(data, epochs=self.done + 1)
                 peak = rss.peak
+            self.rng = _rng_state(device)
             if self.done == 1:
                 self.before = start
             self.peak = max(self.peak, peak - start if relative_memory else peak)
@@ -559,7 +575,7 @@ def run_bench(
             finish(row)
             results.append(row.result())
             row.release(dev)
-    compare_rows(results)
+    compare_rows(results, paired=interleave)
     report = {"machine": machine, "config": config, "rows": results}
     if out is not None:
         _write(Path(out), report)
@@ -575,8 +591,13 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
     return {}
 
 
-def compare_rows(rows: list[dict[str, Any]]) -> None:
-    """Fill ``speedup`` and ``loss_rel_diff`` of every row against the ``baseline`` row (in place)."""
+def compare_rows(rows: list[dict[str, Any]], paired: bool = False) -> None:
+    """Fill ``speedup`` and ``loss_rel_diff`` of every row against the ``baseline`` row (in place).
+
+    ``paired`` (interleaved runs): the speed-up is the median, over the epochs after the
+    first that both rows ran, of the baseline's epoch seconds over the row's in the same
+    round; otherwise the ratio of the ``s_per_epoch`` figures.
+    """
     base = next((r for r in rows if r["name"] == "baseline" and r["error"] is None), None)
     for r in rows:
         for k in ("s_per_epoch", "speedup", "final_loss", "loss_rel_diff", "compile_s", "peak_mem_mb", "syncs_per_step", "losses"):
@@ -584,6 +605,14 @@ def compare_rows(rows: list[dict[str, Any]]) -> None:
         if r["error"] is not None or base is None:
             continue
         r["speedup"] = base["s_per_epoch"] / r["s_per_epoch"] if r["s_per_epoch"] else None
+        pairs = list(zip(base.get("epoch_seconds") or [], r.get("epoch_seconds") or []))
+        if paired and len(pairs) >= 1:
+            later = pairs[1:] or pairs
+            ratios = sorted(b / x for b, x in later if x > 0)
+            if ratios:
+                mid = len(ratios) // 2
+                r["speedup"] = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+                r["speedup_per_epoch"] = [b / x if x > 0 else None for b, x in pairs]
         k = min(len(base["losses"]), len(r["losses"]))
         b = base["losses"][k - 1]
         r["loss_compared_at_epoch"] = k
