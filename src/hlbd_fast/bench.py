@@ -14,18 +14,22 @@ samples in the same order (the same trainer seed):
 A row whose strategy is missing or fails is reported with its error; the others run.
 
 Columns: seconds per epoch (median of the epochs after the first, which pays one-off
-costs), one-off compile/capture seconds (``history.info``), speed-up over baseline,
+costs), one-off compile/capture seconds (``history.info``), speed-up over baseline
+(interleaved: the median over rounds after the first of the baseline's epoch seconds
+over the row's in the same round; sequential: the ratio of seconds per epoch),
 final loss and its relative difference to baseline's at the same epoch, peak memory
-(CUDA: ``torch.cuda.max_memory_allocated``, reset per row; CPU: the process's resident
-set sampled every 50 ms during the row, its peak), and loss read-backs per optimizer
-step (counted while the row trains; each is one host-device sync; other syncs are
-what ``hlbd-fast doctor`` counts). CPU peak memory includes what the process already
-held before the row.
+(CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's resident set sampled
+every 50 ms, which includes what the process already held; the peak during the row,
+measured in sequential order only: interleaved, every row's trainer stays alive), and
+loss read-backs per
+optimizer step (counted while the row trains; each is one host-device sync; other
+syncs are what ``hlbd-fast doctor`` counts). Each row keeps its own random stream
+(dropout): interleaved or not, a row computes what it computes alone.
 
 Order: on CPU the rows are interleaved by default (every row's epoch ``e`` runs before
 any row's epoch ``e+1``, all trainers alive), because a shared CPU's speed drifts by tens
 of percent over minutes: run one after the other, the same configuration measured 21.6
-and 30.6 s/epoch minutes apart on this project's 2-core machine. Interleaved, a drift
+and 30.6 s/epoch minutes apart in one run on this project's 2-core machine. Interleaved, a drift
 slows every row alike and the speed-ups stay side by side. CUDA rows run one after the
 other (``interleave=False``), each with its own peak memory.
 
@@ -298,7 +302,7 @@ class _Row:
         self.history: Any = None
         self.error: str | None = None
         self.skipped_after: int | None = None  # epochs done when the time budget ran out
-        self.peak = 0  # bytes: absolute (sequential) or above each epoch's start (interleaved)
+        self.peak = 0  # bytes, the peak during the row's epochs (sequential order only)
         self.before = 0
         self.wall_s = 0.0
         self.warnings: list[str] = []
@@ -342,8 +346,8 @@ class _Row:
 
         self._guarded(build)
 
-    def run_epoch(self, data: tuple[torch.Tensor, torch.Tensor], device: torch.device, relative_memory: bool) -> None:
-        """Train one more epoch, measuring memory around it."""
+    def run_epoch(self, data: tuple[torch.Tensor, torch.Tensor], device: torch.device, measure_memory: bool) -> None:
+        """Train one more epoch; ``measure_memory``: record the peak memory during it."""
         trainer = self.trainer
         assert trainer is not None
 
@@ -364,7 +368,8 @@ class _Row:
             self.rng = _rng_state(device)
             if self.done == 1:
                 self.before = start
-            self.peak = max(self.peak, peak - start if relative_memory else peak)
+            if measure_memory:
+                self.peak = max(self.peak, peak)
 
         self._guarded(epoch)
 
@@ -526,9 +531,7 @@ def run_bench(
         "interleaved: every row's epoch e runs before any row's epoch e+1" if interleave else "sequential: one row after the other"
     )
     if interleave:
-        config["peak_mem_mb"] = (
-            "CUDA: torch.cuda.max_memory_allocated" if dev.type == "cuda" else "CPU: resident set sampled every 50 ms"
-        ) + ", its largest rise above the start of one of the row's epochs (the other rows' trainers stay alive)"
+        config["peak_mem_mb"] = "not measured in interleaved order (every row's trainer stays alive); use --order sequential"
     rows_ = [_Row(name, functools.partial(_spec, table, name, dev), per_row.get(name, epochs)) for name in names]
     started = time.perf_counter()
 
@@ -559,7 +562,7 @@ def run_bench(
         for e in range(max(r.epochs for r in rows_)):
             for row in rows_:
                 if row.error is None and row.trainer is not None and row.done == e < row.epochs and not out_of_time(row):
-                    row.run_epoch(data, dev, relative_memory=True)
+                    row.run_epoch(data, dev, measure_memory=False)
         for row in rows_:
             finish(row)
             results.append(row.result())
@@ -571,7 +574,7 @@ def run_bench(
                 continue
             begin(i, row)
             while row.error is None and row.trainer is not None and row.done < row.epochs:
-                row.run_epoch(data, dev, relative_memory=False)
+                row.run_epoch(data, dev, measure_memory=True)
             finish(row)
             results.append(row.result())
             row.release(dev)
