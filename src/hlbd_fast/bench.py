@@ -133,14 +133,17 @@ def _named_preset(name: str) -> Callable[[torch.device], RowSpec]:
     return build
 
 
-def _plus_preset(name: str, strategy: Callable[[torch.device], Strategy]) -> Callable[[torch.device], RowSpec]:
-    """A named preset plus one strategy (for example ``fastest`` plus ``Compile``)."""
+def _plus_preset(name: str, strategy: Callable[[torch.device], Strategy], without: tuple[str, ...] = ()) -> Callable[[torch.device], RowSpec]:
+    """A named preset plus one strategy (for example ``fastest`` plus ``Compile``), less the ``without`` classes."""
 
     def build(device: torch.device) -> RowSpec:
         from .presets import get_preset
 
         preset = get_preset(name, device=device)
-        return RowSpec(dataclasses.replace(preset, name=f"{name}+", strategies=(*preset.strategies, strategy(device))))
+        kept = tuple(s for s in preset.strategies if type(s).__name__ not in without)
+        dropped = [repr(s) for s in preset.strategies if type(s).__name__ in without]
+        spec = dataclasses.replace(preset, name=f"{name}+", strategies=(*kept, strategy(device)))
+        return RowSpec(spec, f"without {', '.join(dropped)}" if dropped else "")
 
     return build
 
@@ -171,7 +174,8 @@ ROWS: dict[str, Callable[[torch.device], RowSpec]] = {
     "quick": _named_preset("quick"),
     "extreme": _named_preset("extreme"),
     "fastest": _named_preset("fastest"),
-    "fastest+compile": _plus_preset("fastest", _strategy("compile", "Compile", dynamic=True)),
+    # the compiled model draws its own dropout masks: FastDropout does not combine with Compile
+    "fastest+compile": _plus_preset("fastest", _strategy("compile", "Compile", dynamic=True), without=("FastDropout",)),
 }
 
 #: Rows run by default on a CPU device. fp32 rows come first: the rows with bf16
