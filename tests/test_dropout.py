@@ -275,3 +275,40 @@ def test_the_kernel_is_gone_after_the_context_even_on_error():
             F.dropout(x, 0.5)
         F.dropout(x, 0.5)
     assert (outer.calls, inner.calls) == (1, 1)
+
+
+@serial_only
+def test_the_kernel_lives_for_one_fit_even_when_it_fails(data):
+    """Registered at the first micro-batch of an epoch, gone when the epoch or fit ends, by an error too;
+    train_epoch (the drop-in) too."""
+
+    class Boom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tiny_transformer(dropout=0.1)
+            self.calls = 0
+
+        def forward(self, src, tgt):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyError("boom in the third micro-batch")
+            return self.inner(src, tgt)
+
+    x = torch.ones(50, 50)
+    for model, how in ((tiny_transformer(dropout=0.1), "fit"), (Boom(), "raises"), (tiny_transformer(dropout=0.1), "train_epoch")):
+        strategy = FastDropout()
+        trainer = FastTrainer(model, strategies=[strategy], seed=3, progress=False)
+        if how == "raises":
+            with pytest.raises(KeyError, match="boom"):
+                trainer.fit(data, 1, batch_size=8)
+        elif how == "fit":
+            trainer.fit(data, 1, batch_size=8)
+        else:
+            trainer.train_epoch(data, batch_size=8)
+        drawn = strategy.masks_drawn
+        assert drawn > 0
+        torch.manual_seed(1)
+        after = F.dropout(x, 0.5)
+        torch.manual_seed(1)
+        assert strategy.masks_drawn == drawn  # torch's kernel again
+        assert torch.equal(after, F.dropout(x, 0.5))
