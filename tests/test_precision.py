@@ -88,6 +88,7 @@ def test_bf16_on_cpu_final_loss_within_2_percent_of_fp32(data):
     assert h16.losses != h32.losses  # not the fp32 loop in disguise
 
 
+@pytest.mark.filterwarnings("ignore:MixedPrecision\\('bf16'\\) on a CPU without native bf16")
 def test_bf16_owns_no_exclusive_hook_and_has_no_scaler():
     mp = MixedPrecision("bf16")
     assert mp.owned_hooks() == frozenset()
@@ -120,6 +121,7 @@ def test_resolve_and_bad_arguments():
     assert repr(MixedPrecision("bf16")) == "MixedPrecision(dtype='bf16', resolved=None, init_scale=65536.0, growth_interval=2000)"
 
 
+@pytest.mark.filterwarnings("ignore:MixedPrecision\\('bf16'\\) on a CPU without native bf16")
 def test_ownership_depends_on_dtype():
     assert MixedPrecision("fp16").owned_hooks() == {"backward", "optimizer_step"}
 
