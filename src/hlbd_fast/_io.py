@@ -1,0 +1,97 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import IO, Callable
+
+__all__ = ["atomic_write", "check_writable_dir", "check_writable_file"]
+
+_TMP_MARK = ".tmp-"
+
+
+def _temp_name(path: Path, pid: int) -> Path:
+    return path.with_name(f".{path.name}{_TMP_MARK}{pid}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or a platform without signals: leave its file alone
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporaries of ``path`` left by writers that died (a SIGKILL during a save)."""
+    prefix = f".{path.name}{_TMP_MARK}"
+    with contextlib.suppress(OSError):
+        for other in path.parent.iterdir():
+            if not other.name.startswith(prefix):
+                continue
+            pid = other.name[len(prefix):]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    other.unlink()
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+    """Write ``path`` through ``write(file)`` into a temporary beside it, fsync, then rename over it.
+
+    A failure (an exception, Ctrl-C) removes the temporary and leaves an existing ``path``
+    untouched; temporaries of earlier writers that were killed are removed first.
+    Returns ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
+    tmp = _temp_name(path, os.getpid())
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return path
+
+
+def check_writable_dir(path: str | os.PathLike[str], what: str) -> Path:
+    """Create directory ``path`` (and parents) and probe that files can be written in it.
+
+    Raises:
+        ValueError: naming ``what`` and the path, when it cannot be created or written.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{what} {str(path)!r} cannot be written ({e.strerror or e}); choose a writable directory") from None
+    return path
+
+
+def check_writable_file(path: str | os.PathLike[str], what: str) -> Path:
+    """Check that file ``path`` can be written (its directory is created), without leaving a file behind.
+
+    Raises:
+        ValueError: naming ``what`` and the path, when it cannot be written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a directory; give a file name")
+    check_writable_dir(path.parent, f"the directory of {what}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {str(path)!r} exists and is read-only; choose another path")
+    return path
