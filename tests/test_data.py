@@ -334,6 +334,49 @@ def test_tokenizer_save_load_pickle(tmp_path: Path) -> None:
         CharTokenizer.load(bad)
 
 
+def test_tokenizer_refuses_lone_surrogates(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"texts\[1\] 'a\\ud800b' holds a lone UTF-16 surrogate '\\ud800' \(U\+D800\)"):
+        CharTokenizer.from_texts(["ok", "a\ud800b"])
+    with pytest.raises(ValueError, match=r"CharTokenizer chars holds a lone UTF-16 surrogate '\\udfff'"):
+        CharTokenizer(["a", "\udfff"])
+    # a saved file with a JSON escape for half a pair (JSON accepts it) is refused, naming the file
+    p = tmp_path / "sur.json"
+    p.write_text(json.dumps({**CharTokenizer(["a"]).to_dict(), "chars": "a\ud800"}), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"sur\.json: CharTokenizer chars holds a lone UTF-16 surrogate"):
+        CharTokenizer.load(p)
+    # a whole escaped pair is one character and loads
+    p.write_text(json.dumps({**CharTokenizer(["a", "b"]).to_dict(), "chars": "a\U0001f327"}), encoding="utf-8")
+    assert CharTokenizer.load(p).chars == ("a", "\U0001f327")
+
+
+def _dir_listing(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_tokenizer_failed_save_keeps_existing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = CharTokenizer.from_texts(["abc"]).save(tmp_path / "tok.json")
+    before = path.read_bytes()
+    # a vocabulary that cannot be encoded (only reachable around the construction checks,
+    # e.g. a tokenizer unpickled from an old version): refused before the file is opened
+    broken = CharTokenizer.from_texts(["xy"])
+    broken._chars = ("x", "\ud800")
+    with pytest.raises(ValueError, match=r"cannot save the tokenizer to .*tok\.json: .*surrogate '\\ud800'.*was not touched"):
+        broken.save(path)
+    assert path.read_bytes() == before and _dir_listing(tmp_path) == ["tok.json"]
+
+    # a failure while writing (disk full, ...) leaves the old file and no temporary
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("hlbd_fast._io.os.fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        CharTokenizer.from_texts(["xyz"]).save(path)
+    assert path.read_bytes() == before and _dir_listing(tmp_path) == ["tok.json"]
+    monkeypatch.undo()
+    new = CharTokenizer.from_texts(["xyz"])
+    assert CharTokenizer.load(new.save(path)) == new and _dir_listing(tmp_path) == ["tok.json"]
+
+
 # ----------------------------------------------------------------- datasets
 PAIRS8 = [("a", "甲"), ("bb", "乙乙"), ("ccc", "丙"), ("d", "丁丁丁"),
           ("e", "戊"), ("ff", "己"), ("g", "庚"), ("hh", "辛辛")]

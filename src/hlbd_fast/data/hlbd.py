@@ -20,18 +20,35 @@ Accepted files:
 
 * a JSON file holding a list of samples or ``{"samples": [...]}``;
 * any text file (Python source, markdown, ...) containing ``samples = [...]``
-  (or ``"samples": [...]``) where the bracketed part is a JSON array (a Python list literal of plain
-  strings, numbers and dicts is accepted too).  The closing bracket is found
-  by a scanner that skips brackets inside string literals.
+  (or ``"samples": [...]``).  The bracketed part is read as JSON when it is
+  JSON, otherwise as a Python literal of this subset:
+
+  - strings in single, double or triple quotes, optionally with an ``r`` or
+    ``u`` prefix (not ``b`` or ``f``), with Python's escapes (``\\n``,
+    ``\\t``, ``\\'``, ``\\"``, ``\\\\``, ``\\xXX``, ``\\uXXXX``,
+    ``\\UXXXXXXXX``, octal, ``\\N{NAME}``, backslash-newline); adjacent
+    strings are joined, and an escaped surrogate pair such as
+    ``\\uD83C\\uDF27`` becomes one character, as in JSON;
+  - lists, tuples and dicts (trailing commas allowed), nested at most
+    10,000 deep;
+  - ints (decimal, hex, octal, binary, ``_`` separators), floats,
+    ``True``/``False``/``None`` (and JSON's ``true``/``false``/``null``);
+  - ``#`` comments, spaces, tabs and newlines between tokens.
+
+  Anything else (names, calls, operators, sets, bytes) is a ``ValueError``
+  naming the file, line and column and what was found.  The parser is
+  iterative and builds the values directly, so it needs about as much
+  memory as :mod:`json` (``ast.literal_eval`` needed ~100x the file size)
+  and finds the closing bracket itself, whatever the strings hold.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import os
 import re
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -73,90 +90,313 @@ _MAX_UNWRAP = 16
 
 
 # --------------------------------------------------------------------- parse
-def _match_bracket(text: str, start: int) -> int:
-    """Index just past the bracket matching ``text[start] == '['``, or -1.
-
-    String literals (double or single quoted, with backslash escapes) and
-    ``#`` comments are skipped, so brackets inside them do not count.
-    """
-    depth = 0
-    i = start
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if c == '"' or c == "'":
-            quote = c
-            i += 1
-            while i < n:
-                d = text[i]
-                if d == "\\":
-                    i += 2
-                    continue
-                if d == quote:
-                    break
-                if d == "\n" and quote == "'":
-                    break
-                i += 1
-        elif c == "#":
-            nl = text.find("\n", i)
-            i = n if nl < 0 else nl
-            continue
-        elif c == "[" or c == "{":
-            depth += 1
-        elif c == "]" or c == "}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
-    return -1
+class _LiteralError(ValueError):
+    """Text outside the accepted literal subset; the message names line and column, not the file."""
 
 
-def _parse_literal(chunk: str) -> Any:
-    """Parse a JSON array, falling back to a Python literal (trailing commas, quotes)."""
-    try:
-        return json.loads(chunk)
-    except json.JSONDecodeError as json_err:
-        try:
-            return ast.literal_eval(chunk)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            raise json_err from None
+#: Deepest list/tuple/dict nesting the literal parser accepts (HLBD samples nest 3 levels).
+_MAX_DEPTH = 10_000
+_JSON = json.JSONDecoder()
+_JSON_START = re.compile(r"\s*[\[{]")
+_SKIP = re.compile(r"(?:[ \t\r\n\f]+|#[^\n]*|\\\n)*")
+_STRING_OPEN = re.compile(r"([A-Za-z]{0,2})('''|\"\"\"|'|\")")
+#: The rest of a string after its opening quote(s), closing quote(s) included.
+_STRING_REST = {
+    "'''": re.compile(r"[^'\\]*(?:(?:\\.|'(?!''))[^'\\]*)*'''", re.S),
+    '"""': re.compile(r'[^"\\]*(?:(?:\\.|"(?!""))[^"\\]*)*"""', re.S),
+    "'": re.compile(r"[^'\\\n]*(?:\\.[^'\\\n]*)*'", re.S),
+    '"': re.compile(r'[^"\\\n]*(?:\\.[^"\\\n]*)*"', re.S),
+}
+_ESCAPE = re.compile(
+    r"\\(?:(\n)|([0-7]{1,3})|x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})"
+    r"|N\{([^}\n]*)\}|(.))",
+    re.S,
+)
+_SIMPLE_ESCAPES = {
+    "\\": "\\", "'": "'", '"': '"', "a": "\a", "b": "\b",
+    "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
+}
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NUMBER = re.compile(
+    r"[-+]?(?:0[xX](?:_?[0-9a-fA-F])+|0[oO](?:_?[0-7])+|0[bB](?:_?[01])+"
+    r"|(?:\d(?:_?\d)*(?:\.(?:\d(?:_?\d)*)?)?|\.\d(?:_?\d)*)(?:[eE][-+]?\d(?:_?\d)*)?)"
+)
+_NAME = re.compile(r"[A-Za-z_]\w*")
+_KEYWORDS: dict[str, Any] = {
+    "True": True, "False": False, "None": None,
+    "true": True, "false": False, "null": None,  # JSON spellings
+}
+_TOKEN = re.compile(r"[A-Za-z_]\w*|[-+.\d][\w.]*|\S")
+_BRACKETS = {"[": "]", "(": ")", "{": "}"}
+_NO_KEY = object()
+_VALUE = "a value (string, number, list, tuple, dict, True, False or None)"
 
 
 def _line_col(text: str, pos: int) -> str:
+    """``'line L, column C'`` (both from 1) of index ``pos`` in ``text``."""
     line = text.count("\n", 0, pos) + 1
     col = pos - (text.rfind("\n", 0, pos) + 1) + 1
     return f"line {line}, column {col}"
 
 
+def _found(text: str, pos: int) -> str:
+    """Describe the token at ``text[pos]`` for an error message."""
+    if pos >= len(text):
+        return "the end of the file"
+    m = _TOKEN.match(text, pos)
+    token = m.group() if m else text[pos]
+    return repr(token[:40] + ("..." if len(token) > 40 else ""))
+
+
+class _Frame:
+    """A list, tuple or dict that is open while parsing."""
+
+    __slots__ = ("opener", "closer", "pos", "items", "key", "commas", "can_close")
+
+    def __init__(self, opener: str, pos: int) -> None:
+        """Open ``opener`` (``[``, ``(`` or ``{``) found at index ``pos``."""
+        self.opener = opener
+        self.closer = _BRACKETS[opener]
+        self.pos = pos
+        self.items: Any = {} if opener == "{" else []
+        self.key: Any = _NO_KEY
+        self.commas = 0
+        self.can_close = True  # right after the opener or a comma
+
+    def add(self, value: Any) -> None:
+        """Append ``value`` (or store it under the pending dict key)."""
+        if self.opener == "{":
+            self.items[self.key] = value
+            self.key = _NO_KEY
+        else:
+            self.items.append(value)
+
+    def finish(self) -> Any:
+        """The finished value; ``(x)`` without a comma is ``x`` as in Python."""
+        if self.opener != "(":
+            return self.items
+        if self.commas == 0 and len(self.items) == 1:
+            return self.items[0]
+        return tuple(self.items)
+
+
+def _unexpected(text: str, pos: int, stack: list[_Frame], expected: str) -> _LiteralError:
+    """The error for something other than ``expected`` at ``pos``."""
+    if pos >= len(text) and stack:
+        top = stack[-1]
+        return _LiteralError(
+            f"no matching closing bracket for {top.opener!r} at {_line_col(text, top.pos)} "
+            f"(reached the end of the file while expecting {expected})"
+        )
+    return _LiteralError(f"expected {expected} at {_line_col(text, pos)}, found {_found(text, pos)}")
+
+
+def _escape_value(m: re.Match[str]) -> str | None:
+    """The text one :data:`_ESCAPE` match stands for, or None for a malformed escape."""
+    newline, octal, x2, u4, u8, name, other = m.groups()
+    if newline is not None:
+        return ""
+    if octal is not None:
+        return chr(int(octal, 8))
+    code = x2 or u4 or u8
+    if code is not None:
+        return chr(int(code, 16)) if int(code, 16) <= 0x10FFFF else None
+    if name is not None:
+        try:
+            return unicodedata.lookup(name)
+        except KeyError:
+            return None
+    if other in "xuUN":  # \x, \u, \U or \N without their digits or name
+        return None
+    return _SIMPLE_ESCAPES.get(other, "\\" + other)  # unknown escapes are kept, as in Python
+
+
+def _unescape(text: str, body: str, body_start: int) -> str:
+    """Apply Python's string escapes to ``body``, found at ``text[body_start]``.
+
+    A ``\\uD83C\\uDF27`` surrogate pair becomes one character, as in JSON.
+    """
+
+    def one(m: re.Match[str]) -> str:
+        """The replacement for one escape; a malformed one is an error."""
+        value = _escape_value(m)
+        if value is None:
+            raise _LiteralError(
+                f"invalid escape {m.group()[:12]!r} in a string at "
+                f"{_line_col(text, body_start + m.start())}; write \\xXX, \\uXXXX, "
+                "\\UXXXXXXXX (at most 0010FFFF) or \\N{a Unicode character name}"
+            )
+        return value
+
+    out = _ESCAPE.sub(one, body)
+    if _SURROGATE.search(out):
+        out = out.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+    return out
+
+
+def _one_string(text: str, pos: int) -> tuple[str, int]:
+    """Read one (possibly r/u-prefixed, possibly triple-quoted) string at ``pos``."""
+    m = _STRING_OPEN.match(text, pos)
+    assert m is not None  # callers checked
+    prefix, quote = m.groups()
+    if prefix.lower() not in ("", "r", "u"):
+        raise _LiteralError(
+            f"{prefix}{quote}...{quote} string at {_line_col(text, pos)}: only plain, r and u "
+            "strings are accepted (not bytes or f-strings); remove the prefix"
+        )
+    rest = _STRING_REST[quote].match(text, m.end())
+    if rest is None:
+        hint = "; a one-line string cannot span lines (use \\n)" if len(quote) == 1 else ""
+        raise _LiteralError(f"unterminated string starting at {_line_col(text, pos)}{hint}")
+    end = rest.end()
+    body = text[m.end() : end - len(quote)]
+    if prefix in ("r", "R") or "\\" not in body:
+        return body, end
+    return _unescape(text, body, m.end()), end
+
+
+def _strings(text: str, pos: int) -> tuple[str, int]:
+    """Read a string at ``pos`` and join the string literals right after it, as Python does."""
+    parts: list[str] = []
+    while True:
+        value, pos = _one_string(text, pos)
+        parts.append(value)
+        nxt = _SKIP.match(text, pos).end()  # type: ignore[union-attr]
+        if not _STRING_OPEN.match(text, nxt):
+            return (parts[0] if len(parts) == 1 else "".join(parts)), pos
+        pos = nxt
+
+
+def _number(text: str, pos: int, s: str) -> int | float:
+    """The int or float written ``s`` at ``text[pos]``."""
+    try:
+        if s.lstrip("+-")[:2].lower() in ("0x", "0o", "0b") or not any(c in s for c in ".eE"):
+            return int(s, 0)
+        return float(s)
+    except ValueError as e:
+        raise _LiteralError(
+            f"invalid number {s[:40]!r} at {_line_col(text, pos)} ({e}); decimal "
+            "integers cannot start with 0"
+        ) from None
+
+
+def _scalar(text: str, pos: int, stack: list[_Frame]) -> tuple[Any, int]:
+    """Read a string, number, True/False/None (or true/false/null) at ``pos``."""
+    if _STRING_OPEN.match(text, pos):
+        return _strings(text, pos)
+    m = _NUMBER.match(text, pos)
+    if m:
+        return _number(text, pos, m.group()), m.end()
+    m = _NAME.match(text, pos)
+    if m and m.group() in _KEYWORDS:
+        return _KEYWORDS[m.group()], m.end()
+    raise _unexpected(text, pos, stack, _VALUE)
+
+
+def _dict_key(text: str, pos: int, key: Any, keys: dict[str, str]) -> Any:
+    """Check that ``key`` can be a dict key; strings are shared, as :mod:`json` does."""
+    if isinstance(key, str):
+        return keys.setdefault(key, key)
+    try:
+        hash(key)
+    except TypeError:
+        raise _LiteralError(
+            f"a {type(key).__name__} cannot be a dict key (before {_line_col(text, pos)}); "
+            "use a string"
+        ) from None
+    return key
+
+
+def _deliver(
+    text: str, pos: int, stack: list[_Frame], value: Any, keys: dict[str, str]
+) -> tuple[Any, int, bool]:
+    """Put a finished ``value`` into the open containers, closing those that end here.
+
+    Returns ``(value, end, True)`` once the outermost value is complete, else
+    ``(None, pos, False)`` with ``pos`` where the next value starts.
+    """
+    while stack:
+        top = stack[-1]
+        pos = _SKIP.match(text, pos).end()  # type: ignore[union-attr]
+        if top.opener == "{" and top.key is _NO_KEY:
+            top.key = _dict_key(text, pos, value, keys)
+            if text.startswith(":", pos):
+                top.can_close = False
+                return None, pos + 1, False
+            raise _unexpected(text, pos, stack, "':' after a dict key")
+        top.add(value)
+        if text.startswith(",", pos):
+            top.commas += 1
+            top.can_close = True
+            return None, pos + 1, False
+        if text.startswith(top.closer, pos):
+            value = stack.pop().finish()
+            pos += 1
+            continue
+        where = _line_col(text, top.pos)
+        raise _unexpected(text, pos, stack, f"',' or {top.closer!r} (for {top.opener!r} at {where})")
+    return value, pos, True
+
+
+def _parse_literal_at(text: str, pos: int) -> tuple[Any, int]:
+    """Parse the Python literal at ``text[pos]`` without recursion; return it and its end.
+
+    Accepts the subset described in the module docstring; containers nest at
+    most :data:`_MAX_DEPTH` deep.
+
+    Raises:
+        _LiteralError: naming line, column and what was found, for anything else.
+    """
+    stack: list[_Frame] = []
+    keys: dict[str, str] = {}
+    while True:
+        pos = _SKIP.match(text, pos).end()  # type: ignore[union-attr]
+        c = text[pos : pos + 1]
+        if c and c in _BRACKETS:
+            if len(stack) >= _MAX_DEPTH:
+                raise _LiteralError(
+                    f"brackets nested deeper than {_MAX_DEPTH} levels at "
+                    f"{_line_col(text, pos)}; HLBD samples nest 3 levels, so brackets "
+                    "are probably unbalanced"
+                )
+            stack.append(_Frame(c, pos))
+            pos += 1
+            continue
+        if stack and c == stack[-1].closer and stack[-1].can_close:
+            value, pos = stack.pop().finish(), pos + 1
+        else:
+            value, pos = _scalar(text, pos, stack)
+        value, pos, done = _deliver(text, pos, stack, value, keys)
+        if done:
+            return value, pos
+
+
+def _parse_array_at(text: str, start: int) -> tuple[Any, int]:
+    """Parse the array at ``text[start]``: as JSON (fast) if it is JSON, else as a Python literal."""
+    try:
+        return _JSON.raw_decode(text, start)
+    except (ValueError, RecursionError):  # not JSON (or an int over Python's digit limit)
+        pass
+    return _parse_literal_at(text, start)
+
+
 def _samples_from_text(text: str, origin: str) -> list[Any]:
     """Find and parse ``samples = [...]`` in free text."""
     first_error: str | None = None
-    found: list[list[Any]] = []
+    found: list[Any] = []
     for m in _SAMPLES_ASSIGN.finditer(text):
-        start = m.end() - 1
-        end = _match_bracket(text, start)
-        if end < 0:
-            if first_error is None:
-                first_error = (
-                    f"'samples = [' at {_line_col(text, m.start())} has no "
-                    "matching closing bracket"
-                )
-            continue
-        chunk = text[start:end]
         try:
-            value = _parse_literal(chunk)
-        except json.JSONDecodeError as e:
+            value, _ = _parse_array_at(text, m.end() - 1)
+        except _LiteralError as e:
             if first_error is None:
                 first_error = (
-                    f"'samples = [...]' at {_line_col(text, m.start())} is not a "
-                    f"JSON array ({e.msg} at {_line_col(text, start + e.pos)})"
+                    f"'samples = [...]' at {_line_col(text, m.start())} is not a JSON "
+                    f"array or a Python literal of the accepted kinds: {e}"
                 )
             continue
-        if isinstance(value, list):
-            found.append(value)
-    for value in found:  # prefer a real sample list over e.g. `samples = []` in prose
         if value and all(isinstance(s, dict) for s in value):
-            return value
+            return value  # a real sample list wins over e.g. `samples = []` in prose
+        found.append(value)
     if found:
         return found[0]
     if first_error is not None:
@@ -168,7 +408,44 @@ def _samples_from_text(text: str, origin: str) -> list[Any]:
     )
 
 
+def _load_json(text: str, origin: str) -> tuple[Any, str | None]:
+    """``(json.loads(text), None)``, or ``(None, message naming origin)`` when it is not JSON."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"{origin}: not valid JSON ({e.msg} at {_line_col(text, e.pos)})"
+    except RecursionError:
+        return None, (
+            f"{origin}: not valid JSON (brackets nested too deeply for Python's json "
+            "module; HLBD samples nest 3 levels, so brackets are probably unbalanced)"
+        )
+    except ValueError as e:  # e.g. an int longer than Python's digit limit
+        return None, f"{origin}: not valid JSON ({e})"
+
+
+def _samples_from_json(data: Any, origin: str) -> list[Any]:
+    """The sample list of parsed JSON: the list itself or its ``"samples"`` entry."""
+    if isinstance(data, list):
+        samples = data
+    elif isinstance(data, dict) and isinstance(data.get("samples"), list):
+        samples = data["samples"]
+    else:
+        got = (
+            f"an object with keys {sorted(data)[:8]}"
+            if isinstance(data, dict)
+            else f"a JSON {type(data).__name__}"
+        )
+        raise ValueError(
+            f"{origin}: no HLBD samples found; looked for a top-level JSON "
+            f"list of samples or an object with a 'samples' list, got {got}"
+        )
+    if not samples:
+        raise ValueError(f"{origin}: the samples list is empty")
+    return samples
+
+
 def _read_samples(path: PathLike) -> list[Any]:
+    """Read the sample list of the HLBD file ``path`` (JSON, or text with ``samples = [...]``)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"HLBD file not found: {p}")
@@ -179,34 +456,14 @@ def _read_samples(path: PathLike) -> list[Any]:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{origin}: not UTF-8 text ({e})") from e
-    stripped = text.lstrip()
     is_json_name = p.suffix.lower() == ".json"
     json_error: str | None = None
-    if is_json_name or stripped[:1] in ("[", "{"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            json_error = f"{origin}: not valid JSON ({e.msg} at {_line_col(text, e.pos)})"
-            if is_json_name:
-                raise ValueError(json_error) from e
-        else:
-            if isinstance(data, list):
-                samples = data
-            elif isinstance(data, dict) and isinstance(data.get("samples"), list):
-                samples = data["samples"]
-            else:
-                raise ValueError(
-                    f"{origin}: no HLBD samples found; looked for a top-level JSON "
-                    "list of samples or an object with a 'samples' list, got "
-                    + (
-                        f"an object with keys {sorted(data)[:8]}"
-                        if isinstance(data, dict)
-                        else f"a JSON {type(data).__name__}"
-                    )
-                )
-            if not samples:
-                raise ValueError(f"{origin}: the samples list is empty")
-            return samples
+    if is_json_name or _JSON_START.match(text):
+        data, json_error = _load_json(text, origin)
+        if json_error is None:
+            return _samples_from_json(data, origin)
+        if is_json_name:
+            raise ValueError(json_error)
     try:
         samples = _samples_from_text(text, origin)
     except ValueError:
@@ -220,6 +477,7 @@ def _read_samples(path: PathLike) -> list[Any]:
 
 # -------------------------------------------------------------------- pairs
 def _check_level_keys(value: Any, name: str) -> tuple[LevelKey, ...]:
+    """``value`` as a tuple of ``(level, key)`` string pairs; ``name`` is used in errors."""
     if isinstance(value, (str, bytes)):
         raise ValueError(
             f"{name} must be a sequence of (level, key) pairs such as "

@@ -25,6 +25,14 @@ always kept: a truncated target still teaches the model to stop.
 by a shifted teacher-forcing loss (``model(src, tgt[:, :-1])`` against
 ``tgt[:, 1:]``): targets are ``BOS text EOS PAD...`` and sources are
 ``text PAD...`` (or ``text EOS PAD...`` with ``src_eos=True``).
+
+Saving
+------
+:meth:`CharTokenizer.save` writes UTF-8 JSON atomically (an existing file is
+replaced only by a complete new one).  Lone UTF-16 surrogates such as
+``"\\ud800"`` (what a JSON escape without its pair decodes to) are refused
+when a tokenizer is built or loaded: they are not characters and cannot be
+written as UTF-8.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from typing import Any, Union
 
 import torch
 from torch.utils.data import Dataset
+
+from .._io import atomic_write
 
 __all__ = [
     "PAD_ID",
@@ -76,6 +86,20 @@ _FORMAT_NAME = "hlbd_fast.CharTokenizer"
 _FORMAT_VERSION = 1
 
 
+def _lone_surrogate(text: Iterable[str]) -> str | None:
+    """The first lone UTF-16 surrogate (U+D800..U+DFFF) in ``text``, or None."""
+    return next((c for c in text if "\ud800" <= c <= "\udfff"), None)
+
+
+def _surrogate_error(char: str, where: str) -> ValueError:
+    """The error for a lone surrogate ``char`` found in ``where``."""
+    return ValueError(
+        f"{where} holds a lone UTF-16 surrogate {char!r} (U+{ord(char):04X}), which is "
+        "not a character and cannot be saved as UTF-8 (it usually comes from a JSON "
+        "'\\ud83c'-style escape without its pair); fix or drop that text"
+    )
+
+
 class CharTokenizer:
     """A frozen character-level tokenizer.
 
@@ -105,8 +129,10 @@ class CharTokenizer:
                 ``None`` means exactly ``4 + len(chars)``.
 
         Raises:
-            ValueError: on an empty, duplicated or multi-character entry, or a
-                ``vocab_size`` smaller than ``4 + len(chars)``.
+            ValueError: on an empty, duplicated or multi-character entry, a
+                lone UTF-16 surrogate (``"\\ud800"``: not a character, and it
+                could not be saved), or a ``vocab_size`` smaller than
+                ``4 + len(chars)``.
         """
         chars = tuple(chars)
         if not chars:
@@ -119,6 +145,8 @@ class CharTokenizer:
                 raise ValueError(
                     f"CharTokenizer chars must be single characters, got {c!r}"
                 )
+            if _lone_surrogate(c):
+                raise _surrogate_error(c, "CharTokenizer chars")
         if len(set(chars)) != len(chars):
             raise ValueError("CharTokenizer chars must not contain duplicates")
         needed = NUM_SPECIAL_TOKENS + len(chars)
@@ -162,8 +190,9 @@ class CharTokenizer:
 
         Raises:
             ValueError: if ``texts`` is empty or holds no characters, if an
-                element is not a string, or if ``vocab_size`` is too small
-                (the message names both numbers).
+                element is not a string or holds a lone UTF-16 surrogate (the
+                message names it), or if ``vocab_size`` is too small (the
+                message names both numbers).
         """
         if isinstance(texts, str):
             raise ValueError(
@@ -188,6 +217,10 @@ class CharTokenizer:
                 f"texts holds {len(texts)} empty strings and no characters; "
                 "pass the real source and target texts"
             )
+        bad = _lone_surrogate(sorted(charset))
+        if bad is not None:
+            i = next(i for i, t in enumerate(texts) if bad in t)
+            raise _surrogate_error(bad, f"texts[{i}] {texts[i]!r:.60}")
         return cls(sorted(charset), vocab_size=vocab_size)
 
     @classmethod
@@ -464,12 +497,29 @@ class CharTokenizer:
         return cls(list(chars), vocab_size=data.get("vocab_size"))
 
     def save(self, path: PathLike) -> Path:
-        """Write the tokenizer as UTF-8 JSON (``ensure_ascii=False``); returns the path."""
+        """Write the tokenizer as UTF-8 JSON (``ensure_ascii=False``); returns the path.
+
+        The JSON is built before the file is touched and written atomically
+        (a temporary beside ``path``, fsynced, then renamed over it): a failed
+        save leaves an existing ``path`` as it was and no temporary behind.
+
+        Raises:
+            ValueError: naming ``path``, if the characters cannot be encoded
+                as UTF-8 (only a tokenizer built without the construction
+                checks, e.g. unpickled from an old version, can hold them).
+            OSError: if the file cannot be written.
+        """
         p = Path(path)
-        p.write_text(
-            json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n",
-            encoding="utf-8",
-        )
+        try:
+            text = json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n"
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = e.object[e.start]
+            raise ValueError(
+                f"cannot save the tokenizer to {p}: {_surrogate_error(bad, 'its vocabulary')}; "
+                f"{p} was not touched"
+            ) from None
+        atomic_write(p, lambda f: f.write(data))
         return p
 
     @classmethod
@@ -494,6 +544,7 @@ class CharTokenizer:
 
 
 def _check_pairs(pairs: Sequence[Sequence[str]]) -> list[tuple[str, str]]:
+    """``pairs`` as a non-empty list of ``(source, target)`` string tuples."""
     if isinstance(pairs, (str, bytes)):
         raise ValueError("pairs must be a list of (source, target) string pairs")
     out: list[tuple[str, str]] = []
@@ -517,6 +568,7 @@ def _check_pairs(pairs: Sequence[Sequence[str]]) -> list[tuple[str, str]]:
 
 
 def _check_tokenizer(tokenizer: Any) -> None:
+    """Refuse a tokenizer whose vocabulary is not frozen."""
     if not getattr(tokenizer, "is_frozen", False):
         raise ValueError(
             "tokenizer must have a frozen vocabulary (tokenizer.is_frozen is not "
