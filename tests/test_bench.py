@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import multiprocessing
+import time
+import weakref
 
 import pytest
 import torch
 
 from hlbd_fast import FastTrainer, bench
-from hlbd_fast.bench import ROWS, BenchError, format_table, resolve_rows, run_bench
+from hlbd_fast.bench import ROWS, BenchError, RowSpec, compare_rows, format_table, resolve_rows, run_bench
+from hlbd_fast.presets import Preset
+from hlbd_fast.strategies import DeferredLossSync, Strategy
+from hlbd_fast.strategies.cuda_graph import CUDAGraphStep
+from hlbd_fast.strategies.data import DataLoaderWorkers, DevicePreload
 from conftest import TinySeq2Seq, ragged_pairs
 
 ROW_KEYS = {"name", "s_per_epoch", "speedup", "final_loss", "loss_rel_diff", "compile_s", "peak_mem_mb", "syncs_per_step", "losses", "error"}
@@ -88,7 +96,11 @@ def test_json_schema(report):
     for r in saved["rows"]:
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
     table = format_table(rep)
-    assert "| row | epochs | s/epoch |" in table and "| +deferred sync | 2 |" in table
+    assert "| row | epochs | s/epoch | one-off s | speedup | ratio of |" in table and "| +deferred sync | 2 |" in table
+    # sequential: the ratio of two s/epoch figures, each the median of the epochs after the first (1 of 2)
+    assert [r["speedup_epochs"] for r in saved["rows"]] == [1, 1, 1, None]
+    assert all(r["speedup_rounds"] is None for r in saved["rows"])
+    assert "| 1 epoch |" in table
 
 
 def test_row_names_and_bad_arguments():
@@ -102,6 +114,17 @@ def test_row_names_and_bad_arguments():
         run_bench(rows="baseline", epochs=0, device="cpu", data=ragged_pairs(n=8), model_factory=TinySeq2Seq)
 
 
+def test_rows_name_device_preload_and_replace_by_role():
+    cpu = torch.device("cpu")
+    assert resolve_rows("gpu-preload,+device preload", cpu) == ["+device preload"]  # the 0.1 name still resolves
+    spec = ROWS["+device preload"](cpu)
+    assert [type(s).__name__ for s in spec.preset.strategies] == ["GradientAccumulation", "EagerLossSync", "DevicePreload"]
+    assert spec.note == "" and "GPUPreload" not in repr(spec.preset.strategies)
+    bigger = ROWS["+bigger batch"](cpu)  # GradientAccumulation(2) fills the accumulation role: it replaces (8)
+    assert [type(s).__name__ for s in bigger.preset.strategies] == ["EagerLossSync", "GradientAccumulation"]
+    assert bigger.note.startswith("replaces GradientAccumulation") and bigger.preset.batch_size == 16
+
+
 def test_cli_prints_the_table_last(tmp_path, capsys, one_thread):
     assert bench.main(["--tiny", "--rows", "deferred-sync", "--epochs", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -113,9 +136,23 @@ def test_cli_prints_the_table_last(tmp_path, capsys, one_thread):
     assert "unknown row 'nope'" in capsys.readouterr().err
 
 
+def test_cli_refuses_an_unwritable_out_before_training(tmp_path, capsys, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with caplog.at_level("INFO", logger="hlbd_fast"):
+        assert bench.main(["--tiny", "--rows", "baseline", "--epochs", "1", "--out", str(blocker / "results")]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("hlbd-fast bench: error: --out ") and "cannot be written" in err and "\n" not in err
+    assert captured.out == "" and not caplog.messages  # no row was built, no epoch ran
+    assert blocker.read_text() == "not a folder"
+    with pytest.raises(BenchError, match="--out .* cannot be written"):
+        run_bench(rows="baseline", epochs=1, device="cpu", out=blocker / "x", data=ragged_pairs(n=8), model_factory=TinySeq2Seq)
+
+
 def test_time_budget_skips_later_rows(one_thread):
     rep = run_bench(rows="baseline,deferred-sync", epochs=1, device="cpu", data=ragged_pairs(n=8),
-                    model_factory=TinySeq2Seq, time_budget_s=1e-9)
+                    model_factory=TinySeq2Seq, time_budget_s=1e-9, interleave=False)
     first, second = rep["rows"]
     assert first["error"] is None and first["s_per_epoch"] > 0  # the first row always runs
     assert second["error"].startswith("skipped: the time budget") and second["speedup"] is None
@@ -155,11 +192,143 @@ def test_interleaved_and_sequential_orders_measure_the_same_training(one_thread,
     for r in inter["rows"]:
         b, x = inter["rows"][0]["epoch_seconds"][1], r["epoch_seconds"][1]
         assert r["speedup"] == pytest.approx(b / x)  # round 2 against round 2
+        assert r["epoch_rounds"] == [1, 2] and r["paired_rounds"] == [1, 2] and r["speedup_rounds"] == 1
+    assert "| 1 round |" in format_table(inter)
 
 
-def test_time_budget_cuts_interleaved_rows_short(one_thread):
+def test_time_budget_ends_whole_rounds_only(one_thread):
+    """Interleaved, the first round always runs whole: a spent budget stops every row after it, none midway."""
     rep = run_bench(rows="baseline,deferred-sync", epochs=3, device="cpu", data=ragged_pairs(n=8),
                     model_factory=TinySeq2Seq, time_budget_s=1e-9, interleave=True)
-    first, second = rep["rows"]
-    assert first["error"] is None and len(first["losses"]) == 3  # the first row always runs
-    assert second["error"].startswith("skipped: the time budget") and second["speedup"] is None
+    for r in rep["rows"]:
+        assert r["error"] is None and len(r["losses"]) == 1 and r["epochs"] == 1 and r["epoch_rounds"] == [1]
+        assert r["note"].endswith("stopped after 1 epoch(s): time budget spent")
+        assert r["speedup_rounds"] == 1  # the only round both completed
+    assert rep["rows"][1]["speedup"] == pytest.approx(rep["rows"][0]["epoch_seconds"][0] / rep["rows"][1]["epoch_seconds"][0])
+
+
+class _Sleep(Strategy):
+    """Makes every epoch of its row last at least ``seconds`` (a slow row, without a busy CPU)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_epoch_end(self, trainer, record) -> None:
+        time.sleep(self.seconds)
+
+
+def _preset_row(*strategies: Strategy, name: str = "row") -> Preset:
+    return Preset(name=name, strategies=(DeferredLossSync(), *strategies), batch_size=4)
+
+
+def test_time_budget_decides_each_round_from_the_last_one(one_thread):
+    """A round takes about 1 s (the sleeping row): with 2.5 s, rounds 1 and 2 fit (about 2 s), a third would not."""
+    table = {"baseline": lambda dev: _preset_row(_Sleep(1.0), name="baseline"), "other": lambda dev: _preset_row()}
+    rep = run_bench(rows="baseline,other", epochs=4, device="cpu", data=ragged_pairs(n=8), model_factory=TinySeq2Seq,
+                    row_table=table, time_budget_s=2.5, interleave=True)
+    for r in rep["rows"]:
+        assert r["error"] is None and r["epoch_rounds"] == [1, 2] and r["epochs"] == 2
+        assert r["note"] == "stopped after 2 epoch(s): time budget spent"
+    other = rep["rows"][1]
+    assert other["paired_rounds"] == [1, 2] and other["speedup_rounds"] == 1
+    assert other["speedup"] == pytest.approx(rep["rows"][0]["epoch_seconds"][1] / other["epoch_seconds"][1])
+
+
+def _row(name, seconds, rounds=None, s_per_epoch=None):
+    return {"name": name, "error": None, "epoch_seconds": seconds, "epoch_rounds": rounds, "losses": [1.0] * len(seconds),
+            "s_per_epoch": s_per_epoch if s_per_epoch is not None else seconds[-1]}
+
+
+def test_ratios_come_only_from_rounds_both_rows_completed():
+    base = _row("baseline", [10.0, 4.0, 6.0, 8.0], [1, 2, 3, 4])
+    three = _row("three rounds", [5.0, 2.0, 2.0], [1, 2, 3])  # rounds 2 and 3: ratios 2 and 3
+    one = _row("one round", [4.0], [1])  # round 1 only: its ratio, not the baseline's later rounds
+    late = _row("from round 3", [2.0, 4.0], [3, 4])  # paired rounds 3 and 4: round 4 only (the first is left out)
+    plain = _row("no rounds given", [5.0, 2.0, 2.0])  # epoch i ran in round i
+    compare_rows([base, three, one, late, plain], paired=True)
+    assert (three["speedup"], three["speedup_rounds"], three["paired_rounds"]) == (2.5, 2, [1, 2, 3])
+    assert three["speedup_per_round"] == [2.0, 2.0, 3.0]
+    assert (one["speedup"], one["speedup_rounds"]) == (2.5, 1)
+    assert (late["speedup"], late["speedup_rounds"]) == (2.0, 1)
+    assert (plain["speedup"], plain["speedup_rounds"]) == (2.5, 2)
+    assert (base["speedup"], base["speedup_rounds"]) == (1.0, 3)
+    # sequential: the ratio of the s/epoch figures; the thinner of the two rests on (epochs - 1) epochs
+    seq = [_row("baseline", [10.0, 4.0, 6.0], s_per_epoch=5.0), _row("x", [3.0, 2.0], s_per_epoch=2.0)]
+    compare_rows(seq)
+    assert (seq[1]["speedup"], seq[1]["speedup_epochs"], seq[1]["speedup_rounds"]) == (2.5, 1, None)
+
+
+class _CountingGraphStep(CUDAGraphStep):
+    """CUDAGraphStep that counts release() calls (on CPU it runs the eager step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = 0
+
+    def release(self) -> None:
+        self.released += 1
+        super().release()
+
+
+class _Watch(Strategy):
+    """Calls ``see(trainer, when, epoch)`` at the start and end of every epoch."""
+
+    def __init__(self, see) -> None:
+        self.see = see
+
+    def setup(self, trainer) -> None:
+        self.see(trainer, "setup", None)
+
+    def on_epoch_start(self, trainer, epoch) -> None:
+        self.see(trainer, "start", epoch)
+
+    def on_epoch_end(self, trainer, record) -> None:
+        self.see(trainer, "end", record.epoch - 1)
+
+
+def test_rows_keep_their_workers_across_epochs_and_free_them_when_done(one_thread):
+    """One trainer per row: its DataLoader workers serve every epoch of the row (the bench's one fit per epoch
+    does not restart them), and once the row is done its workers stop, its graphs are released and its trainer
+    is dropped, while the other rows go on."""
+    made, seen = {}, []
+
+    def workers_row(dev):
+        made["workers"] = DataLoaderWorkers(num_workers=1)
+
+        def see(trainer, when, epoch):
+            if when == "setup":
+                made["workers_trainer"] = weakref.ref(trainer)
+            else:
+                pids = {p.pid for p in multiprocessing.active_children()}
+                seen.append(("workers", when, epoch, trainer.roles.batches.workers_running, pids))
+
+        return _preset_row(made["workers"], _Watch(see))
+
+    def graph_row(dev):
+        made["graph"] = _CountingGraphStep()
+        return _preset_row(DevicePreload(), made["graph"])
+
+    def baseline_row(dev):
+        def see(trainer, when, epoch):
+            if when == "start" and epoch == 2:  # round 3: the two other rows finished in round 2
+                gc.collect()
+                made["at_round_3"] = (made["workers"].workers_running, made["graph"].released,
+                                      made["workers_trainer"]() is None, {p.pid for p in multiprocessing.active_children()})
+
+        return _preset_row(_Watch(see), name="baseline")
+
+    table = {"baseline": baseline_row, "workers": workers_row, "graphs": graph_row}
+    rep = run_bench(rows="baseline,workers,graphs", epochs=3, row_epochs={"workers": 2, "graphs": 2}, device="cpu",
+                    data=ragged_pairs(n=16), model_factory=TinySeq2Seq, row_table=table, interleave=True)
+    assert [r["error"] for r in rep["rows"]] == [None, None, None]
+    states = [(when, epoch, running) for _, when, epoch, running, _ in seen]
+    # built at the first epoch's first batch, then kept: running from the end of epoch 1 to the start of epoch 2
+    assert states == [("start", 0, False), ("end", 0, True), ("start", 1, True), ("end", 1, True)]
+    worker_pids = seen[1][4] - seen[0][4]
+    assert len(worker_pids) == 1 and worker_pids <= seen[2][4] and worker_pids <= seen[3][4]  # the same worker process
+    running, released, trainer_dropped, children = made["at_round_3"]
+    assert running is False and released == 1 and trainer_dropped
+    assert not worker_pids & children  # the worker process is gone before the baseline's third epoch
+    workers, graphs = rep["rows"][1], rep["rows"][2]
+    assert workers["epoch_rounds"] == [1, 2] and workers["speedup_rounds"] == 1
+    assert any("CUDAGraphStep" in w for w in graphs["warnings"])  # CPU: the eager step, with its warning

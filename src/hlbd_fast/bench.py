@@ -7,34 +7,44 @@ samples in the same order (the same trainer seed):
 
 * ``baseline``: the original HLBD loop (:func:`hlbd_fast.presets.baseline`: micro-batch 4 x
   GradientAccumulation(8), Adam 5e-5, the loss read back every micro-batch);
-* ``+<speed-up>``: baseline plus that one speed-up (a baseline strategy owning the same
-  exclusive hook is replaced: ``+deferred sync`` drops the per-micro-batch read);
+* ``+<speed-up>``: baseline plus that one speed-up (a baseline strategy filling the same
+  role is replaced: ``+deferred sync`` drops the per-micro-batch read);
 * ``quick``, ``extreme``, ``fastest``: the presets of those names.
 
 A row whose strategy is missing or fails is reported with its error; the others run.
 
-Columns: seconds per epoch (median of the epochs after the first, which pays one-off
-costs), one-off compile/capture seconds (``history.info``), speed-up over baseline
-(interleaved: the median over rounds after the first of the baseline's epoch seconds
-over the row's in the same round; sequential: the ratio of seconds per epoch),
-final loss and its relative difference to baseline's at the same epoch, peak memory
-(CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's resident set sampled
-every 50 ms, which includes what the process already held; the peak during the row,
-measured in sequential order only: interleaved, every row's trainer stays alive), and
-loss read-backs per
-optimizer step (counted while the row trains; each is one host-device sync; other
-syncs are what ``hlbd-fast doctor`` counts). Each row keeps its own random stream
-(dropout): interleaved or not, a row computes what it computes alone.
+Each row has one trainer for all its epochs (the bench calls ``fit`` once per epoch on it),
+so what a single ``fit`` keeps — DataLoader worker processes, preloaded data, compiled
+code, captured graphs — is kept between the row's epochs too. When a row finishes, what it
+holds is freed (its CUDA graphs released, its worker processes stopped, its trainer dropped).
 
-Order: on CPU the rows are interleaved by default (every row's epoch ``e`` runs before
-any row's epoch ``e+1``, all trainers alive), because a shared CPU's speed drifts by tens
-of percent over minutes: run one after the other, the same configuration measured 21.6
-and 30.6 s/epoch minutes apart in one run on this project's 2-core machine. Interleaved, a drift
-slows every row alike and the speed-ups stay side by side. CUDA rows run one after the
-other (``interleave=False``), each with its own peak memory.
+Columns: seconds per epoch (median of the epochs after the first, which pays one-off
+costs), one-off compile/capture seconds (``history.info``), speed-up over baseline and
+what it rests on (``ratio of``; see :func:`compare_rows`: interleaved, the median of the
+per-round ratios over the rounds both rows completed, after the first; sequential, the
+ratio of seconds per epoch), final loss and its relative difference to baseline's at the
+same epoch, peak memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's
+resident set sampled every 50 ms, which includes what the process already held; the
+peak during the row, measured in sequential order only: interleaved, every row's trainer
+stays alive), and loss read-backs per optimizer step (counted while the row trains; each
+is one host-device sync; other syncs are what ``hlbd-fast doctor`` counts). Each row
+keeps its own random stream (dropout): interleaved or not, a row computes what it
+computes alone.
+
+Order: on CPU the rows are interleaved by default, in **rounds** (a round is one epoch
+of every row that has epochs left; all trainers alive), because a shared CPU's speed
+drifts by tens of percent over minutes: run one after the other, the same configuration
+measured 21.6 and 30.6 s/epoch minutes apart in one run on this project's 2-core
+machine. Interleaved, a drift slows every row alike and the speed-ups stay side by side.
+CUDA rows run one after the other (``interleave=False``), each with its own peak memory.
+
+Time budget: interleaved, it ends whole rounds only: a round starts only when the time
+spent so far plus the last round's duration fits in the budget (the first round always
+runs), so every row has run the same rounds. Sequential, no row starts an epoch after the
+budget is spent (the first row always runs whole).
 
 Defaults: 50 epochs per row on CUDA; on CPU 2 epochs per row, the rows in
-:data:`CPU_DEFAULT_ROWS`, and no epoch starts after :data:`CPU_TIME_BUDGET_S` seconds.
+:data:`CPU_DEFAULT_ROWS`, and a budget of :data:`CPU_TIME_BUDGET_S` seconds.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import sys
 import threading
 import time
@@ -59,12 +70,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-
-from .cli import resolve_device
 from torch import nn
 
-from .presets import Preset
+from ._io import atomic_write, check_writable_dir
+from .cli import resolve_device
+from .history import EpochRecord, History
+from .presets import Preset, resolve_preset
 from .strategies.base import Strategy
+from .strategies.cuda_graph import CUDAGraphStep
+from .strategies.data import DataLoaderWorkers
 from .trainer import FastTrainer
 
 __all__ = ["ROWS", "CPU_DEFAULT_ROWS", "CPU_TIME_BUDGET_S", "resolve_rows", "reference_data", "machine_info", "BenchError", "RowSpec", "compare_rows", "run_bench", "format_table", "main"]
@@ -81,33 +95,24 @@ class RowSpec:
     """How a row trains: a preset plus what it says about itself."""
 
     preset: Preset  # strategies, micro-batch size, loss normalisation, lr
-    note: str = ""  # shown in the JSON (e.g. which strategy replaced which)
+    note: str = ""  # shown in the JSON and the table (e.g. which strategy replaced which)
 
 
 # ---------------------------------------------------------------------------- rows
 def _baseline(device: torch.device) -> Preset:
-    from .presets import baseline
-
-    return baseline(device=device)
+    return resolve_preset("baseline", device)
 
 
 def _plus(strategy: Callable[[torch.device], Strategy], batch_size: int | None = None) -> Callable[[torch.device], RowSpec]:
-    """Baseline plus one strategy; baseline strategies owning the same exclusive hooks are dropped."""
+    """Baseline plus one strategy; a baseline strategy filling the same role is replaced by it."""
 
     def build(device: torch.device) -> RowSpec:
         base = _baseline(device)
         new = strategy(device)
-        taken = new.owned_hooks()
-        kept = [s for s in base.strategies if not (s.owned_hooks() & taken)]
-        dropped = [repr(s) for s in base.strategies if s.owned_hooks() & taken]
-        preset = Preset(
-            name=base.name,
-            strategies=(*kept, new),
-            batch_size=batch_size or base.batch_size,
-            loss_normalization=base.loss_normalization,
-            lr=base.lr,
-        )
-        return RowSpec(preset, f"replaces {', '.join(dropped)}" if dropped else "")
+        replaced = [s for s in base.strategies if new.role is not None and s.role == new.role]
+        kept = tuple(s for s in base.strategies if all(s is not r for r in replaced))
+        preset = dataclasses.replace(base, strategies=(*kept, new), batch_size=batch_size or base.batch_size)
+        return RowSpec(preset, f"replaces {', '.join(repr(s) for s in replaced)}" if replaced else "")
 
     return build
 
@@ -126,9 +131,7 @@ def _strategy(module: str, name: str, *args: Any, **kwargs: Any) -> Callable[[to
 
 def _named_preset(name: str) -> Callable[[torch.device], RowSpec]:
     def build(device: torch.device) -> RowSpec:
-        from .presets import get_preset
-
-        return RowSpec(get_preset(name, device=device))
+        return RowSpec(resolve_preset(name, device))
 
     return build
 
@@ -137,9 +140,7 @@ def _plus_preset(name: str, strategy: Callable[[torch.device], Strategy], withou
     """A named preset plus one strategy (for example ``fastest`` plus ``Compile``), less the ``without`` classes."""
 
     def build(device: torch.device) -> RowSpec:
-        from .presets import get_preset
-
-        preset = get_preset(name, device=device)
+        preset = resolve_preset(name, device)
         kept = tuple(s for s in preset.strategies if type(s).__name__ not in without)
         dropped = [repr(s) for s in preset.strategies if type(s).__name__ in without]
         spec = dataclasses.replace(preset, name=f"{name}+", strategies=(*kept, strategy(device)))
@@ -167,7 +168,7 @@ ROWS: dict[str, Callable[[torch.device], RowSpec]] = {
     "+compile": _plus(_strategy("compile", "Compile")),
     "+fused adamw": _plus(_strategy("optim", "FusedAdamW")),
     "+deferred sync": _plus(_strategy("sync", "DeferredLossSync")),
-    "+gpu preload": _plus(_strategy("data", "GPUPreload")),
+    "+device preload": _plus(_strategy("data", "DevicePreload")),
     "+grad checkpointing": _plus(_strategy("checkpointing", "GradientCheckpointing")),
     "+trim padding": _plus(_strategy("padding", "TrimPadding")),
     "+fast dropout": _plus(_strategy("dropout", "FastDropout")),
@@ -178,10 +179,13 @@ ROWS: dict[str, Callable[[torch.device], RowSpec]] = {
     "fastest+compile": _plus_preset("fastest", _strategy("compile", "Compile", dynamic=True), without=("FastDropout",)),
 }
 
+#: Former row names still accepted by ``--rows`` (normalised spelling -> row).
+_ALIASES = {"gpupreload": "+device preload"}  # the row of GPUPreload, DevicePreload's name of 0.1
+
 #: Rows run by default on a CPU device. fp32 rows come first: the rows with bf16
 #: autocast (``fastest``, ``quick``, ``+mixed precision``) can be far slower on a CPU
 #: without native bf16 and would spend the time budget. Compiling with a C++ toolchain,
-#: worker processes and GPU preloading are left out; name them with --rows.
+#: worker processes and device preloading are left out; name them with --rows.
 CPU_DEFAULT_ROWS: tuple[str, ...] = (
     "baseline",
     "+trim padding",
@@ -195,8 +199,9 @@ CPU_DEFAULT_ROWS: tuple[str, ...] = (
     "+mixed precision",
 )
 
-#: On CPU, rows that would start after this many seconds are skipped (reported as such),
-#: so the default run ends in about 10 minutes; ``--budget 0`` runs every row.
+#: On CPU, the default time budget in seconds: no round (interleaved) or epoch (sequential)
+#: starts that would not fit, so the default run ends in about 10 minutes; ``--budget 0``
+#: runs every epoch.
 CPU_TIME_BUDGET_S = 480.0
 
 
@@ -211,7 +216,8 @@ def resolve_rows(names: Sequence[str] | str | None, device: torch.device, rows: 
         return list(table) if device.type == "cuda" else [n for n in CPU_DEFAULT_ROWS if n in table]
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
-    by_key = {_key(n): n for n in table}
+    by_key = {k: v for k, v in _ALIASES.items() if v in table}
+    by_key.update({_key(n): n for n in table})
     out = []
     for n in names:
         hit = by_key.get(_key(n))
@@ -274,9 +280,8 @@ class _EpochLog(Strategy):
         self._row = row
         self._epochs = epochs
 
-    def on_epoch_end(self, trainer: FastTrainer, record: Any) -> None:
+    def on_epoch_end(self, trainer: FastTrainer, record: EpochRecord) -> None:
         log.info("  %s: epoch %d/%d  loss %.4f  %.2f s", self._row, record.epoch, self._epochs, record.loss, record.seconds)
-
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -294,8 +299,47 @@ def _spec(table: dict[str, Callable[[torch.device], Any]], name: str, device: to
     return RowSpec(spec) if isinstance(spec, Preset) else spec
 
 
+def _peak_memory(device: torch.device, fn: Callable[[], None]) -> tuple[int, int]:
+    """Run ``fn``; return (bytes held when it started, peak bytes while it ran)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        return start, torch.cuda.max_memory_allocated(device)
+    with _RssSampler() as rss:
+        start = rss.peak  # the resident set when fn started
+        fn()
+    return start, rss.peak
+
+
+class _Budget:
+    """The bench's time budget in seconds from its start; ``None``: no limit."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def spent(self) -> bool:
+        """Whether the budget is used up (sequential order: no epoch starts then)."""
+        return self.seconds is not None and self.elapsed() > self.seconds
+
+    def allows(self, next_s: float) -> bool:
+        """Whether work expected to take ``next_s`` seconds ends within the budget (a round, interleaved)."""
+        return self.seconds is None or self.elapsed() + next_s <= self.seconds
+
+
 class _Row:
-    """One row while the bench runs: its trainer, what it has measured so far, its warnings."""
+    """One row while the bench runs: its trainer, what it has measured so far, its warnings.
+
+    Life: :meth:`begin` builds the trainer, :meth:`run_epoch` trains one more epoch on it
+    (one ``fit`` per epoch on the same trainer), :meth:`finish` takes the result and frees
+    what the row holds.
+    """
+
+    skipped_error = "skipped: the time budget was spent"
 
     def __init__(self, name: str, build: Callable[[], RowSpec], epochs: int) -> None:
         self.name = name
@@ -303,7 +347,7 @@ class _Row:
         self.spec: RowSpec | None = None
         self.epochs = epochs
         self.trainer: FastTrainer | None = None
-        self.history: Any = None
+        self.history: History | None = None
         self.error: str | None = None
         self.skipped_after: int | None = None  # epochs done when the time budget ran out
         self.peak = 0  # bytes, the peak during the row's epochs (sequential order only)
@@ -311,10 +355,18 @@ class _Row:
         self.wall_s = 0.0
         self.warnings: list[str] = []
         self.rng: tuple[torch.Tensor, list[torch.Tensor] | None] | None = None  # the row's own RNG stream
+        self.rounds: list[int] = []  # interleaved: the round each epoch ran in
+        self.report: dict[str, Any] | None = None  # set by finish()
 
     @property
     def done(self) -> int:
+        """Epochs trained so far."""
         return len(self.history.records) if self.history is not None else 0
+
+    @property
+    def active(self) -> bool:
+        """Built, not failed, and epochs left to train."""
+        return self.error is None and self.trainer is not None and self.done < self.epochs
 
     def _guarded(self, fn: Callable[[], None]) -> None:
         t0 = time.perf_counter()
@@ -324,6 +376,7 @@ class _Row:
                 fn()
             except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
                 self.error = f"{type(e).__name__}: {e}".splitlines()[0]
+                self._free_roles()
                 self.trainer = None
                 log.info("  %s failed: %s", self.name, self.error)
         for w in caught:
@@ -332,52 +385,64 @@ class _Row:
                 self.warnings.append(msg)
         self.wall_s += time.perf_counter() - t0
 
-    def start(self, initial: nn.Module, device: torch.device, seed: int) -> None:
+    def begin(self, position: str, initial: nn.Module, device: torch.device, seed: int) -> None:
+        """Build the row's trainer from a copy of ``initial`` (``position``: "[i/n]" for the log)."""
+        log.info("%s %s: %d epochs ...", position, self.name, self.epochs)
+
         def build() -> None:
             self.spec = self._build()
-            preset = self.spec.preset
-            self.trainer = FastTrainer(
-                copy.deepcopy(initial),
-                strategies=(*preset.strategies, _EpochLog(self.name, self.epochs)),
-                batch_size=preset.batch_size,
-                loss_normalization=preset.loss_normalization,
-                lr=preset.lr,
-                device=device,
-                seed=seed,
-                progress=False,
+            self.trainer = FastTrainer.from_preset(
+                copy.deepcopy(initial), self.spec.preset,
+                strategies=(_EpochLog(self.name, self.epochs),), device=device, seed=seed, progress=False,
             )
+            self.history = self.trainer.history
             self.rng = _rng_state(device)  # as the trainer's seed left it
 
         self._guarded(build)
 
-    def run_epoch(self, data: tuple[torch.Tensor, torch.Tensor], device: torch.device, measure_memory: bool) -> None:
-        """Train one more epoch; ``measure_memory``: record the peak memory during it."""
+    def run_epoch(self, data: tuple[torch.Tensor, torch.Tensor], device: torch.device, measure_memory: bool, round_no: int | None = None) -> None:
+        """Train one more epoch (one ``fit`` on the row's trainer); ``measure_memory``: record its peak memory."""
         trainer = self.trainer
         assert trainer is not None
+
+        def fit() -> None:
+            self.history = trainer.fit(data, epochs=trainer.epoch + 1)
 
         def epoch() -> None:
             # each row continues its own random stream (dropout, DataLoader seeds), as if it ran alone
             if self.rng is not None:
                 _set_rng_state(self.rng)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                start = torch.cuda.memory_allocated(device)
-                self.history = trainer.fit(data, epochs=self.done + 1)
-                peak = torch.cuda.max_memory_allocated(device)
-            else:
-                with _RssSampler() as rss:
-                    start = rss.peak  # the resident set when the epoch started
-                    self.history = trainer.fit(data, epochs=self.done + 1)
-                peak = rss.peak
-            self.rng = _rng_state(device)
-            if self.done == 1:
-                self.before = start
             if measure_memory:
+                start, peak = _peak_memory(device, fit)
+                self.before = start if self.done == 1 else self.before
                 self.peak = max(self.peak, peak)
+            else:
+                fit()
+            self.rng = _rng_state(device)
+            if round_no is not None:
+                self.rounds.append(round_no)
 
         self._guarded(epoch)
 
+    def stop_for_budget(self) -> None:
+        """Mark the row as cut short (or skipped) by the time budget."""
+        if self.skipped_after is None:
+            self.skipped_after = self.done
+            log.info("  %s: %s", self.name, self.skipped_error if self.done == 0 else
+                     f"stopped after {self.done} epoch(s): the time budget was spent")
+
+    def finish(self, device: torch.device) -> dict[str, Any]:
+        """Take the row's result (kept in :attr:`report`), then free what the row holds."""
+        if self.error is None and self.done:
+            assert self.history is not None
+            log.info("  %s: %.2f s/epoch, final loss %.4f (%.0f s)", self.name, self.history.s_per_epoch(),
+                     self.history.losses[-1], self.wall_s)
+        self.report = self.result()
+        self.release(device)
+        return self.report
+
     def result(self) -> dict[str, Any]:
+        """The row's JSON entry (before :func:`compare_rows` adds the comparisons)."""
         row: dict[str, Any] = {"name": self.name, "epochs": self.epochs, "error": self.error,
                                "note": self.spec.note if self.spec is not None else ""}
         if self.error is None and self.skipped_after is not None and self.done == 0:
@@ -386,14 +451,18 @@ class _Row:
         row["wall_s"] = self.wall_s
         if row["error"] is not None or self.trainer is None or self.history is None or self.spec is None:
             return row
-        history, trainer, preset = self.history, self.trainer, self.spec.preset
-        steps = sum(r.optimizer_steps for r in history.records)
         if self.skipped_after is not None:
             row["epochs"] = self.done
             row["note"] = "; ".join(x for x in (row["note"], f"stopped after {self.done} epoch(s): time budget spent") if x)
-        row.update({
+        row.update(self._figures(self.trainer, self.history, self.spec.preset))
+        return row
+
+    def _figures(self, trainer: FastTrainer, history: History, preset: Preset) -> dict[str, Any]:
+        steps = sum(r.optimizer_steps for r in history.records)
+        return {
             "s_per_epoch": history.s_per_epoch(),
             "epoch_seconds": history.seconds,
+            "epoch_rounds": list(self.rounds) or None,  # interleaved: the round of each epoch
             "compile_s": _one_off_seconds(history.info),
             "final_loss": history.losses[-1],
             "losses": history.losses,
@@ -404,14 +473,23 @@ class _Row:
             "accumulation": trainer.accumulation,
             "strategies": [repr(s) for s in preset.strategies],
             "info": dict(history.info),
-        })
-        return row
+        }
 
-    skipped_error = "skipped: the time budget was spent"
+    def _free_roles(self) -> None:
+        """Release the captured CUDA graphs and stop the DataLoader workers of the row's trainer."""
+        if self.trainer is None:
+            return
+        roles = self.trainer.roles
+        if isinstance(roles.step, CUDAGraphStep):
+            roles.step.release()
+        if isinstance(roles.batches, DataLoaderWorkers):
+            roles.batches.close()
 
     def release(self, device: torch.device) -> None:
-        """Drop the trainer (its model and optimizer) once the row's result is taken."""
+        """Free what the row holds once its result is taken: graphs, worker processes, the trainer, the strategies."""
+        self._free_roles()
         self.trainer = None
+        self.spec = None  # its strategies may hold the model (Compile) or device copies of the data (DevicePreload)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -478,29 +556,66 @@ def run_bench(
             CUDA, :data:`CPU_DEFAULT_ROWS` on CPU.
         epochs: epochs per row; default 50 on CUDA, 2 on CPU.
         device: ``"cpu"``/``"cuda"``; default CUDA when available.
-        out: folder for ``bench.json`` (and ``bench.png`` when matplotlib is installed).
+        out: folder for ``bench.json`` (and ``bench.png`` with matplotlib); checked before any training.
         model_factory: builds the initial model (called once, under ``torch.manual_seed(seed)``);
             default the reference :class:`~hlbd_fast.models.Seq2SeqTransformer`.
         data: ``(src, tgt)`` tensors; default the bundled HLBD pairs.
-        row_epochs: epochs for particular rows (e.g. a shorter baseline); its seconds
-            per epoch still compare, its loss is compared at the shorter length.
+        row_epochs: epochs for particular rows (e.g. a shorter baseline).
         seed: initial weights and sample order.
-        time_budget_s: no row starts an epoch after this many seconds; rows skipped or
-            cut short are reported as such (the first row always runs).
+        time_budget_s: interleaved, a round starts only if the seconds spent plus the last
+            round's fit (the first round always runs); sequential, no epoch starts after
+            it (the first row always runs). Rows cut short or skipped say so.
         row_table: the rows to pick from (default :data:`ROWS`).
-        interleave: run every row's epoch ``e`` before any row's epoch ``e+1`` (all
-            trainers stay alive), so that a machine whose speed drifts (a shared CPU)
-            slows every row alike and the ratios stay side by side; default on CPU.
-            ``False`` runs the rows one after the other (default on CUDA).
+        interleave: run the rows in rounds of one epoch each (default on CPU, where the
+            speed drifts); ``False``: one row after the other (default on CUDA).
+
+    Raises:
+        BenchError: a bad argument (unknown row, bad epochs, ``out`` not writable).
     """
     dev = _device(device)
     table = ROWS if row_table is None else row_table
     names = resolve_rows(rows, dev, table)
     if epochs is None:
         epochs = 50 if dev.type == "cuda" else 2
+    epochs = _check_epochs(epochs, "--epochs")
+    per_row = {resolve_rows([k], dev, table)[0]: _check_epochs(v, f"row_epochs[{k!r}]") for k, v in (row_epochs or {}).items()}
+    out_dir = _check_out(out)
+    interleave = dev.type == "cpu" if interleave is None else bool(interleave)
+    data, initial = _inputs(data, model_factory, seed)
+    config = _config(names, epochs, per_row, data, initial, seed, dev, interleave, time_budget_s)
+    machine = machine_info(dev)
+    bench_rows = [_Row(name, functools.partial(_spec, table, name, dev), per_row.get(name, epochs)) for name in names]
+    budget = _Budget(time_budget_s)
+    if interleave:
+        _run_interleaved(bench_rows, data, dev, budget, initial, seed)
+    else:
+        _run_sequential(bench_rows, data, dev, budget, initial, seed)
+    results = [row.report if row.report is not None else row.finish(dev) for row in bench_rows]
+    compare_rows(results, paired=interleave)
+    report = {"machine": machine, "config": config, "rows": results}
+    if out_dir is not None:
+        _write(out_dir, report)
+    return report
+
+
+def _check_epochs(epochs: Any, what: str) -> int:
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise BenchError(f"--epochs {epochs!r} must be an integer >= 1")
-    per_row = {resolve_rows([k], dev, table)[0]: v for k, v in (row_epochs or {}).items()}
+        raise BenchError(f"{what} {epochs!r} must be an integer >= 1")
+    return epochs
+
+
+def _check_out(out: str | os.PathLike[str] | None) -> Path | None:
+    """The output folder, created and probed writable before any work; ``None`` when not asked for."""
+    if out is None:
+        return None
+    try:
+        return check_writable_dir(out, "--out")
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+
+
+def _inputs(data: tuple[torch.Tensor, torch.Tensor] | None, model_factory: Callable[[], nn.Module] | None, seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], nn.Module]:
+    """The data (default: the bundled HLBD pairs) and the initial model on the host, built under ``seed``."""
     if data is None:
         data, vocab = reference_data()
     else:
@@ -512,8 +627,13 @@ def run_bench(
         initial = Seq2SeqTransformer(vocab_size=max(vocab, 5000))
     else:
         initial = model_factory()
-    initial_state = copy.deepcopy(initial).cpu()
-    config = {
+    return data, copy.deepcopy(initial).cpu()
+
+
+def _config(names: list[str], epochs: int, per_row: dict[str, int], data: tuple[torch.Tensor, torch.Tensor], initial: nn.Module,
+            seed: int, dev: torch.device, interleave: bool, budget: float | None) -> dict[str, Any]:
+    """The report's ``config``: what was run, and what each column means."""
+    return {
         "epochs": epochs,
         "row_epochs": per_row,
         "rows": names,
@@ -524,106 +644,124 @@ def run_bench(
         "model_config": _model_config(initial),
         "parameters": sum(p.numel() for p in initial.parameters()),
         "seed": seed,
+        "time_budget_s": budget,
+        "order": "interleaved: rounds of one epoch of every row" if interleave else "sequential: one row after the other",
         "s_per_epoch": "median wall seconds of the epochs after the first (the only epoch when 1)",
-        "peak_mem_mb": "CUDA: torch.cuda.max_memory_allocated, reset per row" if dev.type == "cuda"
+        "speedup": "median over the rounds both rows completed, after the first (the only round when 1), of the baseline's "
+        "epoch seconds over the row's in the same round; 'ratio of' counts those rounds" if interleave
+        else "baseline s/epoch over the row's; 'ratio of' counts the epochs the thinner of the two s/epoch figures rests on",
+        "peak_mem_mb": "not measured in interleaved order (every row's trainer stays alive); use --order sequential" if interleave
+        else "CUDA: torch.cuda.max_memory_allocated, reset per row" if dev.type == "cuda"
         else "CPU: peak resident set of the process sampled every 50 ms during the row",
         "syncs_per_step": "loss read-backs per optimizer step, counted (one host-device sync each)",
     }
-    machine = machine_info(dev)
-    interleave = dev.type == "cpu" if interleave is None else bool(interleave)
-    config["order"] = (
-        "interleaved: every row's epoch e runs before any row's epoch e+1" if interleave else "sequential: one row after the other"
-    )
-    if interleave:
-        config["peak_mem_mb"] = "not measured in interleaved order (every row's trainer stays alive); use --order sequential"
-    rows_ = [_Row(name, functools.partial(_spec, table, name, dev), per_row.get(name, epochs)) for name in names]
-    started = time.perf_counter()
 
-    def out_of_time(row: _Row) -> bool:
-        if time_budget_s is None or row is rows_[0] or time.perf_counter() - started <= time_budget_s:
-            return False
-        if row.skipped_after is None:
-            row.skipped_after = row.done
-            log.info("  %s: %s", row.name, "skipped: the time budget was spent" if row.done == 0 else
-                     f"stopped after {row.done} epoch(s): the time budget was spent")
-        return True
 
-    def begin(i: int, row: _Row) -> None:
-        log.info("[%d/%d] %s: %d epochs ...", i, len(rows_), row.name, row.epochs)
-        if row.error is None:
-            row.start(initial_state, dev, seed)
+def _run_interleaved(rows: list[_Row], data: tuple[torch.Tensor, torch.Tensor], dev: torch.device, budget: _Budget,
+                     initial: nn.Module, seed: int) -> None:
+    """Round after round, one epoch of every row with epochs left; the budget ends whole rounds only."""
+    for i, row in enumerate(rows, 1):
+        row.begin(f"[{i}/{len(rows)}]", initial, dev, seed)
+    round_no, last_round_s = 0, 0.0
+    while any(row.active for row in rows):
+        if round_no and not budget.allows(last_round_s):
+            log.info("time budget: another round (about %.1f s) would end after %.0f s; stopping after round %d",
+                     last_round_s, budget.seconds, round_no)
+            break
+        round_no += 1
+        t0 = time.perf_counter()
+        for row in rows:
+            if row.active:
+                row.run_epoch(data, dev, measure_memory=False, round_no=round_no)
+                if not row.active:
+                    row.finish(dev)  # done (or failed): free its graphs, workers and trainer now
+        last_round_s = time.perf_counter() - t0
+    for row in rows:
+        if row.active:
+            row.stop_for_budget()
+        if row.report is None:
+            row.finish(dev)
 
-    def finish(row: _Row) -> None:
-        if row.error is None and row.history is not None:
-            log.info("  %s: %.2f s/epoch, final loss %.4f (%.0f s)", row.name, row.history.s_per_epoch(),
-                     row.history.losses[-1], row.wall_s)
 
-    results: list[dict[str, Any]] = []
-    if interleave:
-        for i, row in enumerate(rows_, 1):
-            if not out_of_time(row):
-                begin(i, row)
-        for e in range(max(r.epochs for r in rows_)):
-            for row in rows_:
-                if row.error is None and row.trainer is not None and row.done == e < row.epochs and not out_of_time(row):
-                    row.run_epoch(data, dev, measure_memory=False)
-        for row in rows_:
-            finish(row)
-            results.append(row.result())
-            row.release(dev)
-    else:
-        for i, row in enumerate(rows_, 1):
-            if out_of_time(row):
-                results.append(row.result())
-                continue
-            begin(i, row)
-            while row.error is None and row.trainer is not None and row.done < row.epochs:
-                row.run_epoch(data, dev, measure_memory=True)
-            finish(row)
-            results.append(row.result())
-            row.release(dev)
-    compare_rows(results, paired=interleave)
-    report = {"machine": machine, "config": config, "rows": results}
-    if out is not None:
-        _write(Path(out), report)
-    return report
+def _run_sequential(rows: list[_Row], data: tuple[torch.Tensor, torch.Tensor], dev: torch.device, budget: _Budget,
+                    initial: nn.Module, seed: int) -> None:
+    """One row after the other, each with its peak memory; after the first row, no epoch starts once the budget is spent."""
+    for i, row in enumerate(rows, 1):
+        if i > 1 and budget.spent():
+            row.stop_for_budget()
+            row.finish(dev)
+            continue
+        row.begin(f"[{i}/{len(rows)}]", initial, dev, seed)
+        while row.active:
+            if i > 1 and budget.spent():
+                row.stop_for_budget()
+                break
+            row.run_epoch(data, dev, measure_memory=True)
+        row.finish(dev)
 
 
 def _model_config(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(cfg)
+        return dataclasses.asdict(cfg)
     return {}
 
 
 def compare_rows(rows: list[dict[str, Any]], paired: bool = False) -> None:
     """Fill ``speedup`` and ``loss_rel_diff`` of every row against the ``baseline`` row (in place).
 
-    ``paired`` (interleaved runs): the speed-up is the median, over the epochs after the
-    first that both rows ran, of the baseline's epoch seconds over the row's in the same
-    round; otherwise the ratio of the ``s_per_epoch`` figures.
+    ``paired`` (interleaved runs): the speed-up is the median of the per-round ratios
+    (baseline's epoch seconds over the row's in the same round) over the rounds both rows
+    completed, leaving out the first of them when there are more (it pays one-off costs);
+    ``speedup_rounds`` says how many rounds it rests on. Rounds are the rows'
+    ``epoch_rounds`` (epoch ``i`` ran in round ``i`` when absent). Otherwise (sequential)
+    the ratio of the ``s_per_epoch`` figures, and ``speedup_epochs`` is the number of
+    epochs the thinner of the two figures rests on.
     """
     base = next((r for r in rows if r["name"] == "baseline" and r["error"] is None), None)
     for r in rows:
-        for k in ("s_per_epoch", "speedup", "final_loss", "loss_rel_diff", "compile_s", "peak_mem_mb", "syncs_per_step", "losses"):
+        for k in ("s_per_epoch", "speedup", "speedup_rounds", "speedup_epochs", "final_loss", "loss_rel_diff",
+                  "compile_s", "peak_mem_mb", "syncs_per_step", "losses"):
             r.setdefault(k, None)
         if r["error"] is not None or base is None:
             continue
-        r["speedup"] = base["s_per_epoch"] / r["s_per_epoch"] if r["s_per_epoch"] else None
-        pairs = list(zip(base.get("epoch_seconds") or [], r.get("epoch_seconds") or []))
-        if paired and len(pairs) >= 1:
-            later = pairs[1:] or pairs
-            ratios = sorted(b / x for b, x in later if x > 0)
-            if ratios:
-                mid = len(ratios) // 2
-                r["speedup"] = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
-                r["speedup_per_epoch"] = [b / x if x > 0 else None for b, x in pairs]
-        k = min(len(base["losses"]), len(r["losses"]))
-        b = base["losses"][k - 1]
-        r["loss_compared_at_epoch"] = k
-        r["loss_rel_diff"] = abs(r["losses"][k - 1] - b) / abs(b) if b else None
+        if paired:
+            _paired_speedup(base, r)
+        else:
+            _sequential_speedup(base, r)
+        _loss_diff(base, r)
+
+
+def _by_round(row: dict[str, Any]) -> dict[int, float]:
+    """Epoch seconds of a row by the round they ran in."""
+    seconds = row.get("epoch_seconds") or []
+    rounds = row.get("epoch_rounds") or range(1, len(seconds) + 1)
+    return dict(zip(rounds, seconds))
+
+
+def _paired_speedup(base: dict[str, Any], r: dict[str, Any]) -> None:
+    b, x = _by_round(base), _by_round(r)
+    common = sorted(set(b) & set(x))
+    used = [k for k in (common[1:] or common) if x[k] > 0]
+    r["paired_rounds"] = common
+    r["speedup_per_round"] = [b[k] / x[k] if x[k] > 0 else None for k in common]
+    r["speedup"] = statistics.median(b[k] / x[k] for k in used) if used else None
+    r["speedup_rounds"] = len(used)
+
+
+def _sequential_speedup(base: dict[str, Any], r: dict[str, Any]) -> None:
+    r["speedup"] = base["s_per_epoch"] / r["s_per_epoch"] if r["s_per_epoch"] else None
+    counts = [len(row.get("epoch_seconds") or []) for row in (base, r)]
+    r["speedup_epochs"] = min(max(n - 1, 1) for n in counts) if r["speedup"] is not None and all(counts) else None
+
+
+def _loss_diff(base: dict[str, Any], r: dict[str, Any]) -> None:
+    if not base["losses"] or not r["losses"]:
+        return
+    k = min(len(base["losses"]), len(r["losses"]))
+    b = base["losses"][k - 1]
+    r["loss_compared_at_epoch"] = k
+    r["loss_rel_diff"] = abs(r["losses"][k - 1] - b) / abs(b) if b else None
 
 
 def _device(name: str | torch.device | None) -> torch.device:
@@ -648,36 +786,52 @@ def format_table(report: dict[str, Any]) -> str:
         f"hlbd_fast bench: {c['pairs']} pairs, {c['model']} ({c['parameters'] / 1e6:.1f}M parameters), "
         f"{c['epochs']} epochs per row, {m['device']} ({where}), torch {m['torch']}, {m['torch_threads']} threads",
         "",
-        "| row | epochs | s/epoch | one-off s | speedup | final loss | loss diff | peak MB | syncs/step | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| row | epochs | s/epoch | one-off s | speedup | ratio of | final loss | loss diff | peak MB | syncs/step | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in report["rows"]:
-        if r["error"] is not None:
-            what = r["error"] if r["error"].startswith(("skipped", "timed out")) else f"failed: {r['error']}"
-            lines.append(f"| {r['name']} | {r['epochs']} | - | - | - | - | - | - | - | {what[:160]} |")
-            continue
-        note = []
-        if r.get("loss_compared_at_epoch") and r["loss_compared_at_epoch"] != len(r["losses"]):
-            note.append(f"loss compared at epoch {r['loss_compared_at_epoch']}")
-        if r["epochs"] != c["epochs"]:
-            note.append(f"{r['epochs']} epochs: s/epoch measured, {c['epochs']}-epoch time extrapolated")
-        if r.get("warnings"):
-            note.append(f"{len(r['warnings'])} warning(s)")
-        lines.append(
-            f"| {r['name']} | {r['epochs']} | {_fmt(r['s_per_epoch'], '.2f')} | {_fmt(r['compile_s'], '.1f')} | "
-            f"{_fmt(r['speedup'], '.2f')}{'x' if r['speedup'] is not None else ''} | {_fmt(r['final_loss'], '.4f')} | {_fmt(r['loss_rel_diff'], '.2%')} | "
-            f"{_fmt(r['peak_mem_mb'], '.0f')} | {_fmt(r['syncs_per_step'], '.3g')} | {'; '.join(note)} |"
-        )
+    lines += [_table_line(r, c["epochs"]) for r in report["rows"]]
     lines.append("")
-    lines.append(f"s/epoch: {c['s_per_epoch']}; peak MB: {c['peak_mem_mb']}; syncs/step: {c['syncs_per_step']}; "
+    speedup = f"speedup: {c['speedup']}; " if c.get("speedup") else ""
+    lines.append(f"s/epoch: {c['s_per_epoch']}; {speedup}peak MB: {c['peak_mem_mb']}; syncs/step: {c['syncs_per_step']}; "
                  f"order: {c.get('order', 'sequential')}.")
     return "\n".join(lines)
 
 
+def _table_line(r: dict[str, Any], epochs: int) -> str:
+    """One row of the table: its figures, or why it has none."""
+    if r["error"] is not None:
+        what = r["error"] if r["error"].startswith(("skipped", "timed out")) else f"failed: {r['error']}"
+        return f"| {r['name']} | {r['epochs']} | - | - | - | - | - | - | - | - | {what[:160]} |"
+    note = [r["note"]] if r.get("note") else []
+    if r.get("loss_compared_at_epoch") and r["loss_compared_at_epoch"] != len(r["losses"]):
+        note.append(f"loss compared at epoch {r['loss_compared_at_epoch']}")
+    if r["epochs"] != epochs:
+        note.append(f"{r['epochs']} epochs: s/epoch measured, {epochs}-epoch time extrapolated")
+    if r.get("warnings"):
+        note.append(f"{len(r['warnings'])} warning(s)")
+    return (
+        f"| {r['name']} | {r['epochs']} | {_fmt(r['s_per_epoch'], '.2f')} | {_fmt(r['compile_s'], '.1f')} | "
+        f"{_fmt(r['speedup'], '.2f')}{'x' if r['speedup'] is not None else ''} | {_ratio_basis(r)} | "
+        f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['loss_rel_diff'], '.2%')} | "
+        f"{_fmt(r['peak_mem_mb'], '.0f')} | {_fmt(r['syncs_per_step'], '.3g')} | {'; '.join(note)} |"
+    )
+
+
+def _ratio_basis(r: dict[str, Any]) -> str:
+    """What a row's speed-up rests on: ``"3 rounds"`` (interleaved), ``"1 epoch"`` (sequential), or ``"-"``."""
+    if r.get("speedup") is None:
+        return "-"
+    for key, unit in (("speedup_rounds", "round"), ("speedup_epochs", "epoch")):
+        n = r.get(key)
+        if n is not None:
+            return f"{n} {unit}{'' if n == 1 else 's'}"
+    return "-"
+
+
 def _write(out: Path, report: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench.json", "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, ensure_ascii=False, default=str)
+    """``bench.json`` (written atomically) and, with matplotlib, ``bench.png``."""
+    text = json.dumps(report, indent=2, ensure_ascii=False, default=str)
+    atomic_write(out / "bench.json", lambda f: f.write(text.encode("utf-8")))
     try:
         import matplotlib
 
@@ -709,8 +863,7 @@ def _tiny_model() -> nn.Module:
     return Seq2SeqTransformer(vocab_size=5000, d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=64)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``hlbd-fast bench`` and ``benchmarks/seed_table.py``; returns the exit status."""
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hlbd-fast bench", description=__doc__.splitlines()[0])
     p.add_argument("--rows", default=None, help=f"comma-separated rows (default: all on CUDA; on CPU: {', '.join(CPU_DEFAULT_ROWS)}). All: {', '.join(ROWS)}")
     p.add_argument("--epochs", type=int, default=None, help="epochs per row (default: 50 on CUDA, 2 on CPU)")
@@ -720,26 +873,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--budget", type=float, default=None,
-                   help=f"seconds after which no new row starts (default: {CPU_TIME_BUDGET_S:.0f} on CPU, none on CUDA; 0: none)")
+                   help=f"seconds the run may take, about (default: {CPU_TIME_BUDGET_S:.0f} on CPU, none on CUDA; 0: none): "
+                        "interleaved, no round starts that would end later (the first always runs); sequential, no "
+                        "epoch starts after it (the first row always runs)")
     p.add_argument("--order", choices=("auto", "interleaved", "sequential"), default="auto",
-                   help="interleaved: every row's epoch e before any row's epoch e+1, so that a drifting machine speed "
-                        "slows all rows alike; sequential: one row after the other (default: interleaved on CPU, "
-                        "sequential on CUDA)")
+                   help="interleaved: rounds of one epoch of every row, so that a drifting machine speed slows all rows "
+                        "alike; sequential: one row after the other (default: interleaved on CPU, sequential on CUDA)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # a small model and 64 pairs: smoke tests
-    args = p.parse_args(argv)
-    root = logging.getLogger()
-    if not root.handlers:
+    return p
+
+
+def _budget(seconds: float | None, device: str | None) -> float | None:
+    """The time budget: ``--budget``, else :data:`CPU_TIME_BUDGET_S` on CPU; 0 or less: none."""
+    if seconds is None and _device(device).type == "cpu":
+        seconds = CPU_TIME_BUDGET_S
+    return seconds if seconds is not None and seconds > 0 else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``hlbd-fast bench`` and ``benchmarks/seed_table.py``; returns the exit status.
+
+    A bad argument (an unknown row, an ``--out`` folder that cannot be written...) is one
+    line on stderr and exit status 2, before any training.
+    """
+    args = _parser().parse_args(argv)
+    if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
+        _check_out(args.out)  # before any work (the --tiny data included)
+        if args.baseline_epochs is not None:
+            _check_epochs(args.baseline_epochs, "--baseline-epochs")
         if args.threads is not None:
             if args.threads < 1:
                 raise BenchError(f"--threads {args.threads} must be >= 1")
             torch.set_num_threads(args.threads)
-        budget = args.budget
-        if budget is None and _device(args.device).type == "cpu":
-            budget = CPU_TIME_BUDGET_S
-        if budget is not None and budget <= 0:
-            budget = None
         report = run_bench(
             rows=args.rows,
             epochs=args.epochs,
@@ -747,9 +914,9 @@ def main(argv: list[str] | None = None) -> int:
             out=args.out,
             model_factory=_tiny_model if args.tiny else None,
             data=reference_data(64)[0] if args.tiny else None,
-            row_epochs={"baseline": args.baseline_epochs} if args.baseline_epochs else None,
+            row_epochs={"baseline": args.baseline_epochs} if args.baseline_epochs is not None else None,
             seed=args.seed,
-            time_budget_s=budget,
+            time_budget_s=_budget(args.budget, args.device),
             interleave=None if args.order == "auto" else args.order == "interleaved",
         )
     except BenchError as e:
