@@ -12,9 +12,11 @@ Three things the built-in loop does not know about, and where each one goes:
   the norms on the device in ``before_clip`` and reads them once per epoch;
 * a linear learning-rate warm-up: a :class:`Strategy` that sets the lr in ``on_step_end``.
 
-Both strategies own no exclusive hook, so they compose with the built-in ones
-(``GradientAccumulation``, ``DeferredLossSync`` here). Two strategies that want the same
-exclusive hook are refused when the trainer is built; the script shows that error too.
+Both strategies only add to the loop (every hook receives the trainer first), so they
+compose with any built-in ones (``GradientAccumulation``, ``DeferredLossSync`` here). A
+strategy that *replaces* a part of the loop fills a role instead (``ReadLossEveryStep``
+below fills ``readback``); two strategies for one role are refused when the trainer is
+built, and the script shows that error too.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch.utils.data import Dataset
 
 from hlbd_fast import FastTrainer
 from hlbd_fast.data import CharTokenizer, encode_pairs, load_hlbd
-from hlbd_fast.strategies import EXCLUSIVE_HOOKS, DeferredLossSync, GradientAccumulation, Strategy, StrategyConflictError
+from hlbd_fast.strategies import ROLES, DeferredLossSync, GradientAccumulation, LossReadback, Strategy, StrategyConflictError
 
 TINY_PAIRS = 48  # --tiny trains on the first 48 pairs
 
@@ -98,10 +100,10 @@ class MaskedTrainer(FastTrainer):
 class GradNormLog(Strategy):
     """Record the gradient norm before clipping every ``every`` optimizer steps, with no host sync per step.
 
-    ``before_clip`` stacks the norm on the device; ``on_epoch_end`` reads the epoch's norms
-    back in one go (after the trainer's own end-of-epoch read, so nothing waits) into
-    ``record.extra["grad_norm"]`` and :attr:`log`. Place it after ``MixedPrecision`` in
-    the strategy list: under fp16 that strategy's ``before_clip`` unscales the gradients.
+    ``before_clip`` stacks the norm on the device (the gradients are already unscaled
+    under fp16); ``on_epoch_end`` reads the epoch's norms back in one go (after the
+    trainer's own end-of-epoch read, so nothing waits) into ``record.extra["grad_norm"]``
+    and :attr:`log`.
     """
 
     def __init__(self, every: int = 10) -> None:
@@ -109,7 +111,6 @@ class GradNormLog(Strategy):
             raise ValueError(f"GradNormLog(every={every!r}): every must be an integer >= 1")
         self.every = every
         self._log: list[tuple[int, float]] = []  # (optimizer step, gradient norm), all epochs
-        self._trainer: FastTrainer | None = None
         self._pending: list[tuple[int, torch.Tensor]] = []
 
     @property
@@ -117,15 +118,11 @@ class GradNormLog(Strategy):
         """``(optimizer step, gradient norm)`` of every recorded step so far."""
         return self._log
 
-    def setup(self, trainer: FastTrainer) -> None:
-        self._trainer = trainer
-
-    def before_clip(self, optimizer: torch.optim.Optimizer) -> None:
-        assert self._trainer is not None
-        step = self._trainer.global_step + 1  # the step being taken
+    def before_clip(self, trainer: FastTrainer) -> None:
+        step = trainer.global_step + 1  # the step being taken
         if step % self.every:
             return
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in trainer.params if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         self._pending.append((step, norm))  # stays on the device
 
@@ -166,10 +163,10 @@ class LinearWarmup(Strategy):
         self._set_lr(trainer)
 
 
-class ReadLossEveryStep(Strategy):
-    """A loss-read policy: owns the exclusive hook ``should_sync_loss`` (used to show a conflict)."""
+class ReadLossEveryStep(LossReadback):
+    """A loss read-back policy: fills the ``readback`` role (used to show a conflict)."""
 
-    def should_sync_loss(self, trainer: FastTrainer, event: str) -> bool:
+    def should_read(self, trainer: FastTrainer, event: str) -> bool:
         return event == "step"
 
 
@@ -202,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=16, progress=not args.no_progress,
     )
     print(f"strategies: {list(trainer.strategies)}")
-    owned = {hook: type(trainer.owner(hook)).__name__ for hook in EXCLUSIVE_HOOKS if trainer.owner(hook) is not None}
-    print(f"exclusive hooks owned: {owned}")  # ours own none, so they fit beside any built-in strategy
+    filled = {role: type(getattr(trainer.roles, role)).__name__ for role in ROLES}
+    print(f"roles: {filled}")  # ours fill none, so they fit beside any built-in strategy
 
     history = trainer.fit(dataset, epochs=args.epochs)  # a Dataset of dicts: batched by the default collate
     print(history)
@@ -212,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     for step, norm in grad_log.log:
         print(f"  step {step:>4}: {norm:.4f}")
 
-    # two owners of one exclusive hook are refused when the trainer is built
+    # two strategies for one role are refused when the trainer is built
     try:
         MaskedTrainer(model, strategies=[DeferredLossSync(), ReadLossEveryStep()], progress=False)
     except StrategyConflictError as e:

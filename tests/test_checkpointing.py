@@ -107,7 +107,7 @@ def test_state_dict_keys_unchanged_and_interchangeable(data):
     plain = tiny_transformer()
     ckpt = tiny_transformer(seed=1)
     keys = list(ckpt.state_dict())
-    GradientCheckpointing().wrap_model(ckpt)
+    GradientCheckpointing().wrap_model(None, ckpt)
     assert list(ckpt.state_dict()) == keys == list(plain.state_dict())
     ckpt.load_state_dict(plain.state_dict())  # strict: same keys both ways
     plain.load_state_dict(ckpt.state_dict())
@@ -148,7 +148,7 @@ def test_select_by_class_or_name():
     assert not is_checkpointed(m.encoder_layers[0])
     m = tiny_transformer()
     s = GradientCheckpointing(modules="EncoderLayer")
-    s.wrap_model(m)
+    s.wrap_model(None, m)
     assert s.checkpointed == ["encoder_layers.0", "encoder_layers.1"]
     assert repr(s) == "GradientCheckpointing(modules=['EncoderLayer'], checkpointed=['encoder_layers.0', 'encoder_layers.1'])"
 

@@ -17,6 +17,7 @@ from hlbd_fast import FastTrainer
 from hlbd_fast.models import Seq2SeqTransformer
 from hlbd_fast.strategies.checkpointing import GradientCheckpointing
 from hlbd_fast.strategies.compile import COMPILE_MODES, CompilationError, Compile, CompiledModel, compile_model
+from hlbd_fast.checkpoint import read_checkpoint
 from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 
 VOCAB = 50
@@ -106,7 +107,7 @@ def test_checkpoint_keys_are_the_models(data, tmp_path):
     m = tiny_transformer()
     t, _ = fit(m, data, [Compile(backend="eager")])
     t.save(tmp_path / "c.pt")
-    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    state = read_checkpoint(tmp_path / "c.pt")
     assert list(state["model"]) == list(tiny_transformer().state_dict())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import warnings
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
-from hlbd_fast import DeferredLossSync, FastTrainer, GradientAccumulation, StrategyConflictError
+from hlbd_fast import DeferredLossSync, FastTrainer, GradientAccumulation, Strategy, StrategyConflictError
 from hlbd_fast.strategies.data import DataLoaderWorkers, GPUPreload
 from hlbd_fast.strategies.padding import row_lengths
 
@@ -117,12 +118,12 @@ def test_gpu_preload_yields_the_plain_loops_batches():
     source = trainer.make_source((src, tgt), 4)
     for epoch in range(2):
         plain = list(trainer.host_batches(source, epoch))
-        ours = list(GPUPreload().make_batches(trainer, source, epoch))
+        ours = list(GPUPreload().batches(trainer, source, epoch))
         assert len(plain) == len(ours) == 3
         for (a, b), (c, d) in zip(plain, ours):
             assert torch.equal(a, c) and torch.equal(b, d)
     # shuffle=False keeps the data order
-    ours = list(GPUPreload().make_batches(trainer, trainer.make_source((src, tgt), 4, shuffle=False), 0))
+    ours = list(GPUPreload().batches(trainer, trainer.make_source((src, tgt), 4, shuffle=False), 0))
     assert torch.equal(ours[0][0], src[:4]) and torch.equal(ours[2][1], tgt[8:])
 
 
@@ -130,10 +131,10 @@ def test_gpu_preload_drop_and_pad():
     src, tgt = ragged_pairs(n=10)
     trainer = FastTrainer(TinySeq2Seq(), seed=9, progress=False)
     source = trainer.make_source((src, tgt), 4)
-    keep = list(GPUPreload().make_batches(trainer, source, 1))
-    drop = list(GPUPreload(last_batch="drop").make_batches(trainer, source, 1))
+    keep = list(GPUPreload().batches(trainer, source, 1))
+    drop = list(GPUPreload(last_batch="drop").batches(trainer, source, 1))
     assert len(drop) == 2 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(drop, keep))
-    pad = list(GPUPreload(last_batch="pad").make_batches(trainer, source, 1))
+    pad = list(GPUPreload(last_batch="pad").batches(trainer, source, 1))
     assert [b[0].shape[0] for b in pad] == [4, 4, 4]
     s, t = pad[2]
     real_s, real_t = keep[2]
@@ -175,7 +176,7 @@ def test_gpu_preload_host_lengths():
     source = trainer.make_source((src, tgt), 4)
     for last_batch in ("keep", "pad"):
         g = GPUPreload(last_batch=last_batch)
-        for s, t in g.make_batches(trainer, source, 0):
+        for s, t in g.batches(trainer, source, 0):
             assert g.host_lengths((s, t)) == (int(row_lengths(s, 0).max()), int(row_lengths(t, 0).max()))
             assert g.host_lengths((s.clone(), t)) is None  # not the batch it yielded
             assert g.host_lengths(s) is None
@@ -189,11 +190,13 @@ def test_gpu_preload_reads_data_once_and_again_after_in_place_changes():
     trainer.fit(ds, 2, batch_size=4)
     trainer.fit(ds, 3, batch_size=4)
     assert ds.reads == 12
+    assert g.loads == 1
     trainer.fit((src, tgt), 4, batch_size=4)
-    first = g._data
-    tgt[0, 1] = 5  # an in-place change of the same tensor
     trainer.fit((src, tgt), 5, batch_size=4)
-    assert g._data is not first and torch.equal(g._data.tgt, tgt)
+    assert g.loads == 2  # the tensors: read once
+    tgt[0, 1] = 5  # an in-place change of the same tensor
+    trainer.fit((src, tgt), 6, batch_size=4)
+    assert g.loads == 3 and torch.equal(g.preloaded[1], tgt)
 
 
 def test_gpu_preload_reuses_the_data_of_a_new_loader_over_the_same_dataset():
@@ -206,7 +209,7 @@ def test_gpu_preload_reuses_the_data_of_a_new_loader_over_the_same_dataset():
         for _ in range(3):
             trainer.train_epoch(DataLoader(ds, batch_size=4, shuffle=True))
     assert ds.reads == 12
-    assert sum("GPUPreload reads the DataLoader" in str(w.message) for w in record) == 1
+    assert sum("DevicePreload reads the DataLoader" in str(w.message) for w in record) == 1
 
 
 # ---------------------------------------------------------------------------- GPUPreload: bad inputs
@@ -252,7 +255,7 @@ def test_gpu_preload_bad_arguments():
     loader = DataLoader(Pairs(*ragged_pairs(n=8)), batch_sampler=[[0, 1], [2, 3]])
     with pytest.raises(ValueError, match="batch_sampler"):
         FastTrainer(TinySeq2Seq(), strategies=[GPUPreload()], progress=False).fit(loader, 1)
-    with pytest.raises(StrategyConflictError, match="make_batches"):
+    with pytest.raises(StrategyConflictError, match="DevicePreload.*DataLoaderWorkers.*'batches'"):
         FastTrainer(TinySeq2Seq(), strategies=[GPUPreload(), DataLoaderWorkers()], progress=False)
 
 
@@ -265,7 +268,9 @@ def test_workers_train_exactly_like_the_plain_loop(as_dataset):
     w = DataLoaderWorkers(num_workers=2)
     ref, ours, h_ref, h = fit_pair(data, [w], epochs=3)
     assert_identical(ref, ours, h_ref, h)
-    assert w._workers is None  # fit's end stopped the workers
+    assert w.workers_running  # kept for the next fit on the same data
+    w.close()
+    assert not w.workers_running
 
 
 def test_workers_serve_several_epochs_with_one_loader():
@@ -273,16 +278,41 @@ def test_workers_serve_several_epochs_with_one_loader():
     w = DataLoaderWorkers(num_workers=1)
     trainer = FastTrainer(TinySeq2Seq(), strategies=[w], seed=3, progress=False)
     source = trainer.make_source((src, tgt), 4)
-    first = list(w.make_batches(trainer, source, 0))
-    loader = w._workers.loader
-    second = list(w.make_batches(trainer, source, 1))
-    assert w._workers.loader is loader and loader._iterator is not None  # the same persistent workers
+    first = list(w.batches(trainer, source, 0))
+    second = list(w.batches(trainer, source, 1))
     for epoch, got in ((0, first), (1, second)):
         for (a, b), (c, d) in zip(trainer.host_batches(source, epoch), got):
             assert torch.equal(a, c) and torch.equal(b, d)
-    assert not loader.pin_memory and trainer.non_blocking  # CPU device: nothing to pin
+    assert w.workers_running
     w.close()
-    assert w._workers is None
+    assert not w.workers_running
+
+
+def test_workers_are_reused_by_the_next_fit_and_stopped_by_an_error():
+    """One worker pool serves every fit on the same data; a run that fails stops it."""
+    src, tgt = ragged_pairs(n=12)
+    w = DataLoaderWorkers(num_workers=1)
+    trainer = FastTrainer(TinySeq2Seq(), strategies=[w], seed=3, progress=False)
+    pids = []
+
+    class WorkerPids(Strategy):
+        def on_step_end(self, trainer):
+            pids.append(frozenset(p.pid for p in multiprocessing.active_children()))
+
+    spy = FastTrainer(TinySeq2Seq(), strategies=[DataLoaderWorkers(num_workers=1), WorkerPids()], seed=3, progress=False)
+    spy.fit((src, tgt), 1, batch_size=4)
+    spy.fit((src, tgt), 2, batch_size=4)
+    assert len(set(pids)) == 1 and pids[0]  # the same worker process in both fits
+    spy.roles.batches.close()
+
+    class Boom(Strategy):
+        def on_step_end(self, trainer):
+            raise RuntimeError("boom")
+
+    failing = FastTrainer(TinySeq2Seq(), strategies=[w, Boom()], seed=3, progress=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        failing.fit((src, tgt), 1, batch_size=4)
+    assert not w.workers_running
 
 
 def test_workers_refuse_a_tokenizer_that_can_grow():

@@ -26,7 +26,9 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from hlbd_fast import DeferredLossSync, FastTrainer, GradientAccumulation, NonFiniteLossError, Strategy, StrategyConflictError
-from hlbd_fast.strategies.distributed import DistributedDataParallel, shard_batches
+from hlbd_fast.strategies import DataLoaderWorkers, DevicePreload, Distribution
+from hlbd_fast.strategies.distributed import DistributedDataParallel, DistributedTraining, shard_batches
+from hlbd_fast.checkpoint import read_checkpoint
 from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 
 WORLD = 2
@@ -68,8 +70,8 @@ class NanModel(TinySeq2Seq):
 class LocalTokens(DistributedDataParallel):
     """The naive DDP loop: each process divides by its own token count."""
 
-    def global_token_count(self, local_tokens):
-        return local_tokens
+    def global_tokens(self, trainer, local):
+        return local
 
 
 def _summary(trainer: FastTrainer, history) -> dict:
@@ -113,10 +115,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     # rank 1 is given another seed: the strategy must make it use rank 0's
     ddp = DistributedDataParallel()
     t = run("plain", data45, [ddp], seed=SEED + 100 * rank, checkpoint_dir=os.path.join(out_dir, f"ckpt{rank}"))
-    results["num_batches"] = ddp.num_batches(t.make_source(data45, 8))
+    results["num_batches"] = t.roles.batches.num_batches(t, t.make_source(data45, 8))
     run("accum", data45, [DistributedDataParallel(), GradientAccumulation(2)])
     run("stand_in", TensorDataset(*data33), [DistributedDataParallel(), GradientAccumulation(2)])
     run("local_tokens", data45, [LocalTokens()])
+    # every batch source shards under DDP: the same run as "plain"
+    run("preload", data45, [DistributedTraining(), DevicePreload()])
+    run("workers", data45, [DataLoaderWorkers(num_workers=0), DistributedTraining()])
+    run("preload_stand_in", TensorDataset(*data33), [DistributedTraining(), DevicePreload(), GradientAccumulation(2)])
     run("micro_batch", data45, [DistributedDataParallel()], loss_normalization="micro_batch")
     loader = DataLoader(TensorDataset(*data45), batch_size=8, sampler=DistributedSampler(TensorDataset(*data45), seed=3))
     run("loader", loader, [DistributedDataParallel()])
@@ -183,7 +189,7 @@ def _assert_matches(result, ref_model, ref_history):
 
 def test_ranks_end_with_identical_weights_and_figures(ddp_runs):
     _, ranks, _ = ddp_runs
-    for name in ("plain", "accum", "stand_in", "local_tokens", "micro_batch", "loader"):
+    for name in ("plain", "accum", "stand_in", "local_tokens", "micro_batch", "loader", "preload", "workers", "preload_stand_in"):
         a, b = ranks[0][name], ranks[1][name]
         for k in a["state"]:
             assert torch.equal(a["state"][k], b["state"][k]), (name, k)
@@ -218,6 +224,17 @@ def test_tail_smaller_than_world_uses_a_zero_token_stand_in(ddp_runs):
     init, ranks, _ = ddp_runs
     ref, h = _reference(init, ragged_pairs(n=33), strategies=[GradientAccumulation(2)])
     _assert_matches(ranks[0]["stand_in"], ref, h)  # empty_micro_batches == 0: the stand-in is not counted
+
+
+def test_every_batch_source_shards(ddp_runs):
+    """DevicePreload and DataLoaderWorkers take this rank's shard from the distribution role: the plain run's results."""
+    init, ranks, _ = ddp_runs
+    for name in ("preload", "workers"):
+        for k, v in ranks[0]["plain"]["state"].items():
+            assert torch.equal(ranks[0][name]["state"][k], v), (name, k)
+        assert ranks[0][name]["losses"] == ranks[0]["plain"]["losses"]
+    ref, h = _reference(init, ragged_pairs(n=33), strategies=[GradientAccumulation(2)])
+    _assert_matches(ranks[0]["preload_stand_in"], ref, h)  # the stand-in row, cut from preloaded data
 
 
 def test_a_step_with_fewer_tokens_than_processes(ddp_runs):
@@ -302,7 +319,7 @@ def test_only_rank_0_writes_checkpoints(ddp_runs):
     _, ranks, out = ddp_runs
     assert (out / "ckpt0" / "last.pt").exists()
     assert not (out / "ckpt1" / "last.pt").exists()
-    saved = torch.load(out / "ckpt0" / "last.pt", weights_only=True)
+    saved = read_checkpoint(out / "ckpt0" / "last.pt")
     for k, v in ranks[0]["plain"]["state"].items():
         assert torch.equal(saved["model"][k], v)
 
@@ -331,21 +348,17 @@ def no_env(monkeypatch):
     assert not dist.is_initialized()
 
 
-class OwnsBatches(Strategy):
-    def make_batches(self, trainer, source, epoch):
-        return trainer.host_batches(source, epoch)
-
-
 def test_no_op_without_torchrun(no_env, tiny_model, pairs, caplog):
-    s = DistributedDataParallel()
-    assert s.owned_hooks() == frozenset() and not s.active and s.world_size == 1 and s.is_main
+    """One process: the one-process default's behaviour, with any batch source, and one log line."""
+    s = DistributedTraining()
+    assert s.role == "distribution" and not s.active and s.world_size == 1 and s.is_main
     a, b = clone(tiny_model), clone(tiny_model)
-    with caplog.at_level(logging.INFO, logger="hlbd_fast"), pytest.warns(UserWarning, match="OwnsBatches decides the batches.*torchrun"):
-        ta = FastTrainer(a, strategies=[s, OwnsBatches(), GradientAccumulation(2)], seed=2, progress=False)
+    with caplog.at_level(logging.INFO, logger="hlbd_fast"):
+        ta = FastTrainer(a, strategies=[s, DevicePreload(), GradientAccumulation(2)], seed=2, progress=False)
     assert sum("not launched by torchrun" in r.getMessage() for r in caplog.records) == 1
-    assert ta.train_model is a  # not wrapped
-    ha = ta.fit(pairs, 2, batch_size=8)
-    hb = FastTrainer(b, strategies=[GradientAccumulation(2)], seed=2, progress=False).fit(pairs, 2, batch_size=8)
+    assert ta.roles.distribution is s and ta.train_model is a
+    ha = ta.fit(pairs, 2, batch_size=4)
+    hb = FastTrainer(b, strategies=[GradientAccumulation(2)], seed=2, progress=False).fit(pairs, 2, batch_size=4)
     assert ha.losses == hb.losses
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
@@ -405,7 +418,7 @@ def test_world_of_one_is_the_plain_loop_exactly(world_of_one, tiny_model, pairs)
     a, b = clone(tiny_model), clone(tiny_model)
     s = DistributedDataParallel()
     ta = FastTrainer(a, strategies=[s, GradientAccumulation(2)], seed=3, lr=LR, progress=False)
-    assert s.active and dist.get_backend() == "gloo" and s.owned_hooks() >= {"make_batches", "global_token_count", "reduce_metrics"}
+    assert s.active and dist.get_backend() == "gloo" and ta.roles.distribution is s
     assert isinstance(ta.train_model, torch.nn.parallel.DistributedDataParallel)
     ha = ta.fit(pairs, 2, batch_size=8)
     hb = FastTrainer(b, strategies=[GradientAccumulation(2)], seed=3, lr=LR, progress=False).fit(pairs, 2, batch_size=8)
@@ -413,20 +426,22 @@ def test_world_of_one_is_the_plain_loop_exactly(world_of_one, tiny_model, pairs)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-def test_another_batch_maker_is_refused_under_torchrun(world_of_one, tiny_model):
-    from hlbd_fast.strategies.data import GPUPreload
-
-    with pytest.raises(StrategyConflictError, match="DistributedDataParallel.*GPUPreload.*make_batches"):
-        FastTrainer(tiny_model, strategies=[DistributedDataParallel(), GPUPreload()], progress=False)
+def test_device_preload_shards_under_torchrun(world_of_one, tiny_model, pairs):
+    """DevicePreload takes its micro-batches from the distribution role: a world of one is the plain loop."""
+    a, b = clone(tiny_model), clone(tiny_model)
+    ha = FastTrainer(a, strategies=[DistributedTraining(), DevicePreload()], seed=3, lr=LR, progress=False).fit(pairs, 2, batch_size=8)
+    hb = FastTrainer(b, seed=3, lr=LR, progress=False).fit(pairs, 2, batch_size=8)
+    assert ha.losses == hb.losses
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def test_a_model_already_in_ddp_is_refused(world_of_one, tiny_model):
     FastTrainer(clone(tiny_model), strategies=[DistributedDataParallel()], progress=False)  # starts the group
     wrapped = torch.nn.parallel.DistributedDataParallel(clone(tiny_model))
-    with pytest.raises(ValueError, match="already a torch DistributedDataParallel.*model.module"):
+    with pytest.raises(ValueError, match="already wrapped in torch's DistributedDataParallel.*model.module"):
         FastTrainer(wrapped, strategies=[DistributedDataParallel()], progress=False)
     with pytest.raises(ValueError, match="already wrapped"):
-        DistributedDataParallel().wrap_model(wrapped)
+        DistributedDataParallel().wrap_model(None, wrapped)
 
 
 def test_gradients_are_all_reduced_once_per_optimizer_step(world_of_one, tiny_model, pairs):
@@ -449,7 +464,7 @@ def test_a_group_started_after_the_strategy_is_refused(no_env, tiny_model):
     s = DistributedDataParallel()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        with pytest.raises(ValueError, match="after DistributedDataParallel"):
+        with pytest.raises(ValueError, match="after DistributedTraining"):
             FastTrainer(tiny_model, strategies=[s], progress=False)
     finally:
         dist.destroy_process_group()

@@ -67,11 +67,13 @@ def test_custom_strategy_script(capsys):
     main = load_example("custom_strategy")["main"]
     assert main(["--epochs", "2", "--tiny", "--log-every", "1", "--warmup", "3", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "exclusive hooks owned: {'accumulation_steps': 'GradientAccumulation', 'should_sync_loss': 'DeferredLossSync'}" in out
+    assert ("roles: {'distribution': 'Distribution', 'precision': 'Precision', 'optimizer': 'OptimizerFactory', "
+            "'accumulation': 'GradientAccumulation', 'batches': 'BatchSource', 'step': 'StepRunner', "
+            "'readback': 'DeferredLossSync'}") in out
     # 48 pairs / 16 = 3 micro-batches = 2 steps per epoch; a norm for each of the 4 steps
     assert [int(s) for s in re.findall(r"^\s+step\s+(\d+): \d+\.\d+$", out, flags=re.M)] == [1, 2, 3, 4]
     assert "lr now: 0.001 (target 0.001, warm-up 3 steps)" in out
-    assert "conflict, as expected: strategies DeferredLossSync(every=None) and ReadLossEveryStep() both own the hook 'should_sync_loss'" in out
+    assert "conflict, as expected: strategies DeferredLossSync(every=None) and ReadLossEveryStep() both fill the role 'readback'" in out
 
 
 @pytest.fixture(scope="module")
@@ -91,15 +93,10 @@ class Spy(Strategy):
     def __init__(self) -> None:
         self.lrs: list[float] = []
         self.norms: list[float] = []
-        self._params: list[torch.nn.Parameter] = []
-
-    def setup(self, trainer) -> None:
-        self._params = [p for p in trainer.model.parameters() if p.requires_grad]
-
-    def before_clip(self, optimizer) -> None:
-        self.lrs.append(optimizer.param_groups[0]["lr"])
+    def before_clip(self, trainer) -> None:
+        self.lrs.append(trainer.optimizer.param_groups[0]["lr"])
         # max_norm=inf: returns the total norm and scales the gradients by exactly 1
-        self.norms.append(float(torch.nn.utils.clip_grad_norm_(self._params, float("inf"))))
+        self.norms.append(float(torch.nn.utils.clip_grad_norm_(trainer.params, float("inf"))))
 
 
 def test_grad_norm_log_records_the_norm_clipping_sees(custom):

@@ -51,7 +51,7 @@ class Shapes(Strategy):
     def __init__(self) -> None:
         self.widths: list[tuple[int, int]] = []
 
-    def prepare_batch(self, batch):
+    def prepare_batch(self, trainer, batch):
         self.widths.append((batch[0].shape[1], batch[1].shape[1]))
         return batch
 
@@ -72,24 +72,25 @@ def test_keep_length_rounding_minimums_and_caps():
 def test_prepare_batch_cuts_only_all_padding_columns_and_keeps_the_batch_type():
     src, tgt = padded_pairs(n=6)
     t = TrimPadding(multiple_of=1)
-    t.setup(FastTrainer(TinySeq2Seq(), progress=False))
+    trainer = FastTrainer(TinySeq2Seq(), progress=False)
+    t.setup(trainer)
     ls, lt = int(row_lengths(src, 0).max()), int(row_lengths(tgt, 0).max())
     assert ls < src.shape[1] and lt < tgt.shape[1]
-    s, tt = t.prepare_batch((src, tgt))
+    s, tt = t.prepare_batch(trainer, (src, tgt))
     assert s.shape == (6, ls) and tt.shape == (6, lt)
     assert torch.equal(s, src[:, :ls]) and torch.equal(tt, tgt[:, :lt])
     assert (src[:, ls:] == 0).all() and (tgt[:, lt:] == 0).all()
     # lists, namedtuples and extra items survive
     Pair = collections.namedtuple("Pair", "src tgt weight")
-    out = t.prepare_batch(Pair(src, tgt, 3))
+    out = t.prepare_batch(trainer, Pair(src, tgt, 3))
     assert isinstance(out, Pair) and out.weight == 3 and out.src.shape[1] == ls
-    out = t.prepare_batch([src, tgt, "x"])
+    out = t.prepare_batch(trainer, [src, tgt, "x"])
     assert isinstance(out, list) and out[2] == "x" and out[1].shape[1] == lt
     # nothing to cut: the very same batch comes back
     full = (src[:, :ls], tgt[:, :lt])
-    assert t.prepare_batch(full) is full
+    assert t.prepare_batch(trainer, full) is full
     with pytest.raises(TypeError, match="TrimPadding needs batches"):
-        t.prepare_batch({"src": src, "tgt": tgt})
+        t.prepare_batch(trainer, {"src": src, "tgt": tgt})
 
 
 # ---------------------------------------------------------------------------- verify_trim

@@ -11,7 +11,7 @@ import torch
 from hlbd_fast import FastTrainer, Strategy, StrategyConflictError
 from hlbd_fast.history import EpochRecord
 from hlbd_fast.models import Seq2SeqTransformer
-from hlbd_fast.strategies import precision
+from hlbd_fast.strategies import Precision, precision
 from hlbd_fast.strategies.precision import (
     MixedPrecision,
     autocast_context,
@@ -89,12 +89,11 @@ def test_bf16_on_cpu_final_loss_within_2_percent_of_fp32(data):
 
 
 @pytest.mark.filterwarnings("ignore:MixedPrecision\\('bf16'\\) on a CPU without native bf16")
-def test_bf16_owns_no_exclusive_hook_and_has_no_scaler():
+def test_bf16_fills_the_precision_role_without_a_scaler():
     mp = MixedPrecision("bf16")
-    assert mp.owned_hooks() == frozenset()
     t = FastTrainer(tiny_transformer(), strategies=[mp], progress=False)
-    assert mp.scaler is None and mp.state_dict() == {}
-    assert t.owner("backward") is None and t.owner("optimizer_step") is None
+    assert t.roles.precision is mp and mp.role == "precision"
+    assert mp.scaler is None and mp.state_dict() == {} and mp.graph_safe
 
 
 # ---------------------------------------------------------------------------- resolution and validation
@@ -122,22 +121,22 @@ def test_resolve_and_bad_arguments():
 
 
 @pytest.mark.filterwarnings("ignore:MixedPrecision\\('bf16'\\) on a CPU without native bf16")
-def test_ownership_depends_on_dtype():
-    assert MixedPrecision("fp16").owned_hooks() == {"backward", "optimizer_step"}
-
-    class OwnStep(Strategy):
-        def optimizer_step(self, optimizer):
-            optimizer.step()
+def test_one_precision_per_trainer_and_fp16_is_not_graph_safe(fp16_on_cpu):
+    class OwnStep(Precision):
+        def optimizer_step(self, trainer):
+            trainer.optimizer.step()
             return False
 
-    with pytest.raises(StrategyConflictError, match="optimizer_step"):
-        FastTrainer(tiny_transformer(), strategies=[MixedPrecision("fp16"), OwnStep()], progress=False)
-    FastTrainer(tiny_transformer(), strategies=[MixedPrecision("bf16"), OwnStep()], progress=False)  # no conflict
+    with pytest.raises(StrategyConflictError, match=r"MixedPrecision\(dtype='bf16'.*OwnStep.*'precision'"):
+        FastTrainer(tiny_transformer(), strategies=[MixedPrecision("bf16"), OwnStep()], progress=False)
+    mp = MixedPrecision("fp16")
+    FastTrainer(tiny_transformer(), strategies=[mp], progress=False)
+    assert mp.resolved == "fp16" and not mp.graph_safe  # the GradScaler decides on the host
 
 
 def test_forward_context_before_setup_is_an_error():
     with pytest.raises(RuntimeError, match="before setup"):
-        MixedPrecision("bf16").forward_context()
+        MixedPrecision("bf16").forward_context(None)
 
 
 def test_autocast_context_function():
@@ -310,7 +309,7 @@ def test_auto_on_a_cpu_without_native_bf16_keeps_fp32_and_bf16_warns(monkeypatch
     assert mp.resolved == "fp32" and t.history.info["precision"] == "fp32"
     assert "no native bf16" in caplog.text
     a, b = torch.randn(4, 4), torch.randn(4, 4)
-    with mp.forward_context():
+    with mp.forward_context(t):
         assert (a @ b).dtype == torch.float32
     with pytest.warns(RuntimeWarning, match=r"without native bf16.*MixedPrecision\('auto'\)"):
         FastTrainer(tiny_transformer(), strategies=[MixedPrecision("bf16")], progress=False)

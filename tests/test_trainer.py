@@ -19,6 +19,8 @@ from hlbd_fast import (
     Strategy,
     StrategyConflictError,
 )
+from hlbd_fast.strategies import OptimizerFactory
+from hlbd_fast.checkpoint import read_checkpoint
 from conftest import TinySeq2Seq, clone, ragged_pairs
 
 
@@ -98,7 +100,7 @@ def test_baseline_preset_is_the_seed_loop(pairs):
     t = FastTrainer.from_preset(TinySeq2Seq(), "baseline", progress=False)
     assert t.batch_size == 4 and t.accumulation == 8 and t.loss_normalization == "micro_batch"
     assert isinstance(t.optimizer, torch.optim.Adam) and t.optimizer.param_groups[0]["lr"] == 5e-5
-    assert isinstance(t.owner("should_sync_loss"), EagerLossSync)
+    assert isinstance(t.roles.readback, EagerLossSync)
     h = t.fit(pairs, 1)
     assert h[0].micro_batches == 10 and h[0].optimizer_steps == 2
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
@@ -106,10 +108,10 @@ def test_baseline_preset_is_the_seed_loop(pairs):
 
 
 # ---------------------------------------------------------------- strategies
-def test_two_owners_of_a_hook_is_an_error_naming_both():
-    with pytest.raises(StrategyConflictError, match=r"GradientAccumulation\(steps=8\).*GradientAccumulation\(steps=2\).*accumulation_steps"):
+def test_two_strategies_for_one_role_is_an_error_naming_both():
+    with pytest.raises(StrategyConflictError, match=r"GradientAccumulation\(steps=8\).*GradientAccumulation\(steps=2\).*'accumulation'"):
         make(strategies=[GradientAccumulation(8), GradientAccumulation(2)])
-    with pytest.raises(StrategyConflictError, match="DeferredLossSync.*EagerLossSync.*should_sync_loss"):
+    with pytest.raises(StrategyConflictError, match="DeferredLossSync.*EagerLossSync.*'readback'"):
         make(strategies=[DeferredLossSync(), EagerLossSync()])
 
 
@@ -119,8 +121,8 @@ def test_strategy_class_instead_of_instance_is_explained():
 
 
 def test_optimizer_and_optimizer_strategy_conflict(tiny_model):
-    class MyOpt(Strategy):
-        def build_optimizer(self, params, trainer):
+    class MyOpt(OptimizerFactory):
+        def build_optimizer(self, trainer, params):
             return torch.optim.SGD(params, lr=0.1)
 
     with pytest.raises(StrategyConflictError, match="SGD.*MyOpt"):
@@ -268,7 +270,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_checkpoint(pairs, tmp_pa
     with pytest.raises(NonFiniteLossError, match=r"epoch 2, optimizer step 8.*last checkpoint .*last.pt is untouched") as e:
         t.fit(pairs, 3, batch_size=8, checkpoint_dir=tmp_path)
     assert e.value.epoch == 2 and e.value.step == 8
-    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    state = read_checkpoint(tmp_path / "last.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 

@@ -1,15 +1,22 @@
 """hlbd_fast: fast PyTorch seq2seq training loops that compute what the plain loop computes."""
 
+from importlib import metadata as _metadata
+
 from . import presets
+from .checkpoint import CheckpointError, load_weights
 from .history import EpochRecord, History
+from .meter import Figures, NonFiniteError, NonFiniteGradientError, NonFiniteLossError
 from .presets import Preset
 from .strategies import (
+    ROLES,
     AllowTF32,
     Compile,
     CUDAGraphStep,
     DataLoaderWorkers,
     DeferredLossSync,
+    DevicePreload,
     DistributedDataParallel,
+    DistributedTraining,
     EagerLossSync,
     FastDropout,
     FusedAdamW,
@@ -22,33 +29,44 @@ from .strategies import (
     TrimPadding,
     verify_trim,
 )
-from .trainer import DataSource, FastTrainer, NonFiniteLossError, load_weights
+from .trainer import DataSource, FastTrainer
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("hlbd-fast")  # written once, in pyproject.toml
+except _metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree without installing
+    __version__ = "0+unknown"
 
 __all__ = [
+    "ROLES",
     "AllowTF32",
     "CUDAGraphStep",
+    "CheckpointError",
     "Compile",
     "DataLoaderWorkers",
     "DataSource",
     "DeferredLossSync",
+    "DevicePreload",
     "DistributedDataParallel",
+    "DistributedTraining",
     "EagerLossSync",
     "EpochRecord",
     "FastDropout",
     "FastTrainer",
+    "Figures",
     "FusedAdamW",
     "GPUPreload",
     "GradientAccumulation",
     "GradientCheckpointing",
     "History",
     "MixedPrecision",
+    "NonFiniteError",
+    "NonFiniteGradientError",
     "NonFiniteLossError",
     "Preset",
     "Strategy",
     "StrategyConflictError",
     "TrimPadding",
+    "__version__",
     "load_weights",
     "presets",
     "verify_trim",

@@ -9,21 +9,21 @@ Use them with :meth:`hlbd_fast.FastTrainer.from_preset`::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from .strategies import DeferredLossSync, EagerLossSync, GradientAccumulation, Strategy
 from .strategies.compile import Compile
 from .strategies.cuda_graph import CUDAGraphStep
-from .strategies.data import DataLoaderWorkers, GPUPreload
+from .strategies.data import DataLoaderWorkers, DevicePreload
 from .strategies.dropout import FastDropout
 from .strategies.optim import FusedAdamW
 from .strategies.padding import TrimPadding
 from .strategies.precision import MixedPrecision
 from .strategies.tf32 import AllowTF32
 
-__all__ = ["Preset", "baseline", "quick", "extreme", "fastest", "get_preset", "PRESETS"]
+__all__ = ["Preset", "baseline", "quick", "extreme", "fastest", "get_preset", "resolve_preset", "PRESETS"]
 
 #: Length buckets of the ``fastest`` CUDA preset: a handful of static shapes to capture.
 CUDA_BUCKETS = (16, 32, 48, 64)
@@ -40,6 +40,21 @@ class Preset:
     lr: float = 5e-5  # the original loop's learning rate
     description: str = ""  # one line for tables and --help
 
+    def trainer_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """:class:`~hlbd_fast.FastTrainer` keyword arguments for this preset; ``overrides`` win.
+
+        ``strategies=`` in ``overrides`` is appended to the preset's own.
+        """
+        extra = tuple(overrides.pop("strategies", None) or ())
+        kwargs: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "loss_normalization": self.loss_normalization,
+            "lr": self.lr,
+            **overrides,
+        }
+        kwargs["strategies"] = tuple(self.strategies) + extra
+        return kwargs
+
 
 def baseline(device: str | torch.device | None = None) -> Preset:
     """The original HLBD loop: micro-batch 4 × accumulation 8, Adam 5e-5, clip 1.0, loss read every micro-batch."""
@@ -53,15 +68,18 @@ def baseline(device: str | torch.device | None = None) -> Preset:
 
 
 def quick(device: str | torch.device | None = None) -> Preset:
-    """The plan's "quick" combo: micro-batch 16 × accumulation 2, mixed precision, fused AdamW, 4 workers.
+    """The plan's "quick" combo: micro-batch 16 × accumulation 2, mixed precision, fused AdamW, DataLoader workers.
+
+    The plan asks for 4 workers; :func:`~hlbd_fast.strategies.data.default_workers` sizes
+    them from the cores there are (one core stays with training: 1 worker on 2 cores).
 
     The loss is still read every micro-batch, as in the plan's loop.
     """
     return Preset(
         name="quick",
-        strategies=(GradientAccumulation(2), MixedPrecision("auto"), FusedAdamW(), DataLoaderWorkers(4), EagerLossSync()),
+        strategies=(GradientAccumulation(2), MixedPrecision("auto"), FusedAdamW(), DataLoaderWorkers(), EagerLossSync()),
         batch_size=16,
-        description="the plan's quick combo: batch 16 x accumulation 2, AMP, fused AdamW, 4 DataLoader workers",
+        description="the plan's quick combo: batch 16 x accumulation 2, AMP, fused AdamW, DataLoader workers",
     )
 
 
@@ -69,7 +87,7 @@ def extreme(device: str | torch.device | None = None) -> Preset:
     """The plan's "extreme" combo: batch 32, mixed precision, workers, max-autotune compile, fused AdamW, deferred sync."""
     return Preset(
         name="extreme",
-        strategies=(MixedPrecision("auto"), DataLoaderWorkers(4), Compile("max-autotune"), FusedAdamW(), DeferredLossSync()),
+        strategies=(MixedPrecision("auto"), DataLoaderWorkers(), Compile("max-autotune"), FusedAdamW(), DeferredLossSync()),
         batch_size=32,
         description="the plan's extreme combo: batch 32, AMP, workers, compile max-autotune, fused AdamW, deferred sync",
     )
@@ -89,7 +107,7 @@ def fastest(device: str | torch.device | None = None) -> Preset:
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":
         strategies: tuple[Strategy, ...] = (
-            GPUPreload(),
+            DevicePreload(),
             TrimPadding(buckets=CUDA_BUCKETS),
             DeferredLossSync(),
             FusedAdamW(),
@@ -100,7 +118,7 @@ def fastest(device: str | torch.device | None = None) -> Preset:
     else:
         # multiple_of=1: rounding lengths up helps GPU tensor cores, not CPU kernels
         strategies = (
-            GPUPreload(),
+            DevicePreload(),
             TrimPadding(multiple_of=1),
             DeferredLossSync(),
             FusedAdamW(),
@@ -123,3 +141,8 @@ def get_preset(name: str, device: str | torch.device | None = None) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name](device=device)
+
+
+def resolve_preset(preset: "Preset | str", device: str | torch.device | None = None) -> Preset:
+    """``preset`` itself, or the preset of that name built for ``device``."""
+    return preset if isinstance(preset, Preset) else get_preset(str(preset), device=device)

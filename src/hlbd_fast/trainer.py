@@ -1,149 +1,42 @@
 """FastTrainer: the plain seq2seq training loop, with speed-ups as pluggable strategies.
 
-The loop reads top to bottom in :meth:`FastTrainer.train_epoch` and
-:meth:`FastTrainer.default_train_step`; :mod:`hlbd_fast.strategies.base` draws where
-each strategy hook is called.
+The loop reads top to bottom: :meth:`FastTrainer.fit` runs epochs,
+:meth:`FastTrainer._run_epoch` runs an epoch's steps, :meth:`FastTrainer.train_step`
+is one optimizer step. Each part a strategy may replace is a call on a role object
+(``self.roles.precision.backward(...)``) whose default is the plain loop;
+:mod:`hlbd_fast.strategies.base` draws the whole loop with every role and hook.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import logging
-import math
 import os
-import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ._validation import check_bool, check_number, check_positive_int, extract_logits, infer_vocab_size, token_loss_sum, token_pair
+from .batches import DataSource, check_batch, chunks, epoch_order, host_batches, make_source, move, validate_tensors
+from .checkpoint import CHECKPOINT_NAME, apply_trainer_state, read_checkpoint, rng_state, set_rng_state, trainer_state, write_checkpoint
 from .history import EpochRecord, History
-from .strategies.base import EXCLUSIVE_HOOKS, Strategy, StrategyConflictError
+from .meter import EpochMeter, Figures, NonFiniteError, raise_if_diverged
+from .strategies.base import ROLES, Roles, Strategy, resolve_roles
 
-__all__ = ["FastTrainer", "DataSource", "EpochMeter", "NonFiniteLossError", "CHECKPOINT_NAME", "load_weights"]
+__all__ = ["FastTrainer", "DataSource", "EpochMeter", "CHECKPOINT_NAME"]
 
 log = logging.getLogger("hlbd_fast")
 
-#: File name of the rolling checkpoint written in ``checkpoint_dir``.
-CHECKPOINT_NAME = "last.pt"
-_CHECKPOINT_FORMAT = "hlbd_fast.checkpoint/1"
 _NORMALISATIONS = ("tokens", "micro_batch")
-_BAR_REFRESH_S = 0.5  # the default bar reads the loss back at most this often
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
-
-    def __init__(self, message: str, epoch: int, step: int) -> None:
-        super().__init__(message)
-        self.epoch = epoch
-        self.step = step
-
-
-# ---------------------------------------------------------------------------- data
-@dataclass
-class DataSource:
-    """The training data of a ``fit`` call, normalised; strategies read it in ``make_batches``.
-
-    Exactly one of ``tensors``, ``dataset`` or ``loader`` is set.
-    """
-
-    tensors: tuple[torch.Tensor, torch.Tensor] | None  # (src [N, S], tgt [N, T]) integer tensors
-    dataset: Dataset | None  # a map-style Dataset yielding (src, tgt) or custom items
-    loader: DataLoader | None  # a DataLoader, used as it is
-    batch_size: int  # micro-batch size (ignored for ``loader``)
-    shuffle: bool  # shuffle each epoch (ignored for ``loader``)
-
-    def __len__(self) -> int:
-        """Number of samples (for a loader: of its dataset, when it has a length)."""
-        if self.tensors is not None:
-            return int(self.tensors[0].shape[0])
-        ds = self.dataset if self.dataset is not None else self.loader.dataset  # type: ignore[union-attr]
-        return len(ds)  # type: ignore[arg-type]
-
-    def num_batches(self) -> int | None:
-        """Micro-batches per epoch, when known."""
-        if self.loader is not None:
-            try:
-                return len(self.loader)
-            except TypeError:
-                return None
-        return math.ceil(len(self) / self.batch_size)
-
-
-# ---------------------------------------------------------------------------- meter
-class EpochMeter:
-    """The epoch's running figures, kept on the device so reading them is the only sync.
-
-    All updates are in place, so a captured CUDA graph can replay them.
-    """
-
-    # layout of ``values``: index -> meaning
-    LOSS_SUM, TOKENS, MB_LOSS_SUM, EMPTY, SKIPPED, FIRST_BAD = range(6)
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.values = torch.zeros(6, dtype=torch.float64, device=device)
-        self.step_index = torch.zeros((), dtype=torch.float64, device=device)  # global step, on device
-        self.micro_batches = 0
-        self.steps = 0
-        self.reset()
-
-    def reset(self) -> None:
-        """Start a new epoch."""
-        self.values.zero_()
-        self.values[self.FIRST_BAD] = -1.0
-        self.micro_batches = 0
-        self.steps = 0
-
-    def add_micro(self, loss_sum: torch.Tensor, n_tokens: torch.Tensor) -> None:
-        """Add one micro-batch: its summed token loss and its non-pad token count."""
-        loss_sum = loss_sum.detach().to(torch.float64)
-        n = n_tokens.to(torch.float64)
-        mean = loss_sum / n.clamp(min=1.0)
-        upd = torch.stack([loss_sum, n, mean, (n == 0).to(torch.float64)])
-        self.values[:4].add_(upd)
-        bad = ~torch.isfinite(loss_sum)
-        first = self.values[self.FIRST_BAD]
-        self.values[self.FIRST_BAD].copy_(torch.where(bad & (first < 0), self.step_index, first))
-        self.micro_batches += 1
-
-    def add_step(self, skipped: torch.Tensor | bool) -> None:
-        """Count one optimizer step; ``skipped`` may stay on the device."""
-        if isinstance(skipped, torch.Tensor):
-            self.values[self.SKIPPED].add_(skipped.to(self.values.dtype))
-        elif skipped:
-            self.values[self.SKIPPED].add_(1.0)
-        self.step_index.add_(1.0)
-        self.steps += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "values": self.values.detach().cpu(),
-            "step_index": self.step_index.detach().cpu(),
-            "micro_batches": self.micro_batches,
-            "steps": self.steps,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.values.copy_(state["values"])
-        self.step_index.copy_(state["step_index"])
-        self.micro_batches = int(state["micro_batches"])
-        self.steps = int(state["steps"])
-
-
-# ---------------------------------------------------------------------------- trainer
 class FastTrainer:
     """A seq2seq training loop whose speed-ups are strategies.
 
@@ -161,9 +54,10 @@ class FastTrainer:
             (and :meth:`count_tokens`).
         strategies: speed-ups, e.g. ``[GradientAccumulation(8), DeferredLossSync()]``.
         optimizer: used as given; default ``torch.optim.Adam(params, lr=lr)``.
-        lr: learning rate of the default optimizer.
+        lr: learning rate of the default optimizer (a finite number > 0).
         pad_id: target id ignored by the loss.
-        max_grad_norm: gradients are clipped to this norm before every step; ``None`` off.
+        max_grad_norm: gradients are clipped to this norm before every step; ``None``
+            off. Either way a step whose gradients are not finite stops the run.
         loss_normalization: ``"tokens"`` divides a step's summed token loss by the
             non-pad token count of the whole step, so micro-batch size and accumulation
             are pure speed knobs; ``"micro_batch"`` reproduces the classic loop: the mean
@@ -172,13 +66,18 @@ class FastTrainer:
         seed: seeds the shuffling order, and torch's global RNG (dropout) once here.
         progress: show a tqdm bar per epoch.
         batch_size: default micro-batch size of :meth:`fit` and :meth:`train_epoch`.
+
+    Attributes:
+        roles: the one object per role (:class:`~hlbd_fast.strategies.base.Roles`).
+        history: the :class:`~hlbd_fast.history.History` of every epoch so far.
+        loss_reads / loss_read_seconds: host syncs spent reading the running loss, and their time.
     """
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        strategies: Sequence[Strategy] = (),
+        strategies: Sequence[Strategy] | None = (),
         optimizer: torch.optim.Optimizer | None = None,
         lr: float = 5e-5,
         pad_id: int = 0,
@@ -189,98 +88,64 @@ class FastTrainer:
         progress: bool = True,
         batch_size: int = 32,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if loss_normalization not in _NORMALISATIONS:
-            raise ValueError(
-                f"loss_normalization={loss_normalization!r} is not one of {_NORMALISATIONS}; "
-                "use 'tokens' (exact under any batch split) or 'micro_batch' (the classic loop)"
-            )
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"lr={lr!r} must be a positive number")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm={max_grad_norm!r} must be positive, or None to disable clipping")
-        _check_positive_int("batch_size", batch_size)
-        strategies = tuple(strategies)
-        for s in strategies:
-            if not isinstance(s, Strategy):
-                raise TypeError(
-                    f"strategies must be Strategy instances; got {s!r} ({type(s).__name__}). "
-                    "Did you pass the class instead of an instance, e.g. GradientAccumulation instead of GradientAccumulation(8)?"
-                )
-
+        self.strategies: tuple[Strategy, ...] = _check_strategies(strategies)
+        _check_arguments(model, lr, max_grad_norm, loss_normalization, progress, batch_size, seed)
         self.model = model
-        self.strategies: tuple[Strategy, ...] = strategies
         self.lr = float(lr)
-        self.pad_id = int(pad_id)
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.loss_normalization = loss_normalization
         self.progress = progress
         self.batch_size = batch_size
-        self.non_blocking = False  # host-to-device copies; DeferredLossSync turns it on
         self.history = History()
         self.epoch = 0  # completed epochs
         self.global_step = 0  # optimizer steps taken
         self.checkpoint_path: Path | None = None  # where fit's checkpoints go, when set
-        self.loss_reads = 0  # host syncs spent reading the running loss back (all epochs)
-        self.writes_checkpoints = True  # False on processes that must not write (DDP: ranks other than 0)
-
-        if device is None:
-            p = next(itertools.chain(model.parameters(), model.buffers()), None)
-            device = p.device if p is not None else torch.device("cpu")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={str(device)!r} but CUDA is not available here; use device='cpu'")
-        model.to(self.device)
-
-        if seed is None:
-            # follows torch.manual_seed without drawing from the RNG (dropout streams stay as they were)
-            seed = torch.initial_seed() % (2**62)
-        else:
-            torch.manual_seed(seed)
-        self.seed = int(seed)
-
-        self._owners = self._resolve_owners(strategies)
-        if optimizer is not None and "build_optimizer" in self._owners:
-            raise StrategyConflictError(
-                f"an optimizer ({type(optimizer).__name__}) was given to FastTrainer and strategy "
-                f"{self._owners['build_optimizer']!r} builds one too; keep one of them"
-            )
-        self.vocab_size = _infer_vocab_size(model)
-        self._validated_device_batches = False  # the first device batch was checked (one sync)
-        self._batches_prevalidated = False  # the data was checked whole; skip per-batch checks
+        self.loss_reads = 0  # host syncs spent reading the running figures back (all epochs)
+        self.loss_read_seconds = 0.0  # wall seconds those reads took
         self._stop_requested = False
         self._resume: dict[str, Any] | None = None  # set by load() when resuming mid-epoch
-        self._epoch_start_rng: torch.Tensor | None = None
+        self._epoch_state: dict[str, Any] = {}
+        self._checked_device_batch = False
         self._bar: Any = None
-        self._last_read = 0.0
 
-        for s in strategies:
+        self.roles: Roles = resolve_roles(self.strategies, optimizer)
+        self.device = self.roles.distribution.resolve_device(_default_device(model, device))
+        model.to(self.device)
+        self.seed = _seed(seed)
+        self.vocab_size = infer_vocab_size(model)
+        self.pad_id = _check_pad_id(pad_id, self.vocab_size)
+        for s in self._setup_order():
             s.setup(self)
         wrapped = model
-        for s in sorted(strategies, key=lambda s: s.order):
-            wrapped = s.wrap_model(wrapped)
+        for s in sorted(self.strategies, key=lambda s: s.order):
+            wrapped = s.wrap_model(self, wrapped)
         self.train_model: nn.Module = wrapped  # what the loop calls; ``self.model`` holds the weights
-
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("model has no trainable parameters (all requires_grad=False)")
-        if optimizer is None:
-            owner = self._owners.get("build_optimizer")
-            optimizer = owner.build_optimizer(self.params, self) if owner else torch.optim.Adam(self.params, lr=self.lr)
-        else:
-            mine = {id(p) for p in model.parameters()}
-            theirs = [p for g in optimizer.param_groups for p in g["params"]]
-            if not theirs or any(id(p) not in mine for p in theirs):
-                raise ValueError(
-                    "optimizer does not hold this model's parameters; build it from model.parameters() "
-                    "after moving the model to its device"
-                )
-        self.optimizer = optimizer
-        self.accumulation = int(self._owners["accumulation_steps"].accumulation_steps()) if "accumulation_steps" in self._owners else 1
+        self.optimizer = self.roles.optimizer.build_optimizer(self, self.params)
         self.meter = EpochMeter(self.device)
 
-    # ------------------------------------------------------------------ construction helpers
+    def _setup_order(self) -> list[Strategy]:
+        """Roles first, in role order (the distribution decides the device others see); then the rest as given."""
+        by_role = [getattr(self.roles, name) for name in ROLES]
+        return by_role + [s for s in self.strategies if s.role is None]
+
+    @property
+    def steps_in_epoch(self) -> int:
+        """Optimizer steps taken in the current (or last) epoch."""
+        return int(self._epoch_state.get("steps", 0))
+
+    @property
+    def micro_batches_in_epoch(self) -> int:
+        """Micro-batches trained in the current (or last) epoch."""
+        return int(self._epoch_state.get("micro", 0))
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per optimizer step (the accumulation role's ``steps``)."""
+        return self.roles.accumulation.steps
+
     @classmethod
     def from_preset(cls, model: nn.Module, preset: Any, **kwargs: Any) -> "FastTrainer":
         """Build a trainer from a :class:`~hlbd_fast.presets.Preset` or a preset name.
@@ -288,37 +153,10 @@ class FastTrainer:
         The preset supplies strategies, micro-batch size, loss normalisation and lr;
         keyword arguments override them (``strategies=`` is appended to the preset's).
         """
-        from .presets import Preset, get_preset
+        from .presets import resolve_preset
 
-        if not isinstance(preset, Preset):
-            device = kwargs.get("device")
-            if device is None:  # the trainer's own default: the model's device
-                p = next(itertools.chain(model.parameters(), model.buffers()), None)
-                device = p.device if p is not None else torch.device("cpu")
-            preset = get_preset(preset, device=device)
-        extra = tuple(kwargs.pop("strategies", ()))
-        kwargs.setdefault("batch_size", preset.batch_size)
-        kwargs.setdefault("loss_normalization", preset.loss_normalization)
-        kwargs.setdefault("lr", preset.lr)
-        return cls(model, strategies=tuple(preset.strategies) + extra, **kwargs)
-
-    @staticmethod
-    def _resolve_owners(strategies: Sequence[Strategy]) -> dict[str, Strategy]:
-        owners: dict[str, Strategy] = {}
-        for s in strategies:
-            for hook in sorted(s.owned_hooks()):
-                if hook not in EXCLUSIVE_HOOKS:
-                    raise ValueError(f"{s!r} claims unknown hook {hook!r}; exclusive hooks are {EXCLUSIVE_HOOKS}")
-                if hook in owners:
-                    raise StrategyConflictError(
-                        f"strategies {owners[hook]!r} and {s!r} both own the hook '{hook}'; keep one of them"
-                    )
-                owners[hook] = s
-        return owners
-
-    def owner(self, hook: str) -> Strategy | None:
-        """The strategy that owns exclusive ``hook``, or ``None`` (the default runs)."""
-        return self._owners.get(hook)
+        preset = resolve_preset(preset, _default_device(model, kwargs.get("device")))
+        return cls(model, **preset.trainer_kwargs(**kwargs))
 
     def strategy(self, kind: type) -> Strategy | None:
         """The first strategy that is an instance of ``kind``, or ``None``."""
@@ -326,199 +164,86 @@ class FastTrainer:
 
     # ------------------------------------------------------------------ the loss
     def forward_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward one micro-batch; return ``(summed token loss, non-pad token count)``.
+        """Forward one micro-batch; return ``(summed token loss, non-pad token count)``, 0-d tensors.
 
-        Override for other model signatures or batch formats (override
-        :meth:`count_tokens` too). Both results are 0-d tensors on the device. Token ids
-        are checked against the vocabulary only for ``(src, tgt)`` tuple batches; a
-        subclass with another batch format checks its own (e.g. in :meth:`to_device`
-        with :meth:`validate_tensors`).
+        Override for other model signatures or batch formats (override :meth:`count_tokens`
+        too, and check such batches in :meth:`to_device` with :meth:`validate_tensors`).
         """
-        src, tgt = batch[0], batch[1]
-        tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
-        logits = self.extract_logits(self.train_model(src, tgt_in), src, tgt_in)
-        loss_sum = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=self.pad_id, reduction="sum"
-        )
-        return loss_sum, self.count_tokens(batch)
+        src, tgt = token_pair(batch, "FastTrainer.forward_loss")
+        tgt_in = tgt[:, :-1]
+        logits = extract_logits(self.train_model(src, tgt_in), src.shape[0], tgt_in.shape[1], self.vocab_size)
+        return token_loss_sum(logits, tgt[:, 1:], self.pad_id), self.count_tokens(batch)
 
     def count_tokens(self, batch: Any) -> torch.Tensor:
         """Non-pad target tokens of a micro-batch (0-d tensor on the device)."""
         return (batch[1][:, 1:] != self.pad_id).sum()
 
-    def extract_logits(self, out: Any, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """Pull ``[B, T, V]`` logits out of a model's output and check their shape (no sync)."""
-        if isinstance(out, dict):
-            if "logits" not in out:
-                raise ValueError(f"model returned a dict without 'logits' (keys: {sorted(out)}); return the logits under 'logits'")
-            out = out["logits"]
-        elif isinstance(out, (tuple, list)):
-            if not out:
-                raise ValueError("model returned an empty tuple; return logits [B, T, V] first")
-            out = out[0]
-        if not isinstance(out, torch.Tensor):
-            raise ValueError(f"model must return logits [B, T, V]; it returned {type(out).__name__}")
-        b, t = tgt_in.shape[0], tgt_in.shape[1]
-        if out.dim() != 3 or out.shape[0] != b or out.shape[1] != t:
-            raise ValueError(
-                f"model returned shape {tuple(out.shape)}; expected logits [B, T, V] = [{b}, {t}, vocab] "
-                "for model(src, tgt[:, :-1]). A model that returns [T, B, V] needs batch_first=True"
-            )
-        if not out.is_floating_point():
-            raise ValueError(f"model returned {out.dtype} logits; expected floating point")
-        return out
-
     def _normalise(self, loss_sum: torch.Tensor, n_tokens: torch.Tensor, step_tokens: torch.Tensor) -> torch.Tensor:
         if self.loss_normalization == "tokens":
-            # only a zero count is replaced: a global_token_count owner may return a divisor below 1 (DDP: tokens / W)
+            # only a zero count is replaced: a distributed divisor may be below 1 (DDP: tokens / W)
             return loss_sum / torch.where(step_tokens > 0, step_tokens, torch.ones_like(step_tokens))
         # the classic loop: mean per micro-batch, divided by the accumulation steps
         return loss_sum / n_tokens.clamp(min=1) / self.accumulation
 
     # ------------------------------------------------------------------ the step
-    def default_train_step(self, micro_batches: list[Any]) -> None:
-        """One optimizer step over ``micro_batches``: the plain loop, hooks included."""
+    def train_step(self, micro_batches: list[Any]) -> None:
+        """One optimizer step over ``micro_batches``: the plain loop, through the roles."""
+        precision, distribution = self.roles.precision, self.roles.distribution
         local = torch.stack([self.count_tokens(b) for b in micro_batches]).sum()
-        owner = self._owners.get("global_token_count")
-        step_tokens = owner.global_token_count(local) if owner else local
-        backward = self._owners.get("backward")
+        step_tokens = distribution.global_tokens(self, local)
         last = len(micro_batches) - 1
         for i, batch in enumerate(micro_batches):
-            with contextlib.ExitStack() as micro:
-                for s in self.strategies:
-                    micro.enter_context(s.micro_step_context(i == last))
-                with contextlib.ExitStack() as fwd:
-                    for s in self.strategies:
-                        fwd.enter_context(s.forward_context())
+            with distribution.gradient_sync(self, i == last):
+                with precision.forward_context(self):
                     loss_sum, n_tokens = self.forward_loss(batch)
                     loss = self._normalise(loss_sum, n_tokens, step_tokens)
-                if backward is not None:
-                    backward.backward(loss)
-                else:
-                    loss.backward()
+                precision.backward(self, loss)
             self.meter.add_micro(loss_sum, n_tokens)
-            self.maybe_read_loss("micro_batch")
-        self.meter.add_step(self.clip_and_step())
+            self._maybe_read("micro_batch")
+        self.clip_and_step()
 
-    def clip_and_step(self) -> torch.Tensor | bool:
-        """Unscale (strategies), clip, step the optimizer, clear gradients; return ``skipped``."""
+    def clip_and_step(self) -> None:
+        """Unscale, clip (measuring the gradient norm), step the optimizer, clear gradients; count the step."""
+        self.roles.precision.unscale_gradients(self)
         for s in self.strategies:
-            s.before_clip(self.optimizer)
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        owner = self._owners.get("optimizer_step")
-        if owner is not None:
-            skipped = owner.optimizer_step(self.optimizer)
-        else:
-            self.optimizer.step()
-            skipped = False
+            s.before_clip(self)
+        norm = _grad_norm(self.params, self.max_grad_norm)
+        skipped = self.roles.precision.optimizer_step(self)
         self.optimizer.zero_grad(set_to_none=True)
-        return skipped
+        self.meter.add_step(skipped, norm)  # a non-finite norm on a step taken stops the run at the next read
 
     # ------------------------------------------------------------------ data
     def make_source(self, data: Any, batch_size: int | None = None, shuffle: bool = True) -> DataSource:
-        """Normalise ``data`` (tensors pair, Dataset or DataLoader) and check it."""
-        batch_size = self.batch_size if batch_size is None else batch_size
-        _check_positive_int("batch_size", batch_size)
-        if isinstance(data, DataLoader):
-            src = DataSource(None, None, data, batch_size, shuffle)
-        elif isinstance(data, Dataset):
-            src = DataSource(None, data, None, batch_size, shuffle)
-        elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-            self.validate_tensors(data[0], data[1], where="data")
-            src = DataSource((data[0], data[1]), None, None, batch_size, shuffle)
-        else:
-            raise TypeError(
-                f"data must be a (src, tgt) pair of integer tensors, a Dataset or a DataLoader; got {type(data).__name__}"
-            )
-        try:
-            n = len(src)
-        except TypeError:
-            n = None
-        if n == 0:
-            raise ValueError("data is empty: there is nothing to train on")
-        return src
+        """Normalise ``data`` (tensors pair, Dataset or DataLoader) and check tensors whole, once."""
+        return make_source(data, self.batch_size if batch_size is None else batch_size, shuffle, self.vocab_size)
 
     def validate_tensors(self, src: Any, tgt: Any, where: str = "batch") -> None:
-        """Check a ``(src, tgt)`` pair: 2-D integer tensors, same rows, ids in the vocabulary.
-
-        Reads values, so call it on host tensors (or once) to avoid device syncs.
-        """
-        for name, t in (("src", src), ("tgt", tgt)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{where}: {name} must be a tensor of token ids, got {type(t).__name__}")
-            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-                raise TypeError(f"{where}: {name} has dtype {t.dtype}; token ids must be an integer tensor (use .long())")
-            if t.dim() != 2:
-                raise ValueError(f"{where}: {name} has shape {tuple(t.shape)}; expected 2-D [batch, length]")
-        if src.shape[0] != tgt.shape[0]:
-            raise ValueError(f"{where}: src has {src.shape[0]} rows but tgt has {tgt.shape[0]}; they must pair up row by row")
-        if tgt.shape[1] < 2:
-            raise ValueError(
-                f"{where}: tgt has length {tgt.shape[1]}; targets need at least 2 tokens "
-                "(the model reads tgt[:, :-1] and predicts tgt[:, 1:]); add a bos token"
-            )
-        if src.numel() == 0 or tgt.numel() == 0:
-            return
-        for name, t in (("src", src), ("tgt", tgt)):
-            lo, hi = int(t.min()), int(t.max())
-            if lo < 0:
-                raise ValueError(f"{where}: {name} holds token id {lo}; ids must be >= 0")
-            if self.vocab_size is not None and hi >= self.vocab_size:
-                raise ValueError(
-                    f"{where}: {name} holds token id {hi} but the model's vocabulary has {self.vocab_size} ids; "
-                    "build the model with a larger vocab_size or re-encode the data with its tokenizer"
-                )
-
-    def mark_batches_validated(self) -> None:
-        """Batches come from data already validated on the host: skip the per-batch checks.
-
-        A ``make_batches`` owner that checked its data once (``validate_tensors``) calls
-        this, so no batch is checked again (on a device, that check would be a sync).
-        """
-        self._batches_prevalidated = True
-
-    def to_device(self, batch: Any) -> Any:
-        """Move a batch (tensor, tuple, list or dict of them) to the device; check host pairs first."""
-        if self._batches_prevalidated:
-            return _move(batch, self.device, self.non_blocking)
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor) and isinstance(batch[1], torch.Tensor):
-            on_host = batch[0].device.type == "cpu" and batch[1].device.type == "cpu"
-            if on_host or not self._validated_device_batches:
-                # host tensors: free to check; device tensors: checked once (one sync)
-                self.validate_tensors(batch[0], batch[1])
-                self._validated_device_batches = self._validated_device_batches or not on_host
-        return _move(batch, self.device, self.non_blocking)
+        """Check a ``(src, tgt)`` pair: 2-D int64 tensors, same rows, ids in the vocabulary (reads values)."""
+        validate_tensors(src, tgt, self.vocab_size, where)
 
     def epoch_order(self, n: int, epoch: int) -> torch.Tensor:
-        """The sample order of ``epoch``: a permutation on the host from (seed, epoch) alone."""
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63 - 1))
-        return torch.randperm(n, generator=g)
+        """The sample order of ``epoch``: a host permutation from (seed, epoch) alone."""
+        return epoch_order(self.seed, epoch, n)
 
     def host_batches(self, source: DataSource, epoch: int) -> Iterator[Any]:
-        """The plain loop's micro-batches of one epoch, on the host (default ``make_batches``)."""
-        if source.loader is not None:
-            yield from source.loader
-            return
-        n = len(source)
-        order = self.epoch_order(n, epoch) if source.shuffle else torch.arange(n)
-        if source.tensors is not None:
-            s, t = source.tensors
-            for i in range(0, n, source.batch_size):
-                idx = order[i : i + source.batch_size]
-                yield s[idx], t[idx]
-        else:
-            yield from DataLoader(source.dataset, batch_size=source.batch_size, sampler=order.tolist())  # type: ignore[arg-type]
+        """The plain loop's micro-batches of one epoch, on the host (what the default batch source yields)."""
+        return host_batches(self, source, epoch)
+
+    def to_device(self, batch: Any) -> Any:
+        """Move a batch to the device; host ``(src, tgt)`` pairs are checked first, device ones once."""
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor):
+            on_host = batch[0].device.type == "cpu"
+            if on_host or not self._checked_device_batch:  # host: free to check; device: once (one sync)
+                check_batch(batch, self.vocab_size)
+                self._checked_device_batch = self._checked_device_batch or not on_host
+        return move(batch, self.device)
 
     def _epoch_batches(self, source: DataSource, epoch: int) -> Iterator[Any]:
-        owner = self._owners.get("make_batches")
-        if owner is None and source.tensors is not None:
-            self._batches_prevalidated = True  # make_source checked the whole tensors once
-        raw: Iterable[Any] = owner.make_batches(self, source, epoch) if owner else self.host_batches(source, epoch)
-        for batch in raw:
-            batch = self.to_device(batch)
+        checked = self.roles.batches.prevalidated or (source.tensors is not None and source.loader is None)
+        for batch in self.roles.batches.batches(self, source, epoch):
+            batch = move(batch, self.device) if checked else self.to_device(batch)
             for s in self.strategies:
-                batch = s.prepare_batch(batch)
+                batch = s.prepare_batch(self, batch)
             yield batch
 
     # ------------------------------------------------------------------ epochs
@@ -536,7 +261,7 @@ class FastTrainer:
         """Train until ``epochs`` epochs are complete (counting epochs already done).
 
         Args:
-            data: ``(src, tgt)`` integer tensors ``[N, S]``/``[N, T]``, a Dataset of
+            data: ``(src, tgt)`` int64 tensors ``[N, S]``/``[N, T]``, a Dataset of
                 ``(src, tgt)`` items, or a DataLoader (used as it is).
             epochs: total epochs; a resumed trainer runs only the ones left.
             batch_size: micro-batch size; default the trainer's ``batch_size``.
@@ -549,34 +274,24 @@ class FastTrainer:
             The trainer's :class:`History` (all epochs so far).
 
         Raises:
-            NonFiniteLossError: the loss became NaN/inf; the last checkpoint is untouched.
+            NonFiniteLossError, NonFiniteGradientError: training diverged; the last
+                checkpoint is untouched.
             KeyboardInterrupt: after writing a checkpoint, when one is configured.
         """
-        _check_positive_int("epochs", epochs)
-        _check_positive_int("checkpoint_every", checkpoint_every)
+        check_positive_int("epochs", epochs)
+        check_positive_int("checkpoint_every", checkpoint_every)
+        check_bool("resume", resume)
         source = self.make_source(data, batch_size, shuffle)
-        self._batches_prevalidated = False
-        if checkpoint_dir is not None:
-            Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-            self.checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME
-            if resume and self.checkpoint_path.exists():
-                self.load(self.checkpoint_path)
-        elif resume:
-            raise ValueError("resume=True needs checkpoint_dir=... to find last.pt in")
+        self._open_checkpoints(checkpoint_dir, resume)
         self._check_resume_matches(source)
-
         self._stop_requested = False
-        with self._sigint_stops():
-            try:
-                while self.epoch < epochs and not self._stop_requested:
-                    record = self._run_epoch(source, epochs)
-                    if record is not None and self.checkpoint_path is not None and (
-                        self.epoch % checkpoint_every == 0 or self.epoch == epochs or self._stop_requested
-                    ):
-                        self.save(self.checkpoint_path)
-            finally:
-                for s in self.strategies:
-                    s.teardown(self)
+        with self._sigint_stops(), self._scopes("run"):
+            while self.epoch < epochs and not self._stop_requested:
+                record = self._run_epoch(source, epochs)
+                if record is not None and self.checkpoint_path is not None and (
+                    self.epoch % checkpoint_every == 0 or self.epoch == epochs or self._stop_requested
+                ):
+                    self.save(self.checkpoint_path)
         return self.history
 
     def train_epoch(self, data: Any, batch_size: int | None = None, shuffle: bool = True) -> float:
@@ -585,74 +300,96 @@ class FastTrainer:
         ``data`` as in :meth:`fit`; a DataLoader is used as it is.
         """
         source = self.make_source(data, batch_size, shuffle)
-        self._batches_prevalidated = False
         self._stop_requested = False
-        record = self._run_epoch(source, None)
+        with self._scopes("run"):
+            record = self._run_epoch(source, None)
         return record.loss if record is not None else float("nan")
+
+    @contextlib.contextmanager
+    def _scopes(self, kind: str, *args: Any) -> Iterator[None]:
+        """Every strategy's run or epoch scope, entered in order and exited in reverse on any exit path."""
+        with contextlib.ExitStack() as stack:
+            for s in self.strategies:
+                scope = s.run_scope(self) if kind == "run" else s.epoch_scope(self, *args)
+                stack.enter_context(scope)
+            yield
 
     def _run_epoch(self, source: DataSource, total_epochs: int | None) -> EpochRecord | None:
         epoch = self.epoch
         resume, self._resume = self._resume, None
         self.train_model.train()
-        if resume is None:
-            self.meter.reset()
-            self._epoch_start_rng = torch.get_rng_state()
-            skip = 0
-        else:  # mid-epoch resume: same batch order, same RNG stream as the interrupted run
-            torch.set_rng_state(resume["epoch_start_rng"])
-            self._epoch_start_rng = resume["epoch_start_rng"]
-            skip = int(resume["micro_batch_in_epoch"])
-        for s in self.strategies:
-            s.on_epoch_start(self, epoch)
-
         t0 = time.perf_counter()
-        batches: Iterator[Any] = self._epoch_batches(source, epoch)
-        if resume is not None:
-            batches = _advance(batches, skip)  # creating the iterator drew the loader's seed
-            _set_rng_state(resume["rng"])
-            self.meter.load_state_dict(resume["meter"])
-        count = getattr(self._owners.get("make_batches"), "num_batches", None)  # a sharding owner knows its share
-        total = count(source) if count is not None else source.num_batches()
-        desc = f"epoch {epoch + 1}/{total_epochs}" if total_epochs else f"epoch {epoch + 1}"
-        self._bar = tqdm(total=total, initial=skip, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True, unit="batch")
-        self._last_read = time.perf_counter()
-        step_owner = self._owners.get("train_step")
-        stopped_early = False
-        try:
-            chunks = _chunks(batches, self.accumulation)
-            for micro_batches in chunks:
-                if step_owner is not None:
-                    step_owner.train_step(self, micro_batches)
-                else:
-                    self.default_train_step(micro_batches)
-                self.global_step += 1
-                self._bar.update(len(micro_batches))
-                for s in self.strategies:
-                    s.on_step_end(self)
-                self.maybe_read_loss("step")
-                if self._stop_requested:
-                    stopped_early = next(chunks, None) is not None  # anything left of this epoch?
-                    break
-        finally:
-            self._bar.close()
-        if self.meter.micro_batches == 0 and resume is None:
-            raise ValueError("data yielded no batches this epoch; check the DataLoader or the data")
-        figures = self._read_meter(epoch)  # the epoch's one sync
+        with self._scopes("epoch", epoch):
+            for s in self.strategies:
+                s.on_epoch_start(self, epoch)
+            stopped_early = self._run_steps(source, epoch, total_epochs, resume)
+            if self._epoch_state["micro"] == 0:
+                raise ValueError("data yielded no batches this epoch; check the DataLoader or the data")
+            figures = self.read_figures()  # the epoch's one sync
         seconds = time.perf_counter() - t0
         if stopped_early:
             if self.checkpoint_path is not None:
-                self._save(self.checkpoint_path, mid_epoch=True)
+                self._write(self.checkpoint_path, mid_epoch=True)
             return None
+        return self._finish_epoch(epoch, figures, seconds)
+
+    def _run_steps(self, source: DataSource, epoch: int, total: int | None, resume: dict[str, Any] | None) -> bool:
+        """Run the epoch's optimizer steps; return whether a stop request left some of it untrained."""
+        batches = self._epoch_batches(source, epoch)
+        skip = self._start_epoch(batches, resume)
+        self._epoch_state["batch_size"] = source.batch_size
+        count = self.roles.batches.num_batches(self, source)
+        desc = f"epoch {epoch + 1}/{total}" if total else f"epoch {epoch + 1}"
+        self._bar = tqdm(total=count, initial=skip, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True, unit="batch")
+        groups = chunks(batches, self.accumulation)
+        try:
+            for micro_batches in groups:
+                for s in self.strategies:
+                    s.on_step_start(self)
+                self.roles.step.run_step(self, micro_batches)
+                self.global_step += 1
+                self._epoch_state["micro"] += len(micro_batches)
+                self._epoch_state["steps"] += 1
+                self._bar.update(len(micro_batches))
+                for s in self.strategies:
+                    s.on_step_end(self)
+                self._maybe_read("step")
+                if self._stop_requested:
+                    # before looking ahead: fetching the next batch may draw from the RNG (augmentation)
+                    self._epoch_state["stop_rng"] = rng_state()
+                    return next(groups, None) is not None
+        finally:
+            self._bar.close()
+            self._bar = None
+        return False
+
+    def _start_epoch(self, batches: Iterator[Any], resume: dict[str, Any] | None) -> int:
+        """Reset the figures, or restore them and fast-forward the batches of a mid-epoch resume."""
+        if resume is None:
+            self.meter.reset()
+            self._epoch_state = {"start_rng": rng_state(), "micro": 0, "steps": 0}
+            return 0
+        skip = int(resume["micro_batch_in_epoch"])
+        set_rng_state(resume["epoch_start_rng"])  # same batch order, same RNG stream as the interrupted run
+        for _ in itertools.islice(batches, skip):
+            pass  # re-fetching draws what the interrupted run drew
+        set_rng_state(resume["rng"])
+        self.meter.load_state_dict(resume["meter"])
+        self._epoch_state = {"start_rng": resume["epoch_start_rng"], "micro": skip, "steps": int(resume.get("steps_in_epoch", 0))}
+        return skip
+
+    def _finish_epoch(self, epoch: int, figures: Figures, seconds: float) -> EpochRecord:
+        state = self._epoch_state
         record = EpochRecord(
             epoch=epoch + 1,
-            loss=figures["loss"],
+            loss=figures.loss,
             seconds=seconds,
-            tokens_per_second=figures["tokens"] / seconds if seconds > 0 else 0.0,
-            optimizer_steps=self.meter.steps,
-            skipped_steps=int(figures["skipped"]),
-            micro_batches=self.meter.micro_batches,
-            empty_micro_batches=int(figures["empty"]),
-            tokens=int(figures["tokens"]),
+            tokens_per_second=figures.tokens / seconds if seconds > 0 else 0.0,
+            optimizer_steps=state["steps"],
+            skipped_steps=int(figures.skipped),
+            micro_batches=state["micro"],
+            empty_micro_batches=int(figures.empty),
+            tokens=int(figures.tokens),
         )
         if record.empty_micro_batches:
             log.warning("epoch %d: %d micro-batches had only padding targets; they contributed nothing", record.epoch, record.empty_micro_batches)
@@ -662,48 +399,28 @@ class FastTrainer:
         self.epoch += 1
         return record
 
-    def maybe_read_loss(self, event: str) -> None:
-        """Read the running loss back for the bar if the sync policy says so (one host sync)."""
-        owner = self._owners.get("should_sync_loss")
-        if owner is not None:
-            read = owner.should_sync_loss(self, event)
-        else:  # default: at step ends, only when the bar would redraw
-            # with a reduce_metrics owner each read is a collective that every process must make at the
-            # same step; a clock differs between processes, so the default then reads at the epoch end only
-            read = (
-                event == "step"
-                and self.progress
-                and "reduce_metrics" not in self._owners
-                and time.perf_counter() - self._last_read >= _BAR_REFRESH_S
-            )
-        if read:
-            figures = self._read_meter(self.epoch)  # waits for the device, like loss.item()
-            if self._bar is not None:
-                self._bar.set_postfix(loss=f"{figures['loss']:.4f}", refresh=False)
-            self._last_read = time.perf_counter()
+    # ------------------------------------------------------------------ reading the figures
+    def read_figures(self) -> Figures:
+        """Read the epoch's running figures back: one host sync (a collective under several processes).
 
-    def _read_meter(self, epoch: int) -> dict[str, float]:
-        values = self.meter.values
-        owner = self._owners.get("reduce_metrics")
-        if owner is not None:
-            values = owner.reduce_metrics(values.clone())
-        v = values.tolist()  # host sync: waits for the device
+        Raises:
+            NonFiniteLossError, NonFiniteGradientError: the loss or the gradients of a
+                step taken became NaN/inf (naming the epoch and step).
+        """
+        t0 = time.perf_counter()
+        figures = self.meter.read(self.roles.distribution, self, self.loss_normalization)  # waits for the device
         self.loss_reads += 1
-        m = EpochMeter
-        if v[m.FIRST_BAD] >= 0:
-            where = f"; the last checkpoint {self.checkpoint_path} is untouched" if self.checkpoint_path else ""
-            step = int(v[m.FIRST_BAD]) + 1
-            raise NonFiniteLossError(
-                f"loss became NaN or inf at epoch {epoch + 1}, optimizer step {step} (counted over the run){where}. "
-                "Lower lr, keep max_grad_norm on, or check the data for ids the model cannot embed",
-                epoch=epoch + 1,
-                step=step,
-            )
-        if self.loss_normalization == "tokens":
-            loss = v[m.LOSS_SUM] / max(v[m.TOKENS], 1.0)
-        else:
-            loss = v[m.MB_LOSS_SUM] / max(self.meter.micro_batches, 1)
-        return {"loss": loss, "tokens": v[m.TOKENS], "skipped": v[m.SKIPPED], "empty": v[m.EMPTY]}
+        self.loss_read_seconds += time.perf_counter() - t0
+        raise_if_diverged(figures, self.epoch + 1, self.checkpoint_path)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{figures.loss:.4f}", refresh=False)
+        for s in self.strategies:
+            s.on_loss_read(self, figures)
+        return figures
+
+    def _maybe_read(self, event: str) -> None:
+        if self.roles.readback.should_read(self, event):
+            self.read_figures()
 
     # ------------------------------------------------------------------ stopping
     def request_stop(self) -> None:
@@ -734,183 +451,160 @@ class FastTrainer:
             raise KeyboardInterrupt(f"training interrupted; checkpoint written to {self.checkpoint_path}")
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write a checkpoint atomically: model, optimizer, strategies, counters, RNG states, history."""
-        self._save(Path(path), mid_epoch=False)
+    def state_dict(self) -> dict[str, Any]:
+        """The whole training state: model, optimizer, strategies, counters, RNG states, history."""
+        return trainer_state(self)
 
-    def _save(self, path: Path, mid_epoch: bool) -> None:
-        if mid_epoch:
-            self._read_meter(self.epoch)  # never checkpoint weights after a non-finite loss
-        if not self.writes_checkpoints:
-            return  # another process writes it (every process still made the read above: a collective under DDP)
-        state: dict[str, Any] = {
-            "format": _CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "strategies": [{"type": type(s).__name__, "state": s.state_dict()} for s in self.strategies],
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "seed": self.seed,
-            "loss_normalization": self.loss_normalization,
-            "rng": _get_rng_state(),
-            "history": self.history.to_dict(),
-            "model_config": _model_config(self.model),
-            "mid_epoch": None,
-        }
-        if mid_epoch:
-            state["mid_epoch"] = {
-                "micro_batch_in_epoch": self.meter.micro_batches,
-                "meter": self.meter.state_dict(),
-                "epoch_start_rng": self._epoch_start_rng,
-            }
-        _atomic_save(state, path)
-        log.info("checkpoint written to %s (epoch %d, step %d)", path, self.epoch, self.global_step)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (or a checkpoint's state): checked whole before anything is applied.
+
+        Raises:
+            CheckpointError: it does not fit this trainer (model shapes, optimizer class,
+                accumulation, loss normalisation, stateful strategies); nothing was changed.
+        """
+        self._apply(state, None)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write a checkpoint atomically (with a checksum); never one holding non-finite weights."""
+        self._write(Path(path), mid_epoch=False)
 
     def load(self, path: str | os.PathLike[str]) -> None:
-        """Restore a checkpoint written by :meth:`save` (or by ``fit``) into this trainer.
-
-        The trainer must be built like the one that saved it (same strategies, in order).
-        """
+        """Restore a checkpoint written by :meth:`save` (or by ``fit``); see :meth:`load_state_dict`."""
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised with the path
-            raise ValueError(f"checkpoint {path} could not be read ({e}); it is not a hlbd_fast checkpoint or is damaged") from e
-        if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint {path} is not a hlbd_fast checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
-        # strategy states are matched by type and position among strategies of that type;
-        # a strategy without state (a logger, a sync policy) may be added or dropped
-        mine: dict[str, list[Strategy]] = {}
-        for s in self.strategies:
-            mine.setdefault(type(s).__name__, []).append(s)
-        seen: dict[str, int] = {}
-        pending = []
-        for entry in state["strategies"]:
-            k = seen[entry["type"]] = seen.get(entry["type"], -1) + 1
-            if not entry["state"]:
-                continue
-            candidates = mine.get(entry["type"], [])
-            if k >= len(candidates):
-                saved = [e["type"] for e in state["strategies"]]
-                raise ValueError(
-                    f"checkpoint {path} holds the state of strategy {entry['type']} but this trainer has none "
-                    f"(saved with {saved}, now {[type(s).__name__ for s in self.strategies]}); "
-                    "build the trainer with the same strategies"
-                )
-            pending.append((candidates[k], entry["state"]))
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        for strategy, st in pending:
-            strategy.load_state_dict(st)
-        self.epoch = int(state["epoch"])
-        self.global_step = int(state["global_step"])
-        self.seed = int(state["seed"])
-        self.history = History.from_dict(state["history"])
-        self.meter.step_index.fill_(float(self.global_step))
-        _set_rng_state(state["rng"])
-        mid = state.get("mid_epoch")
-        self._resume = None if mid is None else {**mid, "rng": state["rng"]}
+        self._apply(read_checkpoint(path), path)
+
+    def _apply(self, state: dict[str, Any], path: Path | None) -> None:
+        mid = apply_trainer_state(self, state, path)
+        self._resume = None if mid is None else {"rng": state["rng"], **mid}
+
+    def _write(self, path: Path, mid_epoch: bool) -> None:
+        mid = None
+        if mid_epoch:
+            self.read_figures()  # never checkpoint after a non-finite loss or gradient (a collective under DDP)
+            st = self._epoch_state
+            mid = {
+                "micro_batch_in_epoch": st["micro"],
+                "steps_in_epoch": st["steps"],
+                "meter": self.meter.state_dict(),
+                "epoch_start_rng": st["start_rng"],
+                "rng": st.get("stop_rng") or rng_state(),
+                "batch_size": st["batch_size"],
+                "world_size": self.roles.distribution.world_size,
+            }
+        if not self.roles.distribution.is_main:
+            return  # another process writes it
+        _check_finite_weights(self, path)
+        write_checkpoint(trainer_state(self, mid), path)
+        log.info("checkpoint written to %s (epoch %d, step %d)", path, self.epoch, self.global_step)
+
+    def _open_checkpoints(self, checkpoint_dir: str | os.PathLike[str] | None, resume: bool) -> None:
+        if checkpoint_dir is None:
+            if resume:
+                raise ValueError("resume=True needs checkpoint_dir=... to find last.pt in")
+            return
+        from ._io import check_writable_dir
+
+        self.checkpoint_path = check_writable_dir(checkpoint_dir, "checkpoint_dir") / CHECKPOINT_NAME
+        if resume and self.checkpoint_path.exists():
+            self.load(self.checkpoint_path)
 
     def _check_resume_matches(self, source: DataSource) -> None:
-        if self._resume is not None and source.loader is None and source.num_batches() is not None:
-            if self._resume["micro_batch_in_epoch"] > (source.num_batches() or 0):
-                raise ValueError("the checkpoint stopped mid-epoch further in than this data has batches; resume with the same data and batch_size")
+        if self._resume is None:
+            return
+        saved_bs, saved_world = self._resume.get("batch_size"), self._resume.get("world_size")
+        if saved_bs is not None and source.loader is None and saved_bs != source.batch_size:
+            raise ValueError(
+                f"the checkpoint stopped mid-epoch with batch_size={saved_bs}; this fit uses batch_size={source.batch_size}, "
+                "which would skip or repeat samples. Resume with the same batch_size (or from an epoch checkpoint)"
+            )
+        if saved_world is not None and saved_world != self.roles.distribution.world_size:
+            raise ValueError(
+                f"the checkpoint stopped mid-epoch with {saved_world} processes; this run has "
+                f"{self.roles.distribution.world_size}. Resume with the same number of processes"
+            )
+        n = source.num_batches(self.roles.distribution)
+        if source.loader is None and n is not None and self._resume["micro_batch_in_epoch"] > n:
+            raise ValueError("the checkpoint stopped mid-epoch further in than this data has batches; resume with the same data and batch_size")
 
 
 # ---------------------------------------------------------------------------- helpers
-def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """Load only the model weights of a checkpoint into ``model`` (inference; no trainer needed).
-
-    Returns the model configuration stored with the checkpoint (``model.config`` as a dict,
-    when the model had a dataclass ``config``), or ``None``. Touches no RNG state.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a hlbd_fast checkpoint")
-    model.load_state_dict(state["model"])
-    return state.get("model_config")
-
-
-def _model_config(model: nn.Module) -> dict[str, Any] | None:
-    cfg = getattr(model, "config", None)
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) else None
+def _check_strategies(strategies: Any) -> tuple[Strategy, ...]:
+    if strategies is None:
+        return ()
+    if isinstance(strategies, Strategy) or not isinstance(strategies, (list, tuple)):
+        raise TypeError(f"strategies must be a list of Strategy instances, e.g. [GradientAccumulation(8)]; got {strategies!r}")
+    for s in strategies:
+        if not isinstance(s, Strategy):
+            raise TypeError(
+                f"strategies must be Strategy instances; got {s!r} ({type(s).__name__}). "
+                "Did you pass the class instead of an instance, e.g. GradientAccumulation instead of GradientAccumulation(8)?"
+            )
+    if len({id(s) for s in strategies}) != len(strategies):
+        raise ValueError("the same strategy instance is listed twice; build one instance per use")
+    return tuple(strategies)
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be an integer >= 1")
+def _check_arguments(model: Any, lr: Any, max_grad_norm: Any, normalization: Any, progress: Any, batch_size: Any, seed: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_number("lr", lr, hint=", e.g. lr=5e-5")
+    if max_grad_norm is not None:
+        check_number("max_grad_norm", max_grad_norm, hint=", or None to disable clipping")
+    if normalization not in _NORMALISATIONS:
+        raise ValueError(
+            f"loss_normalization={normalization!r} is not one of {_NORMALISATIONS}; "
+            "use 'tokens' (exact under any batch split) or 'micro_batch' (the classic loop)"
+        )
+    check_bool("progress", progress)
+    check_positive_int("batch_size", batch_size)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed={seed!r} must be an integer, or None to follow torch.manual_seed")
 
 
-def _infer_vocab_size(model: nn.Module) -> int | None:
-    """The model's vocabulary: ``model.vocab_size``, else its largest embedding table."""
-    v = getattr(model, "vocab_size", None)
-    if isinstance(v, int):
-        return v
-    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
-    return max(sizes) if sizes else None
+def _check_pad_id(pad_id: Any, vocab_size: int | None) -> int:
+    check_positive_int("pad_id", pad_id, minimum=0)
+    if vocab_size is not None and pad_id >= vocab_size:
+        raise ValueError(f"pad_id={pad_id} is outside the model's vocabulary of {vocab_size} ids; use the tokenizer's pad_id")
+    return int(pad_id)
 
 
-def _move(batch: Any, device: torch.device, non_blocking: bool) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, dict):
-        return {k: _move(v, device, non_blocking) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_move(v, device, non_blocking) for v in batch) if not hasattr(batch, "_fields") else type(batch)(*(_move(v, device, non_blocking) for v in batch))
-    return batch
+def _default_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    if device is None:
+        p = next(itertools.chain(model.parameters(), model.buffers()), None)
+        return p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but CUDA is not available here; use device='cpu'")
+    return device
 
 
-def _chunks(it: Iterable[Any], k: int) -> Iterator[list[Any]]:
-    it = iter(it)
-    while chunk := list(itertools.islice(it, k)):
-        yield chunk
+def _seed(seed: int | None) -> int:
+    if seed is None:
+        # follows torch.manual_seed without drawing from the RNG (dropout streams stay as they were)
+        return torch.initial_seed() % (2**62)
+    torch.manual_seed(seed)
+    return int(seed)
 
 
-def _advance(it: Iterator[Any], n: int) -> Iterator[Any]:
-    for _ in range(n):
-        next(it, None)
-    return it
+def _grad_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor | None:
+    """Clip to ``max_norm`` and return the total norm; without clipping, only measure it (no sync either way)."""
+    if max_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if total_norm is not None:
+        return total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))  # torch < 2.6
 
 
-def _get_rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]) + [random.getstate()[0]],
-        "python_gauss": random.getstate()[2],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[-1], tuple(py[:-1]), state["python_gauss"]))
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_save(state: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+def _check_finite_weights(trainer: FastTrainer, path: Path) -> None:
+    finite = torch.stack([p.detach().isfinite().all() for p in trainer.model.parameters()]).all()
+    if not bool(finite):  # host sync: once per checkpoint, which reads every weight anyway
+        raise NonFiniteError(
+            f"the model's weights hold NaN or inf at epoch {trainer.epoch + 1}, step {trainer.global_step}; "
+            f"no checkpoint was written to {path} (the previous one is untouched)",
+            epoch=trainer.epoch + 1,
+            step=trainer.global_step,
+        )

@@ -1,15 +1,29 @@
-"""Speed-ups as strategies: each overrides only the loop hooks it changes.
+"""Speed-ups as strategies: a role object replaces a part of the plain loop; hooks add to it.
 
-See :mod:`hlbd_fast.strategies.base` for the loop and where every hook is called.
+See :mod:`hlbd_fast.strategies.base` for the loop, its roles and where every hook is called.
 """
 
+from typing import Any
+
 from .accumulation import GradientAccumulation
-from .base import EXCLUSIVE_HOOKS, Strategy, StrategyConflictError
+from .base import (
+    ROLES,
+    Accumulation,
+    BatchSource,
+    Distribution,
+    LossReadback,
+    OptimizerFactory,
+    Precision,
+    Roles,
+    StepRunner,
+    Strategy,
+    StrategyConflictError,
+)
 from .checkpointing import GradientCheckpointing
 from .compile import Compile
-from .cuda_graph import CUDAGraphStep
-from .data import DataLoaderWorkers, GPUPreload
-from .distributed import DistributedDataParallel
+from .cuda_graph import CUDAGraphStep, GraphBackend
+from .data import DataLoaderWorkers, DevicePreload, GPUPreload
+from .distributed import DistributedDataParallel, DistributedTraining
 from .dropout import FastDropout, fast_dropout
 from .optim import FusedAdamW
 from .padding import TrimPadding, verify_trim
@@ -18,23 +32,43 @@ from .sync import DeferredLossSync, EagerLossSync
 from .tf32 import AllowTF32
 
 __all__ = [
-    "EXCLUSIVE_HOOKS",
+    "ROLES",
+    "Accumulation",
     "AllowTF32",
+    "BatchSource",
     "CUDAGraphStep",
     "Compile",
     "DataLoaderWorkers",
     "DeferredLossSync",
+    "DevicePreload",
+    "Distribution",
     "DistributedDataParallel",
+    "DistributedTraining",
     "EagerLossSync",
     "FastDropout",
     "FusedAdamW",
     "GPUPreload",
     "GradientAccumulation",
     "GradientCheckpointing",
+    "GraphBackend",
+    "LossReadback",
     "MixedPrecision",
+    "OptimizerFactory",
+    "Precision",
+    "Roles",
+    "StepRunner",
     "Strategy",
     "StrategyConflictError",
     "TrimPadding",
     "fast_dropout",
     "verify_trim",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "EXCLUSIVE_HOOKS":  # an ImportError, so `from ... import EXCLUSIVE_HOOKS` shows this message
+        raise ImportError(
+            "EXCLUSIVE_HOOKS was retired in hlbd_fast 0.2: a strategy that replaces a part of the loop now fills a role "
+            "(hlbd_fast.strategies.ROLES); trainer.roles holds the object of each"
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

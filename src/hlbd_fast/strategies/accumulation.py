@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from .base import Strategy
+from .._validation import check_positive_int
+from .base import Accumulation
 
 __all__ = ["GradientAccumulation"]
 
 
-class GradientAccumulation(Strategy):
-    """Accumulate gradients over ``steps`` micro-batches before each optimizer step.
+class GradientAccumulation(Accumulation):
+    """Accumulate gradients over ``steps`` micro-batches before each optimizer step (role ``accumulation``).
 
     With the trainer's default ``loss_normalization="tokens"`` the step's loss is the
     sum over all its non-pad target tokens divided by their count, so micro-batch 4 ×
@@ -21,9 +22,4 @@ class GradientAccumulation(Strategy):
     """
 
     def __init__(self, steps: int) -> None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"GradientAccumulation(steps={steps!r}): steps must be an integer >= 1 (1 means no accumulation)")
-        self.steps = steps
-
-    def accumulation_steps(self) -> int:
-        return self.steps
+        self.steps = check_positive_int("steps", steps, "GradientAccumulation", hint=" (1 means no accumulation)")

@@ -1,182 +1,186 @@
-"""The strategy protocol: what a speed-up may change in the training loop.
+"""The strategy protocol: roles that replace a part of the plain loop, and hooks that add to it.
 
-A strategy is an object with a few hooks. Every hook defaults to doing nothing, so a
-strategy overrides only what it changes. ``FastTrainer`` with no strategies is the plain
-fp32 loop; every strategy is checked against it.
+``FastTrainer`` holds exactly one object per **role**. The default object of every role
+*is* the plain loop (``Precision`` calls ``loss.backward()`` and ``optimizer.step()``),
+so the loop never asks whether somebody replaced a part. A strategy that replaces a
+part subclasses the role's class and overrides its methods; two strategies for one
+role are a :class:`StrategyConflictError` when the trainer is built, naming both.
 
-The loop, with each hook where it is called (``[one]`` marks an *exclusive* hook: at
-most one strategy may own it, and two owners are a configuration error raised when the
-trainer is built)::
+Every strategy — role or not — may also *add* to the loop through hooks that do
+nothing by default. Every hook receives the trainer first. Whatever a strategy
+installs for a run or an epoch (a kernel, a global flag, worker processes) it installs
+in :meth:`Strategy.run_scope` or :meth:`Strategy.epoch_scope`: context managers that
+``fit`` and ``train_epoch`` enter with ``try/finally``, so every exit path — an error,
+Ctrl-C, ``request_stop`` — removes it.
 
-    for s in strategies: s.setup(trainer)                  # in the order given
-    model = s.wrap_model(model)                            # every strategy, by ascending ``order``
-    optimizer = build_optimizer(params)                    # [one] default: Adam(lr)
-    for epoch in epochs:
-        s.on_epoch_start(trainer, epoch)
-        batches = make_batches(trainer, source, epoch)     # [one] default: host batches
-        for micro_batches in groups of accumulation_steps():          # [one] default: 1
-            each batch: moved to the device, then s.prepare_batch(batch) for every strategy
-            train_step(trainer, micro_batches)             # [one] default: trainer.default_train_step
-                step_tokens = global_token_count(local)    # [one] default: identity
-                for batch in micro_batches:
-                    with s.micro_step_context(last):       # every strategy (DDP no_sync)
-                        with s.forward_context():          # every strategy (autocast)
-                            loss_sum, n_tokens = trainer.forward_loss(batch)
-                        backward(loss)                     # [one] default: loss.backward()
-                s.before_clip(optimizer)                   # every strategy (unscale)
-                clip_grad_norm_(params, max_grad_norm)
-                skipped = optimizer_step(optimizer)        # [one] default: optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            s.on_step_end(trainer)
-            if should_sync_loss(trainer, event):           # [one] default: when the bar redraws
-                read the running loss back (one host sync)
-        s.on_epoch_end(trainer, record)
+The loop, with each role (``roles.X``) and hook (``s.X``: every strategy, in list order)::
 
-Exclusive hooks are found automatically: a strategy owns every exclusive hook its class
-overrides. A strategy whose ownership depends on its arguments (``MixedPrecision`` owns
-``backward`` only for fp16) overrides :meth:`Strategy.owned_hooks`.
+    roles set up first (distribution, precision, optimizer, accumulation, batches,
+    step, readback), then every other strategy: s.setup(trainer)
+    model = s.wrap_model(trainer, model)                 # every strategy, by ascending ``order``
+    optimizer = roles.optimizer.build_optimizer(trainer, params)       # Adam(lr)
+    with s.run_scope(trainer) for every s:               # fit() or train_epoch()
+      for epoch:
+        with s.epoch_scope(trainer, epoch) for every s:
+          s.on_epoch_start(trainer, epoch)
+          for batch in roles.batches.batches(trainer, source, epoch):  # host batches, seeded order
+              batch = s.prepare_batch(trainer, to_device(batch))
+          for groups of roles.accumulation.steps micro-batches:       # 1
+              s.on_step_start(trainer)
+              roles.step.run_step(trainer, micro_batches)   # trainer.train_step(micro_batches):
+                  step_tokens = roles.distribution.global_tokens(trainer, local)
+                  for batch in micro_batches:
+                      with roles.distribution.gradient_sync(trainer, last):
+                          with roles.precision.forward_context(trainer):
+                              loss_sum, n_tokens = trainer.forward_loss(batch)
+                          roles.precision.backward(trainer, loss)    # loss.backward()
+                  roles.precision.unscale_gradients(trainer)          # nothing
+                  s.before_clip(trainer)
+                  grad_norm = clip_grad_norm_(params, max_grad_norm)  # non-finite: stops the run
+                  skipped = roles.precision.optimizer_step(trainer)   # optimizer.step()
+                  optimizer.zero_grad(set_to_none=True)
+              s.on_step_end(trainer)
+              if roles.readback.should_read(trainer, "step"):         # when the bar redraws
+                  figures = trainer.read_figures()   # one host sync; then s.on_loss_read(trainer, figures)
+          s.on_epoch_end(trainer, record)            # after the epoch's one read-back
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, ContextManager, Iterable
+import inspect
+import time
+from typing import TYPE_CHECKING, Any, ClassVar, ContextManager, Iterable, Iterator
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..trainer import DataSource, FastTrainer
+    from ..batches import DataSource
+    from ..history import EpochRecord
+    from ..meter import Figures
+    from ..trainer import FastTrainer
 
-__all__ = ["Strategy", "EXCLUSIVE_HOOKS", "StrategyConflictError"]
+__all__ = [
+    "ROLES",
+    "Strategy",
+    "StrategyConflictError",
+    "Precision",
+    "OptimizerFactory",
+    "Accumulation",
+    "BatchSource",
+    "Distribution",
+    "StepRunner",
+    "LossReadback",
+    "Roles",
+    "resolve_roles",
+]
 
-#: Hooks that only one strategy may own.
-EXCLUSIVE_HOOKS: tuple[str, ...] = (
-    "build_optimizer",
-    "make_batches",
-    "accumulation_steps",
-    "train_step",
-    "global_token_count",
-    "backward",
-    "optimizer_step",
-    "should_sync_loss",
-    "reduce_metrics",
-)
+#: The roles, in the order their strategies are set up.
+ROLES: tuple[str, ...] = ("distribution", "precision", "optimizer", "accumulation", "batches", "step", "readback")
+
+_BAR_REFRESH_S = 0.5  # the default read-back policy reads the loss at most this often, for the bar
+
+#: Hooks of hlbd_fast 0.1 that are gone, and where their work goes now.
+_RETIRED = {
+    "owned_hooks": "a strategy fills a role by subclassing the role's class (Precision, BatchSource, ...)",
+    "teardown": "return a context manager from run_scope(trainer); its exit runs on every exit path",
+    "train_step": "subclass StepRunner and override run_step(trainer, micro_batches)",
+    "make_batches": "subclass BatchSource and override batches(trainer, source, epoch)",
+    "accumulation_steps": "subclass Accumulation (or use GradientAccumulation(k))",
+    "global_token_count": "subclass Distribution and override global_tokens(trainer, local)",
+    "reduce_metrics": "subclass Distribution and override all_reduce(trainer, tensor, op)",
+    "should_sync_loss": "subclass LossReadback and override should_read(trainer, event)",
+    "build_optimizer": "subclass OptimizerFactory and override build_optimizer(trainer, params)",
+    "micro_step_context": "subclass Distribution and override gradient_sync(trainer, last)",
+    "forward_context": "subclass Precision and override forward_context(trainer)",
+    "backward": "subclass Precision and override backward(trainer, loss)",
+    "optimizer_step": "subclass Precision and override optimizer_step(trainer)",
+}
 
 
 class StrategyConflictError(ValueError):
-    """Two strategies want to own the same exclusive hook, or cannot be combined."""
+    """Two strategies fill the same role, or cannot be combined."""
+
+
+def _positional_counts(fn: Any) -> tuple[int, int] | None:
+    """(required, total) positional parameters of ``fn``; ``None`` when it takes ``*args`` or cannot be read."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return None
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return sum(p.default is p.empty for p in positional), len(positional)
 
 
 class Strategy:
-    """Base class of every speed-up. Override only the hooks you change.
+    """Base class of every speed-up. Override only the hooks you add to; each gets the trainer first.
 
-    Subclasses should call ``super().__init__()`` only if they define ``__init__``
-    with arguments they want shown in ``repr``; the default ``repr`` lists the public
-    attributes of the instance.
+    A strategy that replaces a part of the plain loop subclasses one of the role classes
+    below instead (:class:`Precision`, :class:`OptimizerFactory`, :class:`Accumulation`,
+    :class:`BatchSource`, :class:`Distribution`, :class:`StepRunner`,
+    :class:`LossReadback`); it may use these hooks too. The default ``repr`` lists the
+    public attributes of the instance.
     """
 
-    #: Position among the strategies for :meth:`wrap_model` (ascending): in-place
-    #: module surgery first (checkpointing, 0), then wrappers (DDP 50, compile 100).
+    #: The role this strategy fills (set by the role classes); ``None``: it only adds.
+    role: ClassVar[str | None] = None
+    #: Position among the strategies for :meth:`wrap_model` (ascending): in-place module
+    #: surgery first (checkpointing, 0), then wrappers (DDP 50, compile 100).
     order: int = 0
 
-    # ------------------------------------------------------------------ ownership
-    def owned_hooks(self) -> frozenset[str]:
-        """The exclusive hooks this strategy owns: by default those its class overrides."""
-        cls = type(self)
-        return frozenset(
-            name for name in EXCLUSIVE_HOOKS if getattr(cls, name) is not getattr(Strategy, name)
-        )
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_hooks(cls)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: "FastTrainer") -> None:
         """Called once when the trainer is built, before the model is wrapped.
 
-        ``trainer.params`` and ``trainer.optimizer`` do not exist yet (they are built
-        after every set-up); use :meth:`on_epoch_start` for work that needs them, and
-        keep a reference to ``trainer`` here if a later hook (``before_clip``) needs it.
+        ``trainer.params`` and ``trainer.optimizer`` do not exist yet; use
+        :meth:`on_epoch_start` or :meth:`run_scope` for work that needs them.
         """
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
+    def wrap_model(self, trainer: "FastTrainer", model: nn.Module) -> nn.Module:
         """Return the module the loop calls (compiled, DDP-wrapped...). Default: unchanged."""
         return model
 
-    def build_optimizer(self, params: list[nn.Parameter], trainer: "FastTrainer") -> torch.optim.Optimizer:
-        """[exclusive] Build the optimizer over ``params``."""
-        raise NotImplementedError  # pragma: no cover - only called on owners
+    # ------------------------------------------------------------------ scopes
+    def run_scope(self, trainer: "FastTrainer") -> ContextManager[Any]:
+        """Entered around a whole ``fit`` or ``train_epoch`` call; its exit runs on every exit path."""
+        return contextlib.nullcontext()
 
-    # ------------------------------------------------------------------ data
-    def make_batches(self, trainer: "FastTrainer", source: "DataSource", epoch: int) -> Iterable[Any]:
-        """[exclusive] Yield the micro-batches of one epoch, on the trainer's device."""
-        raise NotImplementedError  # pragma: no cover
+    def epoch_scope(self, trainer: "FastTrainer", epoch: int) -> ContextManager[Any]:
+        """Entered around one epoch (``epoch`` counts from 0); its exit runs on every exit path."""
+        return contextlib.nullcontext()
 
-    def prepare_batch(self, batch: Any) -> Any:
+    # ------------------------------------------------------------------ events
+    def on_epoch_start(self, trainer: "FastTrainer", epoch: int) -> None:
+        """Called at the start of every epoch (``epoch`` counts from 0), inside the epoch's scopes."""
+
+    def prepare_batch(self, trainer: "FastTrainer", batch: Any) -> Any:
         """Transform one micro-batch after it reached the device (every strategy, in order)."""
         return batch
 
-    def accumulation_steps(self) -> int:
-        """[exclusive] Micro-batches per optimizer step."""
-        raise NotImplementedError  # pragma: no cover
+    def on_step_start(self, trainer: "FastTrainer") -> None:
+        """Called before every optimizer step's micro-batches run."""
 
-    # ------------------------------------------------------------------ the step
-    def train_step(self, trainer: "FastTrainer", micro_batches: list[Any]) -> None:
-        """[exclusive] Run one whole optimizer step over ``micro_batches``.
+    def before_clip(self, trainer: "FastTrainer") -> None:
+        """Called after the step's backward passes (gradients unscaled), before clipping.
 
-        The owner must leave the trainer as :meth:`FastTrainer.default_train_step` would:
-        parameters stepped, gradients cleared, the step's figures added to
-        ``trainer.meter`` (see :class:`hlbd_fast.trainer.EpochMeter`).
+        Under :class:`~hlbd_fast.strategies.CUDAGraphStep` this runs at capture only.
         """
-        raise NotImplementedError  # pragma: no cover
-
-    def global_token_count(self, local_tokens: torch.Tensor) -> torch.Tensor:
-        """[exclusive] The token count a step's summed loss is divided by (DDP: all ranks)."""
-        raise NotImplementedError  # pragma: no cover
-
-    def micro_step_context(self, last: bool) -> ContextManager[Any]:
-        """Entered around forward and backward of one micro-batch; ``last`` closes the step."""
-        return contextlib.nullcontext()
-
-    def forward_context(self) -> ContextManager[Any]:
-        """Entered around forward and loss (autocast)."""
-        return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """[exclusive] Backward of one micro-batch's normalised loss."""
-        raise NotImplementedError  # pragma: no cover
-
-    def before_clip(self, optimizer: torch.optim.Optimizer) -> None:
-        """Called before gradients are clipped (unscale fp16 gradients here)."""
-
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | bool:
-        """[exclusive] Step the optimizer; return whether the step was skipped.
-
-        A 0-d tensor is accepted so the answer can stay on the device (no host sync).
-        """
-        raise NotImplementedError  # pragma: no cover
-
-    # ------------------------------------------------------------------ bookkeeping
-    def on_epoch_start(self, trainer: "FastTrainer", epoch: int) -> None:
-        """Called at the start of every epoch (``epoch`` counts from 0)."""
 
     def on_step_end(self, trainer: "FastTrainer") -> None:
-        """Called after every optimizer step."""
+        """Called after every optimizer step (``trainer.global_step`` counts it)."""
 
-    def should_sync_loss(self, trainer: "FastTrainer", event: str) -> bool:
-        """[exclusive] Read the running loss back now? ``event`` is ``"micro_batch"`` or ``"step"``.
+    def on_loss_read(self, trainer: "FastTrainer", figures: "Figures") -> None:
+        """Called after every read-back of the running figures (no extra sync: they are on the host)."""
 
-        Each ``True`` costs one host-device sync. The epoch's end always reads once.
-        """
-        raise NotImplementedError  # pragma: no cover
-
-    def reduce_metrics(self, values: torch.Tensor) -> torch.Tensor:
-        """[exclusive] Combine the epoch's running figures across processes before read-back."""
-        raise NotImplementedError  # pragma: no cover
-
-    def on_epoch_end(self, trainer: "FastTrainer", record: Any) -> None:
+    def on_epoch_end(self, trainer: "FastTrainer", record: "EpochRecord") -> None:
         """Called with the finished :class:`~hlbd_fast.history.EpochRecord`; may fill ``record.extra``."""
-
-    def teardown(self, trainer: "FastTrainer") -> None:
-        """Called when ``fit`` ends, normally or not."""
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -190,3 +194,276 @@ class Strategy:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
+
+
+def _check_hooks(cls: type) -> None:
+    """Refuse, when the class is defined, hooks of 0.1 and hooks overridden with the wrong arguments."""
+    if cls.__module__ == __name__:
+        return  # the role classes themselves
+    for name, fix in _RETIRED.items():
+        if name in vars(cls) and not any(name in vars(base) for base in cls.__mro__[1:] if base is not object):
+            raise TypeError(f"{cls.__name__}.{name}: this hook was retired in hlbd_fast 0.2; {fix}")
+    for base in cls.__mro__[1:]:
+        for name, fn in vars(base).items():
+            if name.startswith("_") or name not in vars(cls) or not callable(fn) or isinstance(fn, (staticmethod, classmethod)):
+                continue
+            base_counts, counts = _positional_counts(fn), _positional_counts(vars(cls)[name])
+            if base_counts is None or counts is None:
+                continue
+            expected = base_counts[1]
+            if not counts[0] <= expected <= counts[1]:
+                wanted = ", ".join(list(inspect.signature(fn).parameters)[:expected])
+                raise TypeError(
+                    f"{cls.__name__}.{name} takes {counts[1]} positional arguments but the hook is called as "
+                    f"{name}({wanted}); since hlbd_fast 0.2 every hook receives the trainer first"
+                )
+        if base is Strategy:
+            break
+
+
+# ---------------------------------------------------------------------------- the roles
+class Precision(Strategy):
+    """Role ``precision``: the forward's numeric context, backward, unscaling and the optimizer step.
+
+    The default is the plain fp32 loop: no autocast, ``loss.backward()``, nothing to
+    unscale, ``optimizer.step()``.
+    """
+
+    role = "precision"
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether the step can be captured in a CUDA graph (False when the host decides to step)."""
+        return True
+
+    def forward_context(self, trainer: "FastTrainer") -> ContextManager[Any]:
+        """Entered around forward and loss (autocast)."""
+        return contextlib.nullcontext()
+
+    def backward(self, trainer: "FastTrainer", loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's normalised loss."""
+        loss.backward()
+
+    def unscale_gradients(self, trainer: "FastTrainer") -> None:
+        """Bring the gradients to their true scale before clipping (fp16 loss scaling)."""
+
+    def optimizer_step(self, trainer: "FastTrainer") -> torch.Tensor | bool:
+        """Step the optimizer; return whether the step was skipped (a 0-d tensor may stay on the device)."""
+        trainer.optimizer.step()
+        return False
+
+
+class OptimizerFactory(Strategy):
+    """Role ``optimizer``: builds the optimizer. Default: ``torch.optim.Adam(params, lr=trainer.lr)``."""
+
+    role = "optimizer"
+
+    def build_optimizer(self, trainer: "FastTrainer", params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """The optimizer over ``params``."""
+        return torch.optim.Adam(params, lr=trainer.lr)
+
+
+class GivenOptimizer(OptimizerFactory):
+    """The optimizer passed to ``FastTrainer(optimizer=...)``, used as it is."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def build_optimizer(self, trainer: "FastTrainer", params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        mine = {id(p) for p in trainer.model.parameters()}
+        theirs = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if not theirs or any(id(p) not in mine for p in theirs):
+            raise ValueError(
+                "optimizer does not hold this model's parameters; build it from model.parameters() "
+                "after moving the model to its device"
+            )
+        return self.optimizer
+
+    def __repr__(self) -> str:
+        return f"optimizer={type(self.optimizer).__name__}(...)"
+
+
+class Accumulation(Strategy):
+    """Role ``accumulation``: micro-batches per optimizer step. Default: 1."""
+
+    role = "accumulation"
+    steps: int = 1
+
+
+class BatchSource(Strategy):
+    """Role ``batches``: the micro-batches of an epoch. Default: host batches in the seeded order.
+
+    Tensors are sliced by :meth:`FastTrainer.epoch_order`, a Dataset is read by a
+    DataLoader over that order, a DataLoader is iterated as it is. The trainer moves
+    each batch to its device afterwards.
+    """
+
+    role = "batches"
+    #: Whether every batch comes from data validated whole (no per-batch check is needed).
+    prevalidated: bool = False
+
+    def batches(self, trainer: "FastTrainer", source: "DataSource", epoch: int) -> Iterable[Any]:
+        """The micro-batches of epoch ``epoch`` (0-based)."""
+        from ..batches import host_batches
+
+        return host_batches(trainer, source, epoch)
+
+    def num_batches(self, trainer: "FastTrainer", source: "DataSource") -> int | None:
+        """Micro-batches per epoch of this process, when known."""
+        return source.num_batches(trainer.roles.distribution)
+
+    def host_lengths(self, batch: Any) -> tuple[int, int] | None:
+        """The longest ``(src, tgt)`` row of ``batch`` when known on the host without a sync, else ``None``."""
+        return None
+
+
+class Distribution(Strategy):
+    """Role ``distribution``: how processes share the work. Default: one process, figures as they are."""
+
+    role = "distribution"
+
+    @property
+    def world_size(self) -> int:
+        """Number of processes."""
+        return 1
+
+    @property
+    def rank(self) -> int:
+        """This process's rank."""
+        return 0
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process logs, shows the bar and writes checkpoints."""
+        return self.rank == 0
+
+    def resolve_device(self, device: torch.device) -> torch.device:
+        """The device this process trains on, decided before the model is moved."""
+        return device
+
+    def batch_indices(self, trainer: "FastTrainer", order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+        """This process's micro-batches of an epoch as index tensors into the data, from the epoch's ``order``."""
+        return list(order.split(batch_size))
+
+    def iterate_loader(self, trainer: "FastTrainer", loader: Any, epoch: int) -> Iterable[Any]:
+        """The batches of a DataLoader given to ``fit`` (used as it is; it shards itself, if at all)."""
+        return loader
+
+    def gradient_sync(self, trainer: "FastTrainer", last: bool) -> ContextManager[Any]:
+        """Entered around one micro-batch's forward and backward; ``last`` closes the step."""
+        return contextlib.nullcontext()
+
+    def global_tokens(self, trainer: "FastTrainer", local: torch.Tensor) -> torch.Tensor:
+        """The token count a step's summed loss is divided by (``loss_normalization="tokens"``)."""
+        return local
+
+    def all_reduce(self, trainer: "FastTrainer", tensor: torch.Tensor, op: str) -> torch.Tensor:
+        """Combine ``tensor`` over processes with ``op`` (``"sum"`` or ``"max"``); one process: as it is."""
+        return tensor
+
+    def stand_ins(self, trainer: "FastTrainer") -> int:
+        """Micro-batches this process ran this epoch that hold no data (zero-token stand-ins)."""
+        return 0
+
+
+class StepRunner(Strategy):
+    """Role ``step``: runs one optimizer step. Default: the eager :meth:`FastTrainer.train_step`."""
+
+    role = "step"
+
+    def run_step(self, trainer: "FastTrainer", micro_batches: list[Any]) -> None:
+        """Run one whole optimizer step over ``micro_batches``.
+
+        A replacement must leave the trainer as :meth:`FastTrainer.train_step` does:
+        parameters stepped, gradients cleared, the step's figures in ``trainer.meter``.
+        """
+        trainer.train_step(micro_batches)
+
+
+class LossReadback(Strategy):
+    """Role ``readback``: when the running loss is read back to the host (each read is one sync).
+
+    Default: at a step's end when the progress bar would redraw (at most every 0.5 s),
+    and never mid-epoch when several processes train (each read is a collective, and
+    clocks differ between processes). The epoch's end always reads once.
+    """
+
+    role = "readback"
+
+    def __init__(self) -> None:
+        self._last_read = 0.0
+
+    def should_read(self, trainer: "FastTrainer", event: str) -> bool:
+        """Read now? ``event`` is ``"micro_batch"`` or ``"step"``."""
+        if event != "step" or not trainer.progress or trainer.roles.distribution.world_size > 1:
+            return False
+        now = time.perf_counter()
+        if now - getattr(self, "_last_read", 0.0) < _BAR_REFRESH_S:
+            return False
+        self._last_read = now
+        return True
+
+
+#: The role classes, by role name: the default object of each role is an instance.
+ROLE_CLASSES: dict[str, type[Strategy]] = {
+    "distribution": Distribution,
+    "precision": Precision,
+    "optimizer": OptimizerFactory,
+    "accumulation": Accumulation,
+    "batches": BatchSource,
+    "step": StepRunner,
+    "readback": LossReadback,
+}
+
+
+class Roles:
+    """The trainer's one object per role; a role nobody filled holds its plain default."""
+
+    __slots__ = ROLES
+
+    def __init__(self, **objects: Strategy) -> None:
+        for name in ROLES:
+            object.__setattr__(self, name, objects.get(name) or ROLE_CLASSES[name]())
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("roles are decided when the trainer is built")
+
+    def __iter__(self) -> Iterator[Strategy]:
+        """The role objects, in set-up order."""
+        return (getattr(self, name) for name in ROLES)
+
+    def __repr__(self) -> str:
+        return "Roles(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in ROLES) + ")"
+
+    # typed access (slots are filled in __init__)
+    distribution: Distribution
+    precision: Precision
+    optimizer: OptimizerFactory
+    accumulation: Accumulation
+    batches: BatchSource
+    step: StepRunner
+    readback: LossReadback
+
+
+def resolve_roles(strategies: Iterable[Strategy], optimizer: torch.optim.Optimizer | None) -> Roles:
+    """One object per role from the user's strategies (and ``optimizer=``); two for one role is an error."""
+    filled: dict[str, Strategy] = {}
+    if optimizer is not None:
+        filled["optimizer"] = GivenOptimizer(optimizer)
+    for s in strategies:
+        if s.role is None:
+            continue
+        if s.role not in ROLE_CLASSES:
+            raise ValueError(f"{s!r} claims unknown role {s.role!r}; the roles are {ROLES}")
+        if s.role in filled:
+            other = filled[s.role]
+            if isinstance(other, GivenOptimizer):
+                raise StrategyConflictError(
+                    f"an optimizer ({type(other.optimizer).__name__}) was given to FastTrainer and strategy {s!r} "
+                    "builds one too; keep one of them"
+                )
+            raise StrategyConflictError(
+                f"strategies {other!r} and {s!r} both fill the role '{s.role}' (only one may); keep one of them"
+            )
+        filled[s.role] = s
+    return Roles(**filled)

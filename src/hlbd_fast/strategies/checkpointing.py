@@ -9,13 +9,16 @@ As a plain function for a hand-written loop::
 from __future__ import annotations
 
 import types
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import Strategy
+from .base import Strategy, StrategyConflictError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..trainer import FastTrainer
 
 __all__ = ["GradientCheckpointing", "checkpoint_modules", "is_checkpointed"]
 
@@ -128,6 +131,7 @@ class GradientCheckpointing(Strategy):
     Raises:
         ValueError: at construction for a bad ``modules``; when the trainer is built, if
             no module matched (naming what was searched).
+        StrategyConflictError: with :class:`~hlbd_fast.strategies.CUDAGraphStep`.
     """
 
     order = 0
@@ -151,7 +155,18 @@ class GradientCheckpointing(Strategy):
         self.modules: list[ModuleSpec] | None = modules
         self.checkpointed: list[str] = []  # names of the modules wrapped, set by wrap_model
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
+    def setup(self, trainer: "FastTrainer") -> None:
+        """Refuse :class:`CUDAGraphStep`: checkpointing reads the CUDA RNG state in forward, which capture forbids."""
+        from .cuda_graph import CUDAGraphStep
+
+        if isinstance(trainer.roles.step, CUDAGraphStep):
+            raise StrategyConflictError(
+                "GradientCheckpointing cannot be combined with CUDAGraphStep: torch.utils.checkpoint reads the CUDA RNG "
+                "state in every checkpointed forward, which a CUDA graph capture refuses, so no step could be captured. "
+                "Keep one of them (checkpointing saves memory; the graph saves launch time)"
+            )
+
+    def wrap_model(self, trainer: "FastTrainer", model: nn.Module) -> nn.Module:
         """Checkpoint the chosen modules in place; the model object is returned unchanged."""
         self.checkpointed = checkpoint_modules(model, self.modules)
         return model

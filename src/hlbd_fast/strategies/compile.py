@@ -9,10 +9,11 @@ As a plain function for a hand-written loop::
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -425,7 +426,7 @@ class Compile(Strategy):
         """The :class:`CompiledModel` the loop calls (after the trainer is built)."""
         return self._compiled
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
+    def wrap_model(self, trainer: "FastTrainer", model: nn.Module) -> nn.Module:
         """Return the compiled wrapper of ``model``; compilation happens at the first call."""
         self._compiled = CompiledModel(
             model, mode=self.mode, fullgraph=self.fullgraph, dynamic=self.dynamic, strict=self.strict, backend=self.backend
@@ -442,6 +443,13 @@ class Compile(Strategy):
         if self._compiled is not None:
             self._compiled.warn_new_problems()
 
-    def teardown(self, trainer: "FastTrainer") -> None:
-        """Publish the report also when ``fit`` stopped mid-epoch."""
-        self._publish(trainer)
+    @contextlib.contextmanager
+    def _publishing(self, trainer: "FastTrainer") -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self._publish(trainer)
+
+    def run_scope(self, trainer: "FastTrainer") -> ContextManager[Any]:
+        """Publish the report when the run ends, also when it stopped mid-epoch or failed."""
+        return self._publishing(trainer)

@@ -2,7 +2,7 @@
 
 At HLBD's size (a 3+3-layer transformer, micro-batches of a few hundred tokens) a step
 is hundreds of tiny kernels, and launching them costs more than running them. A CUDA
-graph launches them all at once. The step captured is :meth:`FastTrainer.default_train_step`
+graph launches them all at once. The step captured is :meth:`FastTrainer.train_step`
 itself — every micro-batch's forward and backward, the on-device loss bookkeeping in
 ``trainer.meter``, clipping and the optimizer step — run on static input buffers that
 each step's batches are copied into on the device.
@@ -19,18 +19,19 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 import torch
 
-from .base import Strategy, StrategyConflictError
-from .data import GPUPreload
+from .base import StepRunner, StrategyConflictError
+from .data import DevicePreload
 from .sync import EagerLossSync
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import FastTrainer
 
-__all__ = ["CUDAGraphStep"]
+__all__ = ["CUDAGraphStep", "GraphBackend", "SyncFinding"]
 
 log = logging.getLogger("hlbd_fast")
 
-_SYNC_WARNING = "synchroniz"  # torch's sync-debug warning: "called a synchronizing CUDA operation"
+_SYNC_WARNING = "called a synchronizing CUDA operation"  # torch's sync-debug warning, one per sync
+_DEBUG_MODE_NOTICE = "Synchronization debug mode is a prototype feature"  # torch's one-time notice
 
 StepKey = tuple[Any, ...]
 
@@ -114,32 +115,92 @@ def _no_autocast_cache() -> Iterator[None]:
 
 
 @dataclass
-class _SyncFinding:
+class SyncFinding:
+    """What :meth:`GraphBackend.detect_syncs` saw."""
+
     message: str | None = None  # the first host-sync warning seen, if any
 
 
-@contextlib.contextmanager
-def _detect_syncs() -> Iterator[_SyncFinding]:
-    """Record whether the body makes a host-device sync torch can see (``.item()``, ``.cpu()``, ...).
+def _is_sync_warning(message: Any) -> bool:
+    return _SYNC_WARNING in str(message)
 
-    Uses torch's sync debug mode in "warn" mode, so the body completes normally.
+
+def _is_debug_mode_notice(message: Any) -> bool:
+    return _DEBUG_MODE_NOTICE in str(message)
+
+
+# ---------------------------------------------------------------------------- the CUDA seam
+class GraphBackend:
+    """What :class:`CUDAGraphStep` asks of CUDA: a side stream, sync detection, capture.
+
+    This class is the real thing. ``CUDAGraphStep(backend=...)`` takes a subclass, which
+    is how the tests drive the whole graph path (warm-up, capture per shape, replay,
+    fallbacks) on a CPU with a stand-in for the graph.
     """
-    finding = _SyncFinding()
-    previous = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            yield finding
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-    for w in caught:
-        if _SYNC_WARNING in str(w.message):
-            finding.message = f"{w.message} at {w.filename}:{w.lineno}"
-            break
-    for w in caught:  # hand the body's other warnings on
-        if _SYNC_WARNING not in str(w.message):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    def __init__(self) -> None:
+        self._streams: dict[Any, Any] = {}  # one side stream per device
+
+    def unavailable(self, device: torch.device) -> str | None:
+        """Why graphs cannot run on ``device``, or ``None`` when they can."""
+        if device.type != "cuda":
+            return f"the trainer's device is {device.type}; CUDA graphs need a CUDA device"
+        return None
+
+    def _stream(self, device: torch.device) -> Any:
+        if device not in self._streams:
+            with torch.cuda.device(device):  # a stream belongs to the device current when it is made
+                self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    @contextlib.contextmanager
+    def side_stream(self, device: torch.device) -> Iterator[None]:
+        """Run on a side stream of ``device``, ordered after and before the current stream's work (no host sync)."""
+        stream = self._stream(device)
+        with torch.cuda.device(device):
+            current = torch.cuda.current_stream(device)
+            stream.wait_stream(current)  # the side stream sees the static buffers just filled
+            with torch.cuda.stream(stream):
+                yield
+            current.wait_stream(stream)  # later work on the current stream sees the step's results
+
+    @contextlib.contextmanager
+    def detect_syncs(self) -> Iterator[SyncFinding]:
+        """Record whether the body makes a host-device sync torch can see (``.item()``, ``.cpu()``, ...).
+
+        Torch's sync debug mode in "warn" mode: the body completes normally. Only torch's
+        per-sync warning counts; the one-time notice torch prints when the mode is first
+        set in a process ("... a prototype feature ...") is not a sync.
+        """
+        finding = SyncFinding()
+        previous = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield finding
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        first = next((w for w in caught if _is_sync_warning(w.message)), None)
+        if first is not None:
+            finding.message = f"{first.message} at {first.filename}:{first.lineno}"
+        for w in caught:  # hand the body's other warnings on
+            if not _is_sync_warning(w.message) and not _is_debug_mode_notice(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    def capture(self, device: torch.device, step: Callable[[], None]) -> Any:
+        """Capture ``step`` into a new CUDA graph on the side stream (warm-up used the same stream)."""
+        stream = self._stream(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            # torch.cuda.graph synchronizes the device once before capturing (a one-off per shape)
+            with torch.cuda.graph(graph, stream=stream):
+                step()
+        return graph
+
+    def make_capturable(self, optimizer: torch.optim.Optimizer) -> None:
+        """Switch the optimizer to ``capturable=True`` (its step counters move to the device)."""
+        _make_capturable(optimizer)
 
 
 @dataclass
@@ -168,111 +229,126 @@ class _StepGraph:
 
 
 # ---------------------------------------------------------------------------- the strategy
-class CUDAGraphStep(Strategy):
+class CUDAGraphStep(StepRunner):
     """Run each optimizer step as one replayed CUDA graph: forward, backward, clipping, optimizer step.
 
-    Needs :class:`GPUPreload` (batches already on the device). Each step's micro-batches are
-    copied on the device into static buffers (``static.copy_(batch)``) and the graph of
-    :meth:`FastTrainer.default_train_step` over those buffers is replayed; the loss
-    bookkeeping in ``trainer.meter`` happens inside the graph, on the device, and the
-    meter's host counters are advanced after each replay.
+    Fills the ``step`` role. Needs :class:`DevicePreload` (batches already on the device).
+    Each step's micro-batches are copied on the device into static buffers
+    (``static.copy_(batch)``) and the graph of :meth:`FastTrainer.train_step` over those
+    buffers is replayed; the figures in ``trainer.meter`` are updated inside the graph, on
+    the device.
 
     **Shapes.** A graph is captured per step shape: the number of micro-batches, the rows of
     each, and the longest ``src``/``tgt`` among them (shorter micro-batches of one step —
     :class:`TrimPadding` buckets with accumulation — are padded up to it with ``pad_id`` in
     the static buffers). With :class:`TrimPadding` buckets that is one graph per bucket
     pair. A shape is run eagerly ``warmup_steps`` times, then captured the next time it
-    comes: the partial last step of an epoch (fewer micro-batches, or a smaller last batch
-    with ``GPUPreload(last_batch="keep")``) is captured like any other shape, epochs later.
+    comes: the partial last step of an epoch is captured like any other shape, epochs later.
     Each graph keeps its own memory pool.
 
     **Warm-up steps are real training steps** on the real batches, run eagerly on a side
     stream before capture (as CUDA graph capture requires), so nothing is trained twice or
     skipped. The optimizer is switched to ``capturable=True`` at the first step (Adam/AdamW
     and :class:`FusedAdamW` accept it; their step then keeps its counter and bias corrections
-    on the device). Replays compute what the same eager step computes with that optimizer;
-    Adam's capturable path computes its bias corrections in float32 on the device, so
-    against the default eager Adam results agree up to float rounding (the CUDA tests in
-    ``tests/test_cuda_graph.py`` assert both).
+    on the device). Replays compute what the same eager step computes with that optimizer.
 
     **Fallback.** On a non-CUDA device, or when the step cannot be captured — a host sync in
     the step (``.item()``, ``.cpu()``, printing a tensor, a Python ``if`` on a tensor: seen
     during warm-up with torch's sync debug mode) or a failed capture — every step runs
-    :meth:`FastTrainer.default_train_step` instead, with one warning naming the reason
-    (also in ``trainer.history.info["cuda_graph_fallback"]``). A failed capture runs no
-    kernel; its host-side effects (gradients, meter counters) are undone and the step is
-    then run eagerly, so training is the eager loop's.
+    :meth:`FastTrainer.train_step` instead, with one warning naming the reason (also in
+    ``trainer.history.info["cuda_graph_fallback"]`` and :attr:`fallback_reason`). A failed
+    capture runs no kernel; the gradients it assigned are dropped and the step is then run
+    eagerly, so training is the eager loop's.
 
     **Frozen at capture.** Python values the step reads are baked in: the optimizer's
     hyper-parameters (a changed ``lr`` or a new optimizer state, e.g. after ``load``, is
     detected and the graphs are captured again, with one warning), strategies' Python-side
-    work in their hooks (runs once, at capture), and Python branches in the model. Tensor
-    learning rates are read at replay. The wall seconds spent capturing (each capture starts
-    with one device sync) go to ``trainer.history.info["capture_seconds"]`` and the graph
-    count to ``["cuda_graphs"]``.
+    work in their hooks (``before_clip`` runs once, at capture), and Python branches in the
+    model. Tensor learning rates are read at replay. The wall seconds spent capturing go to
+    ``trainer.history.info["capture_seconds"]`` and the graph count to ``["cuda_graphs"]``.
 
-    Refused at construction: fp16 loss scaling (a ``backward``/``optimizer_step`` owner such
-    as ``MixedPrecision("fp16")``: the GradScaler decides on the host whether to step; use
-    ``MixedPrecision("bf16")``), and :class:`EagerLossSync` (it reads the loss after every
-    micro-batch; use :class:`DeferredLossSync`). bf16 autocast is captured with its weight
-    cache off (``cache_enabled=False``).
+    Refused at construction: fp16 loss scaling (a precision whose ``graph_safe`` is False,
+    such as ``MixedPrecision("fp16")``: the GradScaler decides on the host whether to step;
+    use ``MixedPrecision("bf16")``), :class:`EagerLossSync` (it reads the loss after every
+    micro-batch; use :class:`DeferredLossSync`) and :class:`GradientCheckpointing` (it reads
+    the CUDA RNG state in forward, which capture forbids). bf16 autocast is captured with
+    its weight cache off (``cache_enabled=False``).
 
     Args:
         warmup_steps: eager steps of each shape before it is captured (>= 1).
+        backend: how CUDA is driven (:class:`GraphBackend`); a stand-in lets the graph path
+            run on a CPU (the tests use one).
     """
 
-    def __init__(self, warmup_steps: int = 3) -> None:
+    def __init__(self, warmup_steps: int = 3, *, backend: GraphBackend | None = None) -> None:
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(
                 f"CUDAGraphStep(warmup_steps={warmup_steps!r}): warmup_steps must be an integer >= 1 "
                 "(capture needs eager steps first: lazy initialisation, optimizer state)"
             )
+        if backend is not None and not isinstance(backend, GraphBackend):
+            raise TypeError(f"CUDAGraphStep(backend={backend!r}): backend must be a GraphBackend (or None for CUDA)")
         self.warmup_steps = warmup_steps
         self.fallback_reason: str | None = None  # why steps run eagerly, once that happened
+        self._backend = backend if backend is not None else GraphBackend()
         self._step: Callable[["FastTrainer", list[Any]], None] = self._eager
         self._graphs: dict[StepKey, _StepGraph] = {}
-        self._stream: Any = None
         self._signature: tuple[Any, ...] | None = None
         self._tensors: tuple[int, ...] | None = None
         self._warned_recapture = False
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: "FastTrainer") -> None:
-        if not isinstance(trainer.owner("make_batches"), GPUPreload):
+        roles = trainer.roles
+        if not isinstance(roles.batches, DevicePreload):
             raise ValueError(
-                "CUDAGraphStep needs GPUPreload among the strategies (batches must already be on the device for the "
-                "graph's on-device copy into its static buffers); add GPUPreload() to strategies"
+                "CUDAGraphStep needs DevicePreload (GPUPreload) among the strategies: batches must already be on the "
+                "device for the graph's on-device copy into its static buffers; add DevicePreload() to strategies"
             )
-        for hook in ("backward", "optimizer_step"):
-            owner = trainer.owner(hook)
-            if owner is not None:
-                raise StrategyConflictError(
-                    f"CUDAGraphStep cannot capture {owner!r}, which owns '{hook}': fp16 loss scaling (GradScaler) decides "
-                    "on the host whether to step, which a replayed graph cannot do. Use MixedPrecision('bf16') (no "
-                    "scaler) with CUDAGraphStep, or drop CUDAGraphStep"
-                )
-        sync = trainer.owner("should_sync_loss")
-        if isinstance(sync, EagerLossSync):
+        if not roles.precision.graph_safe:
+            raise StrategyConflictError(
+                f"CUDAGraphStep cannot capture {roles.precision!r}: fp16 loss scaling (GradScaler) decides on the host "
+                "whether to step, which a replayed graph cannot do. Use MixedPrecision('bf16') (no scaler) with "
+                "CUDAGraphStep, or drop CUDAGraphStep"
+            )
+        if isinstance(roles.readback, EagerLossSync):
             raise StrategyConflictError(
                 "CUDAGraphStep replays a whole step at once, so the loss cannot be read back after every micro-batch "
-                "as EagerLossSync does; use DeferredLossSync() (or no sync strategy) with CUDAGraphStep"
+                "as EagerLossSync does; use DeferredLossSync() (or no read-back strategy) with CUDAGraphStep"
             )
-        if trainer.device.type != "cuda":
-            self._fall_back(trainer, f"the trainer's device is {trainer.device.type}; CUDA graphs need a CUDA device")
+        self._graphs.clear()
+        self.fallback_reason = None
+        reason = self._backend.unavailable(trainer.device)
+        if reason is not None:
+            self._fall_back(trainer, reason)
             return
         self._step = self._graphed
+
+    @property
+    def backend(self) -> GraphBackend:
+        """How this step drives CUDA (a stand-in when one was given)."""
+        return self._backend
 
     @property
     def graphing(self) -> bool:
         """Whether steps go through CUDA graphs (False on CPU and after a fallback)."""
         return self._step == self._graphed
 
+    @property
+    def graphs(self) -> int:
+        """Step graphs captured and kept now."""
+        return sum(g.graph is not None for g in self._graphs.values())
+
+    def shapes(self) -> list[StepKey]:
+        """The step shapes seen so far: ``(micro-batches, rows of each, src length, tgt length, dtypes)``."""
+        return list(self._graphs)
+
     # ------------------------------------------------------------------ the step
-    def train_step(self, trainer: "FastTrainer", micro_batches: list[Any]) -> None:
+    def run_step(self, trainer: "FastTrainer", micro_batches: list[Any]) -> None:
         self._step(trainer, micro_batches)
 
     def _eager(self, trainer: "FastTrainer", micro_batches: list[Any]) -> None:
-        trainer.default_train_step(micro_batches)
+        trainer.train_step(micro_batches)
 
     def _graphed(self, trainer: "FastTrainer", micro_batches: list[Any]) -> None:
         self._check_unchanged(trainer)
@@ -283,22 +359,15 @@ class CUDAGraphStep(Strategy):
         entry.load(micro_batches, trainer.pad_id)  # on-device copies into the static buffers
         if entry.graph is not None:
             entry.graph.replay()
-            self._count(trainer, len(micro_batches))
         elif entry.eager_steps < self.warmup_steps:
             self._warm_up(trainer, entry)
         else:
             self._capture(trainer, entry, micro_batches)
 
-    @staticmethod
-    def _count(trainer: "FastTrainer", micro: int) -> None:
-        """The meter's host counters: a replay advances only the device figures."""
-        trainer.meter.micro_batches += micro
-        trainer.meter.steps += 1
-
     def _warm_up(self, trainer: "FastTrainer", entry: _StepGraph) -> None:
         """One real eager step on the static buffers, on the side stream, watching for host syncs."""
-        with self._side_stream(), _no_autocast_cache(), self._detect_syncs() as found:
-            trainer.default_train_step(entry.batches)
+        with self._backend.side_stream(trainer.device), _no_autocast_cache(), self._backend.detect_syncs() as found:
+            trainer.train_step(entry.batches)
         entry.eager_steps += 1
         if found.message is not None:
             self._fall_back(
@@ -308,53 +377,25 @@ class CUDAGraphStep(Strategy):
             )
 
     def _capture(self, trainer: "FastTrainer", entry: _StepGraph, micro_batches: list[Any]) -> None:
-        meter = trainer.meter
-        counters = (meter.micro_batches, meter.steps)
         # gradients start as None so the graph allocates them in its own pool (and clears them itself)
         trainer.optimizer.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         try:
-            try:
-                with _no_autocast_cache():
-                    graph = self._capture_graph(lambda: trainer.default_train_step(entry.batches))
-            finally:
-                meter.micro_batches, meter.steps = counters  # capture ran the step's Python once, no kernel
+            with _no_autocast_cache():
+                graph = self._backend.capture(trainer.device, lambda: trainer.train_step(entry.batches))
         except Exception as e:  # noqa: BLE001 - any failure means: run eagerly, loudly
             trainer.optimizer.zero_grad(set_to_none=True)  # drop the gradients the capture assigned
             first_line = (str(e).strip().splitlines() or [""])[0]
             self._fall_back(trainer, f"capturing the step failed ({type(e).__name__}: {first_line})")
-            trainer.default_train_step(micro_batches)  # this step, eagerly
+            trainer.train_step(micro_batches)  # this step, eagerly
             return
         seconds = time.perf_counter() - t0
         entry.graph, entry.capture_seconds = graph, seconds
         info = trainer.history.info
         info["capture_seconds"] = info.get("capture_seconds", 0.0) + seconds
-        info["cuda_graphs"] = sum(g.graph is not None for g in self._graphs.values())
+        info["cuda_graphs"] = self.graphs
         log.info("CUDAGraphStep: captured a step of shape %s in %.2f s", _describe(entry), seconds)
         graph.replay()  # the capture itself ran nothing: this is the step
-        self._count(trainer, len(micro_batches))
-
-    # ------------------------------------------------------------------ CUDA specifics
-    def _side_stream(self) -> ContextManager[Any]:
-        """Run on the side stream, ordered after and before the current stream's work (no host sync)."""
-        if self._stream is None:
-            self._stream = torch.cuda.Stream()
-        return _on_stream(self._stream)
-
-    def _detect_syncs(self) -> ContextManager[_SyncFinding]:
-        return _detect_syncs()
-
-    def _capture_graph(self, step: Callable[[], None]) -> Any:
-        """Capture ``step`` into a new CUDA graph on the side stream (warm-up used the same stream)."""
-        if self._stream is None:
-            self._stream = torch.cuda.Stream()
-        graph = torch.cuda.CUDAGraph()
-        # the outer context restores the current stream even if capture_end raises inside torch.cuda.graph
-        with torch.cuda.stream(self._stream):
-            # torch.cuda.graph synchronizes the device once before capturing (a one-off per shape)
-            with torch.cuda.graph(graph, stream=self._stream):
-                step()
-        return graph
 
     # ------------------------------------------------------------------ invalidation
     def _check_unchanged(self, trainer: "FastTrainer") -> None:
@@ -364,7 +405,7 @@ class CUDAGraphStep(Strategy):
             return
         if self._signature is not None:
             self._drop_graphs("the optimizer changed (its hyper-parameters such as lr, its state, or the object)")
-        _make_capturable(trainer.optimizer)
+        self._backend.make_capturable(trainer.optimizer)
         self._signature = _signature(trainer)
 
     def on_epoch_start(self, trainer: "FastTrainer", epoch: int) -> None:
@@ -377,7 +418,7 @@ class CUDAGraphStep(Strategy):
         self._tensors = tensors
 
     def _drop_graphs(self, why: str) -> None:
-        captured = any(g.graph is not None for g in self._graphs.values())
+        captured = self.graphs > 0
         self._graphs.clear()
         if captured and not self._warned_recapture:
             self._warned_recapture = True
@@ -395,21 +436,9 @@ class CUDAGraphStep(Strategy):
         trainer.history.info["cuda_graph_fallback"] = reason
         warnings.warn(f"CUDAGraphStep: running the eager step instead of a CUDA graph: {reason}", stacklevel=4)
 
-    def teardown(self, trainer: "FastTrainer") -> None:
-        """Graphs are kept for a later ``fit`` of the same trainer; :meth:`release` frees them."""
-
     def release(self) -> None:
         """Free the captured graphs and their static buffers (a later step captures again)."""
         self._graphs.clear()
-
-
-@contextlib.contextmanager
-def _on_stream(stream: Any) -> Iterator[None]:
-    current = torch.cuda.current_stream()
-    stream.wait_stream(current)  # the side stream sees the static buffers just filled
-    with torch.cuda.stream(stream):
-        yield
-    current.wait_stream(stream)  # later work on the current stream sees the step's results
 
 
 def _describe(entry: _StepGraph) -> str:

@@ -1,28 +1,33 @@
 """Where the micro-batches come from: the whole dataset on the device, or worker processes.
 
-Both strategies own ``make_batches`` and yield the plain loop's batches in the plain
-loop's order (:meth:`FastTrainer.epoch_order`, a host permutation from the seed and the
-epoch), so they change the speed of the loop, not what it computes.
+Both strategies fill the ``batches`` role and yield the plain loop's batches in the plain
+loop's order (:func:`hlbd_fast.batches.epoch_order`, a host permutation from the seed and
+the epoch, cut into micro-batches by the distribution role, so both shard under DDP),
+so they change the speed of the loop, not what it computes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, TensorDataset, default_collate
 
-from .base import Strategy
+from .._validation import check_bool, check_positive_int
+from .base import BatchSource
 from .padding import row_lengths
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..trainer import DataSource, FastTrainer
+    from ..batches import DataSource
+    from ..trainer import FastTrainer
 
-__all__ = ["GPUPreload", "DataLoaderWorkers"]
+__all__ = ["DevicePreload", "DataLoaderWorkers"]
 
 log = logging.getLogger("hlbd_fast")
 
@@ -87,37 +92,31 @@ def _read_dataset(dataset: Any, collate: Callable[[list[Any]], Any]) -> tuple[to
         batch = collate(items)
     except Exception as e:  # noqa: BLE001 - re-raised with the fix
         raise ValueError(
-            f"GPUPreload could not stack the Dataset's {len(items)} items into tensors ({type(e).__name__}: {e}); "
+            f"DevicePreload could not stack the Dataset's {len(items)} items into tensors ({type(e).__name__}: {e}); "
             "its items must be (src, tgt) token tensors of one length each (pad them in the Dataset, as PairDataset does)"
         ) from e
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch)):
         raise ValueError(
-            f"GPUPreload needs Dataset items that are (src, tgt) pairs of token tensors; they collate to a {type(batch).__name__}"
+            f"DevicePreload needs Dataset items that are (src, tgt) pairs of token tensors; they collate to a {type(batch).__name__}"
             + (f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else "")
         )
     return batch[0], batch[1]
 
 
-def _batch_max(lengths: torch.Tensor, order: torch.Tensor, batch_size: int) -> list[int]:
-    """The longest row of each consecutive ``batch_size`` slice of ``order`` (host only)."""
-    m = lengths[order]
-    full = m.shape[0] // batch_size
-    out: list[int] = m[: full * batch_size].view(full, batch_size).amax(dim=1).tolist() if full else []
-    if m.shape[0] % batch_size:
-        out.append(int(m[full * batch_size :].max()))
-    return out
-
-
-class GPUPreload(Strategy):
+class DevicePreload(BatchSource):
     """Keep the whole dataset on the device and batch it there: no DataLoader, no per-batch copy.
+
+    Fills the ``batches`` role. On a CPU device the data stays where it is and only the
+    per-batch DataLoader work is saved. ``GPUPreload`` is its name of hlbd_fast 0.1.
 
     At the first epoch of a ``fit`` the data is read once (tensors as they are; a Dataset by
     reading every item once and collating them; a DataLoader through its map-style
     ``dataset``), validated once on the host and moved to the trainer's device once (left
     on the host when the device is the CPU). Each epoch the order is
     :meth:`FastTrainer.epoch_order` — the plain loop's host permutation — copied to the
-    device once, and every micro-batch is gathered there with ``index_select``: no host
-    sync per batch. The same data in a later ``fit`` is not read again; tensors changed in
+    device once, cut into micro-batches by the distribution role (under DDP each process
+    gathers its own shard), and every micro-batch is gathered there with ``index_select``:
+    no host sync per batch. The same data in a later ``fit`` is not read again; tensors changed in
     place are (their version counter changes).
 
     With tensors or a Dataset and ``last_batch="keep"`` the batches are exactly the plain
@@ -138,18 +137,32 @@ class GPUPreload(Strategy):
             token, so they add nothing to the loss, the token count or the gradients under
             either loss normalisation, and no row is all padding (no NaN in attention). The
             results equal ``"keep"`` up to float rounding when dropout is off (a larger batch
-            draws a different dropout mask).
+            draws a different dropout mask). Under DDP "drop" and "pad" apply to the global
+            batch (``batch_size`` x processes).
     """
+
+    prevalidated = True  # every batch is cut from data validated once at preload
 
     def __init__(self, last_batch: str = "keep") -> None:
         if last_batch not in _LAST_BATCH:
             raise ValueError(
-                f"GPUPreload(last_batch={last_batch!r}) must be one of {_LAST_BATCH}: 'keep' the smaller last batch "
+                f"DevicePreload(last_batch={last_batch!r}) must be one of {_LAST_BATCH}: 'keep' the smaller last batch "
                 "(the plain loop), 'drop' it, or 'pad' it to full size with rows that hold no target token"
             )
         self.last_batch = last_batch
+        self._loads = 0
         self._data: _Preloaded | None = None
         self._last: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
+
+    @property
+    def loads(self) -> int:
+        """How many times data was read and placed on the device (once per data, again after in-place changes)."""
+        return self._loads
+
+    @property
+    def preloaded(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The ``(src, tgt)`` tensors held on the device now, or ``None`` before the first epoch."""
+        return None if self._data is None else (self._data.src, self._data.tgt)
 
     # ------------------------------------------------------------------ preload
     def _preload(self, trainer: "FastTrainer", source: "DataSource") -> _Preloaded:
@@ -168,29 +181,29 @@ class GPUPreload(Strategy):
             ds = loader.dataset
             if isinstance(ds, IterableDataset) or not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
                 raise ValueError(
-                    f"GPUPreload needs tensors or a map-style Dataset; this DataLoader reads a {type(ds).__name__}, "
-                    "which cannot be indexed. Pass (src, tgt) tensors, or drop GPUPreload to use the DataLoader as it is"
+                    f"DevicePreload needs tensors or a map-style Dataset; this DataLoader reads a {type(ds).__name__}, "
+                    "which cannot be indexed. Pass (src, tgt) tensors, or drop DevicePreload to use the DataLoader as it is"
                 )
             if loader.batch_size is None:
                 raise ValueError(
-                    "GPUPreload needs a fixed batch size; this DataLoader uses a batch_sampler. "
+                    "DevicePreload needs a fixed batch size; this DataLoader uses a batch_sampler. "
                     "Pass its dataset and batch_size to fit() instead"
                 )
             batch_size = loader.batch_size
             shuffle = isinstance(loader.sampler, RandomSampler)
             warnings.warn(
-                f"GPUPreload reads the DataLoader's dataset once and batches it on the device itself: batch_size "
+                f"DevicePreload reads the DataLoader's dataset once and batches it on the device itself: batch_size "
                 f"{batch_size}, order from trainer.epoch_order (shuffle={shuffle}); the loader's sampler, drop_last and "
                 "workers are not used, so the order differs from iterating the loader. Pass the Dataset to fit() to "
                 "silence this",
                 stacklevel=4,
             )
             src, tgt = _read_dataset(ds, loader.collate_fn)
-        trainer.validate_tensors(src, tgt, where="GPUPreload data")  # once, reads values (a sync if on the device)
+        trainer.validate_tensors(src, tgt, where="DevicePreload data")  # once, reads values (a sync if on the device)
         n = int(src.shape[0])
         if self.last_batch == "drop" and n < batch_size:
             raise ValueError(
-                f"GPUPreload(last_batch='drop'): the data has {n} samples, fewer than batch_size={batch_size}, so every "
+                f"DevicePreload(last_batch='drop'): the data has {n} samples, fewer than batch_size={batch_size}, so every "
                 "batch would be dropped; use last_batch='keep' or a smaller batch_size"
             )
         pad = trainer.pad_id
@@ -207,32 +220,48 @@ class GPUPreload(Strategy):
             draws_seed=_plain_loop_draws_seed(source),
         )
         self._data = data
-        log.info("GPUPreload: %d pairs (src %s, tgt %s) read once and placed on %s", n, tuple(src.shape), tuple(tgt.shape), trainer.device)
+        self._loads += 1
+        log.info("DevicePreload: %d pairs (src %s, tgt %s) read once and placed on %s", n, tuple(src.shape), tuple(tgt.shape), trainer.device)
         return data
 
     # ------------------------------------------------------------------ batches
-    def make_batches(self, trainer: "FastTrainer", source: "DataSource", epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, trainer: "FastTrainer", source: "DataSource", epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         data = self._preload(trainer, source)
-        trainer.mark_batches_validated()  # every batch is cut from data validated once at preload
         n, bs = int(data.src.shape[0]), data.batch_size
         order = trainer.epoch_order(n, epoch) if data.shuffle else torch.arange(n)
         if data.draws_seed:
             _draw_like_a_dataloader()
-        full, rest = divmod(n, bs)
-        if rest and self.last_batch == "pad":
-            fill = order.repeat(math.ceil((bs - rest) / n))[: bs - rest]
-            order = torch.cat([order, fill])
-        src_max = _batch_max(data.src_len, order, bs)
-        tgt_max = _batch_max(data.tgt_len, order[:n], bs)  # pad rows hold one target token at most
+        order = self._last_batch_order(order, bs * trainer.roles.distribution.world_size)
+        chunks = trainer.roles.distribution.batch_indices(trainer, torch.arange(order.shape[0]), bs)
         idx = self._to_device(order, data.src.device)
-        for b in range(full):
-            yield self._gather(data, idx[b * bs : (b + 1) * bs], src_max[b], tgt_max[b])
-        if rest and self.last_batch == "keep":
-            yield self._gather(data, idx[full * bs :], src_max[full], tgt_max[full])
-        elif rest and self.last_batch == "pad":
-            s, t = self._gather(data, idx[full * bs :], src_max[full], max(tgt_max[full], 1))
-            t[rest:, 1:] = trainer.pad_id  # pad rows: first target token kept, nothing to predict
+        for pos in chunks:
+            rows = order[pos]
+            real = int((pos < n).sum())  # pad rows ("pad") come last in a chunk and hold no target token
+            src_len = int(data.src_len[rows].max())
+            tgt_len = max(int(data.tgt_len[rows[:real]].max()), 1) if real else 1
+            s, t = self._gather(data, _positions(idx, pos), src_len, tgt_len)
+            if real < len(pos):
+                t[real:, 1:] = trainer.pad_id  # pad rows: first target token kept, nothing to predict
             yield s, t
+
+    def _last_batch_order(self, order: torch.Tensor, global_batch: int) -> torch.Tensor:
+        """The epoch's order with its last, partial global batch kept, dropped or padded."""
+        n = order.shape[0]
+        rest = n % global_batch
+        if not rest or self.last_batch == "keep":
+            return order
+        if self.last_batch == "drop":
+            return order[: n - rest]
+        fill = order.repeat(math.ceil((global_batch - rest) / n))[: global_batch - rest]
+        return torch.cat([order, fill])
+
+    def num_batches(self, trainer: "FastTrainer", source: "DataSource") -> int | None:
+        """Micro-batches per epoch of this process (the data is preloaded first, once)."""
+        data = self._preload(trainer, source)
+        n = int(data.src.shape[0])
+        global_batch = data.batch_size * trainer.roles.distribution.world_size
+        full, rest = divmod(n, global_batch)
+        return full + (1 if rest and self.last_batch != "drop" else 0)
 
     def _gather(self, data: _Preloaded, idx: torch.Tensor, src_len: int, tgt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         s, t = data.src.index_select(0, idx), data.tgt.index_select(0, idx)
@@ -260,22 +289,34 @@ class GPUPreload(Strategy):
         return None
 
 
-# ---------------------------------------------------------------------------- DataLoaderWorkers
-class _EpochOrder(Sampler[int]):
-    """A sampler whose order is set before each epoch, so one persistent DataLoader follows it.
+def _positions(idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``idx[pos]`` on ``idx``'s device: a view when ``pos`` is a contiguous run (it always is for the built-in shardings)."""
+    first, count = int(pos[0]), pos.shape[0]
+    if int(pos[-1]) - first + 1 == count:
+        return idx[first : first + count]
+    return idx.index_select(0, pos.to(idx.device, non_blocking=True))
 
-    The main process iterates the sampler afresh at the start of every epoch (workers only
-    receive indices), so setting ``order`` before ``iter(loader)`` is enough.
+
+#: The name of 0.1, kept as an alias.
+GPUPreload = DevicePreload
+
+
+# ---------------------------------------------------------------------------- DataLoaderWorkers
+class _EpochBatches(Sampler[list[int]]):
+    """A batch sampler whose batches are set before each epoch, so one persistent DataLoader follows them.
+
+    The main process iterates the batch sampler afresh at the start of every epoch (workers
+    only receive indices), so setting ``batches`` before ``iter(loader)`` is enough.
     """
 
     def __init__(self) -> None:
-        self.order: list[int] = []
+        self.batches: list[list[int]] = []
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order)
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.batches)
 
 
 @dataclass
@@ -283,7 +324,7 @@ class _Workers:
     key: tuple[Any, ...]  # _source_key of the source it serves
     owner: Any  # the user's data object, kept alive so the ids in ``key`` stay valid
     loader: DataLoader  # built once; persistent workers survive between epochs
-    sampler: _EpochOrder
+    sampler: _EpochBatches
     n: int
     draws_seed: bool
 
@@ -323,42 +364,55 @@ def _check_tokenizers(dataset: Any) -> None:
             )
 
 
-class DataLoaderWorkers(Strategy):
-    """Load batches in worker processes, pinned, for data that stays on the host.
+def default_workers() -> int:
+    """Worker processes for this machine: one core stays with the training process, at most 4 workers."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(4, cores - 1))
+
+
+class DataLoaderWorkers(BatchSource):
+    """Load batches in worker processes, pinned, for data that stays on the host (role ``batches``).
 
     Builds one DataLoader per data (a ``TensorDataset`` for tensors, the Dataset as it is)
-    whose sampler follows :meth:`FastTrainer.epoch_order` every epoch, so the batches are
-    exactly the plain loop's; with ``persistent_workers`` the workers start once and serve
-    every epoch (the sampler's order is set before each). The global RNG is advanced as
-    the plain loop's DataLoader would, so dropout draws the same masks. Host-to-device
-    copies become ``non_blocking``. The workers stop when ``fit`` ends (:meth:`close`).
+    whose batch sampler follows the plain loop's micro-batches every epoch, so the batches
+    are exactly the plain loop's (sharded per process under DDP); with
+    ``persistent_workers`` the workers start once and serve every epoch and every later
+    ``fit`` or ``train_epoch`` on the same data. The global RNG is advanced as the plain
+    loop's DataLoader would, so dropout draws the same masks. The workers stop when a
+    run ends with an error, when other data comes, or at :meth:`close`.
 
     A Dataset whose ``tokenizer`` has ``is_frozen`` False is refused (each worker would
     grow its own vocabulary); one without ``is_frozen`` is used with a warning. A
     DataLoader given to ``fit`` is refused: this strategy builds its own.
 
     Args:
-        num_workers: worker processes (0: load in the main process).
+        num_workers: worker processes (0: load in the main process); ``None``: one per
+            core but one, at most 4 (:func:`default_workers`; 1 on a 2-core machine).
         pin_memory: pin batches so copies to the GPU overlap compute; only used when the
             trainer's device is CUDA (pinning is pointless for a CPU device).
         persistent_workers: keep the workers between epochs (ignored with 0 workers).
     """
 
-    def __init__(self, num_workers: int = 4, pin_memory: bool = True, persistent_workers: bool = True) -> None:
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"DataLoaderWorkers(num_workers={num_workers!r}): num_workers must be an integer >= 0")
-        for name, value in (("pin_memory", pin_memory), ("persistent_workers", persistent_workers)):
-            if not isinstance(value, bool):
-                raise ValueError(f"DataLoaderWorkers({name}={value!r}): {name} must be True or False")
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
+    def __init__(self, num_workers: int | None = None, pin_memory: bool = True, persistent_workers: bool = True) -> None:
+        owner = "DataLoaderWorkers"
+        if num_workers is None:
+            num_workers = default_workers()
+        self.num_workers = check_positive_int("num_workers", num_workers, owner, minimum=0)
+        self.pin_memory = check_bool("pin_memory", pin_memory, owner)
+        self.persistent_workers = check_bool("persistent_workers", persistent_workers, owner)
         self._pin = False
         self._workers: _Workers | None = None
 
     def setup(self, trainer: "FastTrainer") -> None:
-        trainer.non_blocking = True  # batches arrive pinned: copies need not block the host
         self._pin = self.pin_memory and trainer.device.type == "cuda"
+
+    @property
+    def workers_running(self) -> bool:
+        """Whether a DataLoader (and its worker processes, if any) is kept for the next epoch."""
+        return self._workers is not None
 
     def _loader_for(self, source: "DataSource") -> _Workers:
         key = _source_key(source)
@@ -376,11 +430,10 @@ class DataLoaderWorkers(Strategy):
             dataset = source.dataset
             if self.num_workers > 0:
                 _check_tokenizers(dataset)
-        sampler = _EpochOrder()
+        sampler = _EpochBatches()
         loader = DataLoader(
             dataset,
-            batch_size=source.batch_size,
-            sampler=sampler,
+            batch_sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self._pin,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
@@ -389,12 +442,25 @@ class DataLoaderWorkers(Strategy):
         self._workers = _Workers(key, _source_owner(source), loader, sampler, len(dataset), _plain_loop_draws_seed(source))
         return self._workers
 
-    def make_batches(self, trainer: "FastTrainer", source: "DataSource", epoch: int) -> Iterator[Any]:
+    def batches(self, trainer: "FastTrainer", source: "DataSource", epoch: int) -> Iterator[Any]:
         w = self._loader_for(source)
-        w.sampler.order = (trainer.epoch_order(w.n, epoch) if source.shuffle else torch.arange(w.n)).tolist()
+        order = trainer.epoch_order(w.n, epoch) if source.shuffle else torch.arange(w.n)
+        w.sampler.batches = [i.tolist() for i in trainer.roles.distribution.batch_indices(trainer, order, source.batch_size)]
         if w.draws_seed:
             _draw_like_a_dataloader()
         yield from w.loader
+
+    @contextlib.contextmanager
+    def _stop_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self.close()  # a failed run may have left workers mid-epoch
+            raise
+
+    def run_scope(self, trainer: "FastTrainer") -> ContextManager[Any]:
+        """Workers outlive a run that ends normally (the next run reuses them); an error stops them."""
+        return self._stop_on_error()
 
     def close(self) -> None:
         """Stop the worker processes (a later epoch starts new ones)."""
@@ -404,6 +470,3 @@ class DataLoaderWorkers(Strategy):
             if it is not None and hasattr(it, "_shutdown_workers"):
                 it._shutdown_workers()
             w.loader._iterator = None
-
-    def teardown(self, trainer: "FastTrainer") -> None:
-        self.close()

@@ -164,10 +164,10 @@ class FastDropout(Strategy):
 
     Covers every dropout of the model on CPU tensors in training mode (``nn.Dropout``,
     ``F.dropout``, ``dropout_p`` of ``scaled_dot_product_attention``). Its kernel is
-    registered from the first micro-batch of each epoch until the epoch ends (or ``fit``
-    ends, by an error too), so activation checkpointing's recomputation in backward draws
-    the same masks, and any ``bernoulli_(p)`` on a CPU tensor during the epoch goes
-    through it.
+    registered for each epoch (:meth:`epoch_scope`) and removed when the epoch ends, by an
+    error or a stop too, in ``fit`` and ``train_epoch`` alike; activation checkpointing's
+    recomputation in backward draws the same masks, and any ``bernoulli_(p)`` on a CPU
+    tensor during the epoch goes through it.
 
     * ``FastDropout()``: the same distribution as torch's dropout (keep probability
       ``1-p`` rounded up to a multiple of ``2**-32``), a different random stream:
@@ -189,7 +189,6 @@ class FastDropout(Strategy):
             raise ValueError(f"FastDropout(exact={exact!r}): exact must be True or False")
         self.exact = exact
         self._active = False
-        self._registered = False
         self._kernel = _BernoulliKernel(exact)
 
     @property
@@ -220,21 +219,6 @@ class FastDropout(Strategy):
         else:
             self._active = True
 
-    def micro_step_context(self, last: bool) -> ContextManager[Any]:
-        # the kernel is registered at the first micro-batch of an epoch and stays until the
-        # epoch ends (or fit ends, by an error too): one registration per epoch, not per micro-batch
-        if self._active and not self._registered:
-            self._kernel.__enter__()
-            self._registered = True
-        return contextlib.nullcontext()
-
-    def _unregister(self) -> None:
-        if self._registered:
-            self._registered = False
-            self._kernel.__exit__(None, None, None)
-
-    def on_epoch_end(self, trainer: "FastTrainer", record: Any) -> None:
-        self._unregister()
-
-    def teardown(self, trainer: "FastTrainer") -> None:
-        self._unregister()
+    def epoch_scope(self, trainer: "FastTrainer", epoch: int) -> ContextManager[Any]:
+        """The kernel is registered for the epoch (one registration, not one per micro-batch) and removed on every exit."""
+        return self._kernel if self._active else contextlib.nullcontext()

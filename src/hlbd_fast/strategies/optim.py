@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
 
-from .base import Strategy
+from .._validation import check_bool, check_number
+from .base import OptimizerFactory
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import FastTrainer
@@ -84,19 +84,10 @@ def fused_adamw(
     return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
-def _check_number(name: str, value: Any, low: float, low_inclusive: bool, high: float = math.inf, example: str = "") -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value >= low if low_inclusive else value > low) and value < high
-    if not ok:
-        bound = f"{'>=' if low_inclusive else '>'} {low:g}" + (f" and < {high:g}" if high < math.inf else "")
-        raise ValueError(f"FusedAdamW({name}={value!r}): {name} must be a finite number {bound}{example}")
-
-
-class FusedAdamW(Strategy):
+class FusedAdamW(OptimizerFactory):
     """Build the optimizer as AdamW with one fused kernel per step instead of a loop over parameters.
 
-    Owns ``build_optimizer``: ``torch.optim.AdamW(params, fused=True)`` on CUDA (and on
+    Fills the ``optimizer`` role: ``torch.optim.AdamW(params, fused=True)`` on CUDA (and on
     the CPU where torch has the fused kernel), else the ``foreach`` implementation,
     said once in the ``hlbd_fast`` log. With the defaults (``weight_decay=0``) AdamW is
     Adam, so ``FusedAdamW()`` computes the plain loop's default ``Adam(lr)`` update, up
@@ -128,17 +119,17 @@ class FusedAdamW(Strategy):
         eight_bit: bool = False,
         capturable: bool = False,
     ) -> None:
+        owner = "FusedAdamW"
         if lr is not None:
-            _check_number("lr", lr, 0.0, False, example=", or None to use the trainer's lr")
+            check_number("lr", lr, owner, hint=", or None to use the trainer's lr")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"FusedAdamW(betas={betas!r}): betas must be a pair (beta1, beta2), e.g. (0.9, 0.999)")
         for i, b in enumerate(betas):
-            _check_number(f"betas[{i}]", b, 0.0, True, 1.0, example=", e.g. betas=(0.9, 0.999)")
-        _check_number("eps", eps, 0.0, False, example=", e.g. 1e-8")
-        _check_number("weight_decay", weight_decay, 0.0, True, example=" (0 for plain Adam)")
-        for name, flag in (("eight_bit", eight_bit), ("capturable", capturable)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"FusedAdamW({name}={flag!r}): {name} must be True or False")
+            check_number(f"betas[{i}]", b, owner, low_inclusive=True, high=1.0, hint=", e.g. betas=(0.9, 0.999)")
+        check_number("eps", eps, owner, hint=", e.g. 1e-8")
+        check_number("weight_decay", weight_decay, owner, low_inclusive=True, hint=" (0 for plain Adam)")
+        check_bool("eight_bit", eight_bit, owner)
+        check_bool("capturable", capturable, owner)
         if eight_bit and capturable:
             raise ValueError("FusedAdamW(eight_bit=True, capturable=True): bitsandbytes' 8-bit AdamW cannot be captured; drop one of them")
         if eight_bit:
@@ -150,7 +141,7 @@ class FusedAdamW(Strategy):
         self.eight_bit = eight_bit
         self.capturable = capturable
 
-    def build_optimizer(self, params: list[nn.Parameter], trainer: "FastTrainer") -> torch.optim.Optimizer:
+    def build_optimizer(self, trainer: "FastTrainer", params: list[nn.Parameter]) -> torch.optim.Optimizer:
         """AdamW over ``params``: fused, foreach, or bitsandbytes' 8-bit."""
         lr = trainer.lr if self.lr is None else self.lr
         if self.eight_bit:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .base import Strategy
+from .._validation import check_bool, check_positive_int, extract_logits, replace_pair, token_loss_sum, token_pair
+from .base import BatchSource, Strategy
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import FastTrainer
@@ -41,33 +41,6 @@ def row_lengths(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
     return (tokens.ne(pad_id) * pos).amax(dim=1)
 
 
-def _pair(batch: Any, who: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(src, tgt)`` tensors of a batch, or a TypeError naming ``who``."""
-    if (
-        isinstance(batch, (tuple, list))
-        and len(batch) >= 2
-        and isinstance(batch[0], torch.Tensor)
-        and isinstance(batch[1], torch.Tensor)
-        and batch[0].dim() == 2
-        and batch[1].dim() == 2
-    ):
-        return batch[0], batch[1]
-    raise TypeError(
-        f"{who} needs batches that are (src, tgt, ...) tuples of 2-D token tensors; got {type(batch).__name__}. "
-        "Other batch formats: drop TrimPadding or cut the padding in your own collate function"
-    )
-
-
-def _replace_pair(batch: Any, src: torch.Tensor, tgt: torch.Tensor) -> Any:
-    """``batch`` with its first two items replaced, keeping its type (tuple, list, namedtuple)."""
-    rest = tuple(batch[2:])
-    if hasattr(batch, "_fields"):
-        return type(batch)(src, tgt, *rest)
-    if isinstance(batch, list):
-        return [src, tgt, *rest]
-    return (src, tgt) + rest
-
-
 # ---------------------------------------------------------------------------- verify_trim
 @dataclass(frozen=True)
 class TrimCheck:
@@ -84,19 +57,8 @@ class TrimCheck:
         return self.src_columns_cut + self.tgt_columns_cut
 
 
-def _logits(out: Any) -> torch.Tensor:
-    if isinstance(out, dict):
-        out = out["logits"]
-    elif isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, torch.Tensor) or out.dim() != 3:
-        raise ValueError("verify_trim: the model must return logits [B, T, V] (a tensor, a dict with 'logits' or a tuple starting with them)")
-    return out.float()
-
-
 def _mean_loss(logits: torch.Tensor, tgt_out: torch.Tensor, pad_id: int) -> torch.Tensor:
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=pad_id, reduction="sum")
-    return loss / tgt_out.ne(pad_id).sum().clamp(min=1)
+    return token_loss_sum(logits, tgt_out, pad_id) / tgt_out.ne(pad_id).sum().clamp(min=1)
 
 
 def verify_trim(model: nn.Module, batch: Any, pad_id: int = 0, tol: float = 1e-5) -> TrimCheck:
@@ -131,7 +93,7 @@ def verify_trim(model: nn.Module, batch: Any, pad_id: int = 0, tol: float = 1e-5
         raise ValueError(f"verify_trim: pad_id={pad_id!r} must be an int token id")
     if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol > 0):
         raise ValueError(f"verify_trim: tol={tol!r} must be a positive number, e.g. 1e-5")
-    src, tgt = _pair(batch, "verify_trim")
+    src, tgt = token_pair(batch, "verify_trim")
     if tgt.shape[1] < _MIN_TGT:
         raise ValueError(f"verify_trim: tgt has length {tgt.shape[1]}; targets need at least 2 tokens")
     weights = next(iter(model.parameters()), None)
@@ -148,8 +110,8 @@ def verify_trim(model: nn.Module, batch: Any, pad_id: int = 0, tol: float = 1e-5
     net.eval()
     try:
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            full = _logits(net(src, tgt[:, :-1]))
-            cut = _logits(net(src[:, :ks], tgt[:, : kt - 1]))
+            full = extract_logits(net(src, tgt[:, :-1]), src.shape[0], tgt.shape[1] - 1).float()
+            cut = extract_logits(net(src[:, :ks], tgt[:, : kt - 1]), src.shape[0], kt - 1).float()
     finally:
         net.train(was_training)
     tgt_out = tgt[:, 1:kt]
@@ -185,8 +147,8 @@ class TrimPadding(Strategy):
     ``tests/test_padding.py``; :func:`verify_trim` checks a model). The pad id is the
     trainer's ``pad_id``, for sources and targets alike.
 
-    Host syncs: the longest row must be known on the host to cut. With :class:`GPUPreload`
-    (or any ``make_batches`` owner with a ``host_lengths(batch)`` method) the lengths are
+    Host syncs: the longest row must be known on the host to cut. With :class:`DevicePreload`
+    (or any batch source whose ``host_lengths(batch)`` knows them) the lengths are
     known on the host from preload time: no sync at all. Otherwise the two lengths are read
     back together, one sync per micro-batch (none on a CPU device).
 
@@ -197,12 +159,14 @@ class TrimPadding(Strategy):
             shapes and :class:`CUDAGraphStep` captures one graph per bucket pair. Replaces
             ``multiple_of`` rounding when given.
         check: run :func:`verify_trim` on the first batch that has padding to cut and raise
-            if the model is not trim-exact (costs two extra forward passes, once).
+            if the model is not trim-exact (two extra forward passes, once). On by default,
+            and in every preset: a model that lets padding reach real positions (as one
+            without a source key-padding mask does) is refused instead of silently training
+            something else. ``False`` skips the proof, for a model you checked yourself.
     """
 
-    def __init__(self, multiple_of: int = 8, buckets: Sequence[int] | None = None, check: bool = False) -> None:
-        if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
-            raise ValueError(f"TrimPadding(multiple_of={multiple_of!r}): multiple_of must be an integer >= 1 (1: no rounding)")
+    def __init__(self, multiple_of: int = 8, buckets: Sequence[int] | None = None, check: bool = True) -> None:
+        check_positive_int("multiple_of", multiple_of, "TrimPadding", hint=" (1: no rounding)")
         if buckets is not None:
             if isinstance(buckets, (str, bytes)) or not isinstance(buckets, Sequence) or len(buckets) == 0:
                 raise ValueError(f"TrimPadding(buckets={buckets!r}): buckets must be a non-empty sequence of lengths, e.g. (16, 32, 48, 64), or None")
@@ -212,22 +176,22 @@ class TrimPadding(Strategy):
             if any(b <= a for a, b in zip(buckets, buckets[1:])):
                 raise ValueError(f"TrimPadding(buckets={buckets!r}): buckets must be strictly increasing, e.g. (16, 32, 48, 64)")
             buckets = tuple(buckets)
-        if not isinstance(check, bool):
-            raise ValueError(f"TrimPadding(check={check!r}): check must be True or False")
         self.multiple_of = multiple_of
         self.buckets: tuple[int, ...] | None = buckets
-        self.check = check
+        self.check = check_bool("check", check, "TrimPadding")
         self._pad_id = 0
         self._model: nn.Module | None = None
-        self._host_lengths: Callable[[Any], tuple[int, int] | None] | None = None
+        self._host_lengths: Callable[[Any], tuple[int, int] | None] = _no_lengths
         self._told_sync = False
         self._verify: Callable[[Any], None] = self._verify_batch if check else _no_check
 
     def setup(self, trainer: "FastTrainer") -> None:
         self._pad_id = trainer.pad_id
         self._model = trainer.model
-        provider = trainer.owner("make_batches")
-        self._host_lengths = getattr(provider, "host_lengths", None)
+        batches = trainer.roles.batches
+        knows = type(batches).host_lengths is not BatchSource.host_lengths
+        self._host_lengths = batches.host_lengths if knows else _no_lengths
+        self._verify = self._verify_batch if self.check else _no_check
 
     # ------------------------------------------------------------------ the cut
     def keep_length(self, needed: int, length: int, minimum: int = 1) -> int:
@@ -239,9 +203,9 @@ class TrimPadding(Strategy):
             k = math.ceil(n / self.multiple_of) * self.multiple_of
         return min(k, length)
 
-    def prepare_batch(self, batch: Any) -> Any:
-        src, tgt = _pair(batch, "TrimPadding")
-        lengths = self._host_lengths(batch) if self._host_lengths is not None else None
+    def prepare_batch(self, trainer: "FastTrainer", batch: Any) -> Any:
+        src, tgt = token_pair(batch, "TrimPadding")
+        lengths = self._host_lengths(batch)
         if lengths is None:
             lengths = self._device_lengths(src, tgt)
         self._verify(batch)
@@ -249,10 +213,10 @@ class TrimPadding(Strategy):
         kt = self.keep_length(lengths[1], tgt.shape[1], _MIN_TGT)
         if ks == src.shape[1] and kt == tgt.shape[1]:
             return batch
-        return _replace_pair(batch, src[:, :ks], tgt[:, :kt])
+        return replace_pair(batch, src[:, :ks], tgt[:, :kt])
 
     def _device_lengths(self, src: torch.Tensor, tgt: torch.Tensor) -> tuple[int, int]:
-        if self._host_lengths is not None and not self._told_sync:
+        if self._host_lengths is not _no_lengths and not self._told_sync:
             self._told_sync = True
             log.info("TrimPadding: the batch is not the one the data strategy yielded; reading its lengths back (one sync per batch)")
         both = torch.stack([row_lengths(src, self._pad_id).max(), row_lengths(tgt, self._pad_id).max()])
@@ -261,9 +225,21 @@ class TrimPadding(Strategy):
 
     def _verify_batch(self, batch: Any) -> None:
         assert self._model is not None, "TrimPadding.setup was not called"
-        if verify_trim(self._model, batch, self._pad_id).columns_cut > 0:
+        try:
+            cut = verify_trim(self._model, batch, self._pad_id).columns_cut
+        except ValueError as e:
+            raise ValueError(
+                f"TrimPadding refused this model on its first batch with padding to cut: {e}. "
+                "(TrimPadding(check=False) skips this proof; use it only for a model you have checked yourself)"
+            ) from None
+        if cut > 0:
             self._verify = _no_check  # proven on a batch with padding to cut; never again
 
 
 def _no_check(batch: Any) -> None:
     """The disabled check."""
+
+
+def _no_lengths(batch: Any) -> None:
+    """No host-known lengths: they are read back from the device."""
+    return None

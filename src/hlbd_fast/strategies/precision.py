@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, ContextManager
 import torch
 from torch import nn
 
-from .base import Strategy
+from .._validation import check_number, check_positive_int
+from .base import Precision
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..history import EpochRecord
@@ -52,7 +53,6 @@ PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "auto")
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: What "auto" resolves to where no reduced precision pays: autocast off.
 _FP32 = "fp32"
-_FP16_HOOKS = frozenset({"backward", "optimizer_step"})
 
 #: An epoch that skips more than this fraction of its steps (and at least
 #: ``_SKIP_WARN_MIN`` of them) draws a warning. A healthy run skips a few steps while the
@@ -219,17 +219,16 @@ def find_gradient_hooks(model: nn.Module) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- strategy
-class MixedPrecision(Strategy):
-    """Run forward and loss under autocast in bf16 or fp16.
+class MixedPrecision(Precision):
+    """Run forward and loss under autocast in bf16 or fp16 (role ``precision``).
 
     * ``"bf16"``: autocast only. bf16 has fp32's exponent range, so gradients do not
-      overflow and no scaler is needed; the strategy owns no exclusive hook.
+      overflow and no scaler is needed: backward and the step are the plain loop's.
     * ``"fp16"`` (CUDA only): autocast plus ONE :class:`torch.amp.GradScaler` created in
-      ``setup`` for the whole run and saved in checkpoints. It owns ``backward`` (scaled),
-      unscales before clipping, and owns ``optimizer_step`` (``scaler.step`` +
-      ``scaler.update``), which reports skipped steps to the trainer on the device; they
-      appear as ``EpochRecord.skipped_steps``. Each epoch's final scale is
-      ``record.extra["loss_scale"]``.
+      ``setup`` for the whole run and saved in checkpoints: the backward is scaled, the
+      gradients are unscaled before clipping, and ``scaler.step`` + ``scaler.update``
+      step the optimizer, reporting skipped steps on the device; they appear as
+      ``EpochRecord.skipped_steps``. Each epoch's final scale is ``record.extra["loss_scale"]``.
     * ``"auto"``: bf16 on CUDA devices that support it natively, fp16 on other CUDA
       devices, bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), and fp32 (autocast
       off, said once in the log) on other CPUs, where emulated bf16 is slower than fp32.
@@ -256,14 +255,10 @@ class MixedPrecision(Strategy):
     def __init__(self, dtype: str = "auto", *, init_scale: float = 2.0**16, growth_interval: int = 2000) -> None:
         if dtype not in PRECISIONS:
             raise ValueError(f"MixedPrecision(dtype={dtype!r}): dtype must be one of {PRECISIONS}, e.g. MixedPrecision('bf16')")
-        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not (0 < init_scale < math.inf):
-            raise ValueError(f"MixedPrecision(init_scale={init_scale!r}): init_scale must be a positive finite number, e.g. 2.0**16")
-        if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
-            raise ValueError(f"MixedPrecision(growth_interval={growth_interval!r}): growth_interval must be an integer >= 1, e.g. 2000")
         self.dtype = dtype
         self.resolved: str | None = None  # "bf16", "fp16" or "fp32" (auto, autocast off), set by setup()
-        self.init_scale = float(init_scale)
-        self.growth_interval = growth_interval
+        self.init_scale = check_number("init_scale", init_scale, "MixedPrecision", hint=", e.g. 2.0**16")
+        self.growth_interval = check_positive_int("growth_interval", growth_interval, "MixedPrecision", hint=", e.g. 2000")
         self._device: torch.device | None = None
         self._scaler: torch.amp.GradScaler | None = None
         self._warned: set[str] = set()
@@ -275,33 +270,15 @@ class MixedPrecision(Strategy):
         """The run's GradScaler (fp16), or ``None`` (bf16, or before ``setup``)."""
         return self._scaler
 
-    # ------------------------------------------------------------------ ownership
-    def owned_hooks(self) -> frozenset[str]:
-        """fp16 owns ``backward`` and ``optimizer_step``; bf16 owns nothing.
-
-        Ownership is fixed before :meth:`setup` sees the device, so ``"auto"`` claims the
-        fp16 hooks when this machine has a CUDA device without native bf16 (it may
-        resolve to fp16); should it then resolve to bf16, those hooks do the plain thing.
-        """
-        if self.resolved is not None:
-            return _FP16_HOOKS if self.resolved == "fp16" else frozenset()
-        if self.dtype == "fp16":
-            return _FP16_HOOKS
-        if self.dtype == "auto" and torch.cuda.is_available() and not _cuda_bf16(torch.device("cuda"), including_emulation=False):
-            return _FP16_HOOKS
-        return frozenset()
+    @property
+    def graph_safe(self) -> bool:
+        """fp16's GradScaler decides on the host whether to step, which a CUDA graph cannot replay."""
+        return self.resolved != "fp16"
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: "FastTrainer") -> None:
         """Resolve the dtype on the trainer's device; under fp16 create the run's one scaler."""
         resolved = resolve_dtype(self.dtype, trainer.device)
-        if resolved == "fp16" and trainer.owner("backward") is not self:
-            owner = trainer.owner("backward")
-            raise ValueError(
-                f"{self!r} resolved to fp16 on {trainer.device} but does not own the backward hook"
-                + (f" ({owner!r} does)" if owner is not None else "")
-                + "; use MixedPrecision('fp16') explicitly, or 'bf16'"
-            )
         self.resolved = resolved
         self._device = trainer.device
         self._warned = set()
@@ -342,7 +319,7 @@ class MixedPrecision(Strategy):
         )
 
     # ------------------------------------------------------------------ the step
-    def forward_context(self) -> ContextManager[Any]:
+    def forward_context(self, trainer: "FastTrainer") -> ContextManager[Any]:
         """Autocast in the resolved dtype on the trainer's device."""
         if self.resolved is None or self._device is None:
             raise RuntimeError(f"{self!r} is used before setup(trainer); pass it to FastTrainer(strategies=[...])")
@@ -350,23 +327,23 @@ class MixedPrecision(Strategy):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self._device.type, dtype=_TORCH_DTYPE[self.resolved])
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, trainer: "FastTrainer", loss: torch.Tensor) -> None:
         """fp16: backward of the scaled loss; otherwise the plain backward."""
         if self._scaler is not None:
             self._scaler.scale(loss).backward()
         else:
             loss.backward()
 
-    def before_clip(self, optimizer: torch.optim.Optimizer) -> None:
+    def unscale_gradients(self, trainer: "FastTrainer") -> None:
         """fp16: unscale the gradients in place, so clipping sees their true norm."""
         if self._scaler is not None:
-            self._scaler.unscale_(optimizer)
+            self._scaler.unscale_(trainer.optimizer)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | bool:
+    def optimizer_step(self, trainer: "FastTrainer") -> torch.Tensor | bool:
         """fp16: ``scaler.step`` + ``scaler.update``; the skipped flag stays on the device."""
         if self._scaler is not None:
-            return scaler_step(self._scaler, optimizer)
-        optimizer.step()
+            return scaler_step(self._scaler, trainer.optimizer)
+        trainer.optimizer.step()
         return False
 
     # ------------------------------------------------------------------ bookkeeping

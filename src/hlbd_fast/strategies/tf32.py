@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 
 import torch
 
@@ -20,29 +21,27 @@ log = logging.getLogger("hlbd_fast")
 class AllowTF32(Strategy):
     """Let CUDA matmuls and convolutions use TF32 (10-bit mantissa inputs, fp32 accumulation).
 
-    This changes results within float rounding of TF32, not bit for bit: the CUDA tests
-    compare a TF32 run's final loss with fp32 (within 0.5%). The setting is global in
-    PyTorch, so it is switched on when the trainer is built, said once in the log, and
-    restored when ``fit`` ends. On a CPU it does nothing.
+    This changes results within float rounding of TF32, not bit for bit. The setting is
+    global in PyTorch, so it is switched on for the length of each ``fit`` or
+    ``train_epoch`` (:meth:`run_scope`) and the previous flags are restored on every exit
+    path. On a CPU it does nothing.
     """
 
-    def __init__(self) -> None:
-        self._saved: tuple[bool, bool] | None = None
-
     def setup(self, trainer: "FastTrainer") -> None:
-        if trainer.device.type != "cuda":
-            return
-        self._saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        if trainer.device.type == "cuda":
+            trainer.history.info["tf32"] = True
+            log.info("AllowTF32: TF32 matmuls are on during training (results within TF32 rounding of fp32)")
+
+    @contextlib.contextmanager
+    def _tf32(self) -> Iterator[None]:
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        trainer.history.info["tf32"] = True
-        log.info("AllowTF32: TF32 matmuls are on for this run (results within TF32 rounding of fp32)")
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
-    def on_epoch_start(self, trainer: "FastTrainer", epoch: int) -> None:
-        if self._saved is not None:  # fit may be called again after teardown
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-
-    def teardown(self, trainer: "FastTrainer") -> None:
-        if self._saved is not None:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._saved
+    def run_scope(self, trainer: "FastTrainer") -> ContextManager[Any]:
+        """TF32 on for the run (CUDA only); the previous flags come back when it ends."""
+        return self._tf32() if trainer.device.type == "cuda" else contextlib.nullcontext()

@@ -1,0 +1,152 @@
+"""One helper for each check the library repeats: numbers, flags, token pairs, logits, the loss."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "check_positive_int",
+    "check_number",
+    "check_bool",
+    "is_token_pair",
+    "token_pair",
+    "replace_pair",
+    "check_token_dtype",
+    "infer_vocab_size",
+    "extract_logits",
+    "token_loss_sum",
+]
+
+
+def _who(owner: str, name: str) -> str:
+    return f"{owner}({name}=...)" if owner else name
+
+
+def check_positive_int(name: str, value: Any, owner: str = "", minimum: int = 1, hint: str = "") -> int:
+    """``value`` as an int when it is an integer >= ``minimum`` (bools refused), else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        where = f"{owner}({name}={value!r})" if owner else f"{name}={value!r}"
+        raise ValueError(f"{where}: {name} must be an integer >= {minimum}{hint}")
+    return int(value)
+
+
+def check_number(
+    name: str,
+    value: Any,
+    owner: str = "",
+    *,
+    low: float = 0.0,
+    low_inclusive: bool = False,
+    high: float = math.inf,
+    hint: str = "",
+) -> float:
+    """``value`` as a float when it is a finite real number in range (bools and strings refused)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value >= low if low_inclusive else value > low) and value < high
+    if not ok:
+        where = f"{owner}({name}={value!r})" if owner else f"{name}={value!r}"
+        bound = f"{'>=' if low_inclusive else '>'} {low:g}" + (f" and < {high:g}" if high < math.inf else "")
+        raise ValueError(f"{where}: {name} must be a finite number {bound}{hint}")
+    return float(value)
+
+
+def check_bool(name: str, value: Any, owner: str = "") -> bool:
+    """``value`` when it is exactly True or False."""
+    if not isinstance(value, bool):
+        where = f"{owner}({name}={value!r})" if owner else f"{name}={value!r}"
+        raise ValueError(f"{where}: {name} must be True or False")
+    return value
+
+
+def is_token_pair(batch: Any) -> bool:
+    """Whether ``batch`` is ``(src, tgt, ...)`` with two 2-D tensors first (a tuple, list or namedtuple)."""
+    return (
+        isinstance(batch, (tuple, list))
+        and len(batch) >= 2
+        and isinstance(batch[0], torch.Tensor)
+        and isinstance(batch[1], torch.Tensor)
+        and batch[0].dim() == 2
+        and batch[1].dim() == 2
+    )
+
+
+def token_pair(batch: Any, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(src, tgt)`` tensors of a batch, or a TypeError naming ``who`` and the fix."""
+    if is_token_pair(batch):
+        return batch[0], batch[1]
+    kind = type(batch).__name__
+    if isinstance(batch, dict):
+        kind = f"a dict with keys {sorted(map(str, batch))}"
+    elif isinstance(batch, (tuple, list)):
+        kind = f"a {kind} of {len(batch)} items"
+    raise TypeError(
+        f"{who} needs batches that are (src, tgt, ...) tuples of 2-D token tensors; got {kind}. "
+        "For other batch formats subclass FastTrainer and override forward_loss and count_tokens "
+        "(examples/custom_strategy.py), or drop the strategy"
+    )
+
+
+def replace_pair(batch: Any, src: torch.Tensor, tgt: torch.Tensor) -> Any:
+    """``batch`` with its first two items replaced, keeping its type (tuple, list, namedtuple)."""
+    rest = tuple(batch[2:])
+    if hasattr(batch, "_fields"):
+        return type(batch)(src, tgt, *rest)
+    if isinstance(batch, list):
+        return [src, tgt, *rest]
+    return (src, tgt) + rest
+
+
+def check_token_dtype(name: str, t: torch.Tensor, where: str) -> None:
+    """Token ids must be int64 (what ``nn.Embedding`` and ``cross_entropy`` targets take everywhere)."""
+    if t.dtype != torch.int64:
+        raise TypeError(
+            f"{where}: {name} has dtype {t.dtype}; token ids must be torch.int64 (int64 is what cross_entropy's "
+            f"targets need). Convert once with {name}.long()"
+        )
+
+
+def infer_vocab_size(model: nn.Module) -> int | None:
+    """The model's vocabulary: ``model.vocab_size``, else its largest embedding table, else ``None``."""
+    v = getattr(model, "vocab_size", None)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    return max(sizes) if sizes else None
+
+
+def extract_logits(out: Any, rows: int, length: int, vocab_size: int | None = None) -> torch.Tensor:
+    """Pull ``[rows, length, V]`` logits out of a model's output (tensor, dict or tuple) and check them (no sync)."""
+    if isinstance(out, dict):
+        if "logits" not in out:
+            raise ValueError(f"model returned a dict without 'logits' (keys: {sorted(out)}); return the logits under 'logits'")
+        out = out["logits"]
+    elif isinstance(out, (tuple, list)):
+        if not out:
+            raise ValueError("model returned an empty tuple; return logits [B, T, V] first")
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"model must return logits [B, T, V]; it returned {type(out).__name__}")
+    if out.dim() != 3 or out.shape[0] != rows or out.shape[1] != length:
+        raise ValueError(
+            f"model returned shape {tuple(out.shape)}; expected logits [B, T, V] = [{rows}, {length}, vocab] "
+            "for model(src, tgt[:, :-1]). A model that returns [T, B, V] needs batch_first=True"
+        )
+    if not out.is_floating_point():
+        raise ValueError(f"model returned {out.dtype} logits; expected floating point")
+    if vocab_size is not None and out.shape[-1] < vocab_size:
+        raise ValueError(
+            f"model returned logits over {out.shape[-1]} ids but its vocabulary has {vocab_size} "
+            "(model.vocab_size or its largest nn.Embedding); the output layer must cover every id"
+        )
+    return out
+
+
+def token_loss_sum(logits: torch.Tensor, tgt_out: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Cross-entropy summed over the non-pad positions of ``tgt_out`` (0-d tensor, no sync)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=pad_id, reduction="sum")

@@ -1,0 +1,290 @@
+"""Checkpoints: what a trainer's state is, how it is written and read, and how it is applied.
+
+* Written atomically (:func:`hlbd_fast._io.atomic_write`) with a SHA-256 of the payload,
+  verified on read: a damaged file is an error, never silently different weights.
+* Never written with non-finite weights.
+* Applied only after everything in it was checked against the trainer (model shapes,
+  optimizer class and groups, accumulation, loss normalisation, stateful strategies);
+  should applying still fail, the trainer is put back as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import logging
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._io import atomic_write
+from .history import History
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .trainer import FastTrainer
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "CheckpointError",
+    "write_checkpoint",
+    "read_checkpoint",
+    "load_weights",
+    "rng_state",
+    "set_rng_state",
+    "trainer_state",
+    "apply_trainer_state",
+]
+
+log = logging.getLogger("hlbd_fast")
+
+#: File name of the rolling checkpoint written in ``checkpoint_dir``.
+CHECKPOINT_NAME = "last.pt"
+_FORMAT = "hlbd_fast.checkpoint/2"  # an envelope: payload bytes and their SHA-256
+_OLD_FORMAT = "hlbd_fast.checkpoint/1"  # 0.1: the state itself, no checksum (still read)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read (missing, damaged, foreign) or does not fit this trainer."""
+
+
+# ---------------------------------------------------------------------------- RNG
+def rng_state() -> dict[str, Any]:
+    """Every random generator a run draws from: torch (CPU and initialised CUDA), Python, NumPy."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(py[1]) + [py[0]],
+        "python_gauss": py[2],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[-1], tuple(py[:-1]), state["python_gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------- files
+def write_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``state`` to ``path`` atomically, with a SHA-256 of its serialised bytes."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
+    envelope = {
+        "format": _FORMAT,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
+    }
+    return atomic_write(path, lambda f: torch.save(envelope, f))
+
+
+def _torch_load(source: Any, path: Path, what: str) -> Any:
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is a damaged or foreign file
+        raise CheckpointError(
+            f"checkpoint {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"{what}"
+        ) from None
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and verify a checkpoint written by :func:`write_checkpoint` (or by hlbd_fast 0.1).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: not a hlbd_fast checkpoint, or its bytes do not match their checksum.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    outer = _torch_load(path, path, "it is not a hlbd_fast checkpoint, or it is damaged")
+    fmt = outer.get("format") if isinstance(outer, dict) else None
+    if fmt == _OLD_FORMAT:
+        log.info("checkpoint %s was written by hlbd_fast 0.1: it carries no checksum", path)
+        return outer
+    if fmt != _FORMAT or not isinstance(outer.get("payload"), torch.Tensor):
+        raise CheckpointError(f"{path} is not a hlbd_fast checkpoint (format {fmt!r})")
+    payload = outer["payload"].numpy().tobytes()
+    if hashlib.sha256(payload).hexdigest() != outer.get("sha256"):
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its bytes do not match the SHA-256 stored when it was written; "
+            "restore it from a copy or train again from an earlier checkpoint"
+        )
+    state = _torch_load(io.BytesIO(payload), path, "its payload is damaged")
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"checkpoint {path} holds no model state")
+    return state
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Load only the model weights of a checkpoint into ``model`` (inference; no trainer needed).
+
+    Returns the model configuration stored with the checkpoint (``model.config`` as a dict,
+    when the model had a dataclass ``config``), or ``None``. Touches no RNG state.
+
+    Raises:
+        FileNotFoundError, CheckpointError: as :func:`read_checkpoint`; also when the
+            weights do not fit ``model`` (the message names the differences).
+    """
+    state = read_checkpoint(path)
+    check_model_state(model, state["model"], Path(path))
+    model.load_state_dict(state["model"])
+    return state.get("model_config")
+
+
+# ---------------------------------------------------------------------------- the trainer's state
+def trainer_state(trainer: "FastTrainer", mid_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a run needs to continue exactly: weights, optimizer, strategies, counters, RNG, history."""
+    import dataclasses
+
+    cfg = getattr(trainer.model, "config", None)
+    return {
+        "format": _OLD_FORMAT,  # the inner state keeps 0.1's layout, extended
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "optimizer_class": type(trainer.optimizer).__name__,
+        "strategies": [{"type": type(s).__name__, "state": s.state_dict()} for s in trainer.strategies],
+        "epoch": trainer.epoch,
+        "global_step": trainer.global_step,
+        "seed": trainer.seed,
+        "loss_normalization": trainer.loss_normalization,
+        "accumulation": trainer.accumulation,
+        "rng": rng_state(),
+        "history": trainer.history.to_dict(),
+        "model_config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) else None,
+        "mid_epoch": mid_epoch,
+    }
+
+
+def check_model_state(model: nn.Module, saved: dict[str, Any], path: Path | None) -> None:
+    """Raise :class:`CheckpointError` naming missing, unexpected or reshaped weights."""
+    mine = model.state_dict()
+    where = f"checkpoint {path}" if path else "the state"
+    problems = [f"missing {k}" for k in mine if k not in saved]
+    problems += [f"unexpected {k}" for k in saved if k not in mine]
+    problems += [
+        f"{k}: {tuple(saved[k].shape)} saved, {tuple(v.shape)} here"
+        for k, v in mine.items()
+        if k in saved and isinstance(v, torch.Tensor) and isinstance(saved[k], torch.Tensor) and saved[k].shape != v.shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CheckpointError(f"{where} does not fit this model ({shown}); build the model as it was when it was saved")
+
+
+def _check_optimizer(trainer: "FastTrainer", state: dict[str, Any], where: str) -> None:
+    saved_cls = state.get("optimizer_class")
+    mine = type(trainer.optimizer).__name__
+    if saved_cls is not None and saved_cls != mine:
+        raise CheckpointError(
+            f"{where} was written with optimizer {saved_cls}; this trainer uses {mine}. Build the trainer with the same "
+            "optimizer (strategies such as FusedAdamW choose it), or load only the weights with load_weights()"
+        )
+    saved_groups = state["optimizer"].get("param_groups", [])
+    sizes = [len(g["params"]) for g in saved_groups]
+    here = [len(g["params"]) for g in trainer.optimizer.param_groups]
+    if sizes != here:
+        raise CheckpointError(f"{where}: the optimizer had parameter groups of sizes {sizes}; this one has {here}")
+
+
+def _strategy_states(trainer: "FastTrainer", state: dict[str, Any], where: str) -> list[tuple[Any, dict[str, Any]]]:
+    """Pair saved strategy states with this trainer's strategies (by type and position among that type)."""
+    mine: dict[str, list[Any]] = {}
+    for s in trainer.strategies:
+        mine.setdefault(type(s).__name__, []).append(s)
+    seen: dict[str, int] = {}
+    pairs = []
+    for entry in state["strategies"]:
+        k = seen[entry["type"]] = seen.get(entry["type"], -1) + 1
+        if not entry["state"]:
+            continue  # a strategy without state (a logger, a sync policy) may be added or dropped
+        candidates = mine.get(entry["type"], [])
+        if k >= len(candidates):
+            saved = [e["type"] for e in state["strategies"]]
+            raise CheckpointError(
+                f"{where} holds the state of strategy {entry['type']} but this trainer has none "
+                f"(saved with {saved}, now {[type(s).__name__ for s in trainer.strategies]}); "
+                "build the trainer with the same strategies"
+            )
+        pairs.append((candidates[k], entry["state"]))
+    return pairs
+
+
+def _check_structure(trainer: "FastTrainer", state: dict[str, Any], where: str) -> None:
+    for key, mine, what in (
+        ("accumulation", trainer.accumulation, "GradientAccumulation steps"),
+        ("loss_normalization", trainer.loss_normalization, "loss_normalization"),
+    ):
+        saved = state.get(key)
+        if saved is not None and saved != mine:
+            raise CheckpointError(
+                f"{where} was trained with {what} {saved!r}; this trainer has {mine!r}. Resume with the same setting "
+                "(a different one trains something else from here on)"
+            )
+
+
+def _restored_hyperparameters(trainer: "FastTrainer", state: dict[str, Any]) -> list[str]:
+    """The optimizer settings the checkpoint brings back that differ from this trainer's."""
+    changed = []
+    for i, (saved, mine) in enumerate(zip(state["optimizer"].get("param_groups", []), trainer.optimizer.param_groups)):
+        for k, v in saved.items():
+            if k == "params" or k not in mine or isinstance(v, torch.Tensor) or isinstance(mine[k], torch.Tensor):
+                continue
+            if v != mine[k]:
+                changed.append(f"{k}={v!r} (the trainer was built with {mine[k]!r})" + (f" in group {i}" if i else ""))
+    return changed
+
+
+def apply_trainer_state(trainer: "FastTrainer", state: dict[str, Any], path: Path | None = None) -> dict[str, Any] | None:
+    """Check ``state`` against ``trainer`` whole, then apply it; return its mid-epoch part (or ``None``).
+
+    Nothing is applied unless everything fits; should applying fail anyway, the trainer
+    is restored to what it was and the error raised as :class:`CheckpointError`.
+    """
+    where = f"checkpoint {path}" if path else "the state"
+    check_model_state(trainer.model, state["model"], path)
+    _check_optimizer(trainer, state, where)
+    _check_structure(trainer, state, where)
+    pairs = _strategy_states(trainer, state, where)
+    changed = _restored_hyperparameters(trainer, state)
+    before = copy.deepcopy(trainer_state(trainer))  # to put back should applying fail half-way
+    try:
+        _apply(trainer, state, pairs)
+    except Exception as e:
+        _apply(trainer, before, _strategy_states(trainer, before, "the trainer's own state"))
+        raise CheckpointError(f"{where} could not be applied ({type(e).__name__}: {e}); the trainer is unchanged") from e
+    if changed:
+        warnings.warn(f"{where} restores the optimizer's {', '.join(changed)}", stacklevel=3)
+    return state.get("mid_epoch")
+
+
+def _apply(trainer: "FastTrainer", state: dict[str, Any], pairs: list[tuple[Any, dict[str, Any]]]) -> None:
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    for strategy, st in pairs:
+        strategy.load_state_dict(st)
+    trainer.epoch = int(state["epoch"])
+    trainer.global_step = int(state["global_step"])
+    trainer.seed = int(state["seed"])
+    trainer.lr = float(trainer.optimizer.param_groups[0]["lr"])
+    trainer.history = History.from_dict(state["history"])
+    trainer.meter.set_step(trainer.global_step)
+    set_rng_state(state["rng"])
