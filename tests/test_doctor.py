@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from hlbd_fast import EagerLossSync, FastDropout, GradientAccumulation
+from hlbd_fast import DeferredLossSync, EagerLossSync, FastDropout, GradientAccumulation
+from hlbd_fast import doctor
 from hlbd_fast.doctor import Diagnosis, DoctorError, diagnose, main
 from hlbd_fast.strategies.dropout import torch_draws_dropout_serially
 from conftest import TinySeq2Seq, ragged_pairs
@@ -137,6 +138,25 @@ def test_loss_read_back_counted_and_deferred_sync_recommended(one_thread):
     assert any(r.strategies == ["TrimPadding"] for r in clean.recommendations)
 
 
+def test_step_read_backs_counted_and_hooks_removed(one_thread):
+    """A read after every step comes after on_step_end: the pass's last one still counts, the epoch's closing read does not."""
+    torch.manual_seed(0)
+    model = TinySeq2Seq()
+    d = diagnose(model, ragged_pairs(n=40), strategies=[DeferredLossSync(every=1)], steps=3, batch_size=4, warmup=1, copy_model=False)
+    assert d.sync_sources == [("(loss read-back)", "aten::tolist (loss read-back)", 1.0)]
+    assert any("DeferredLossSync" in r.strategies for r in d.recommendations)
+    assert d.strategies == ["DeferredLossSync(every=1)"]  # the doctor's own probe is not listed
+    # the given model was trained in place, and every hook the doctor put on it is gone
+    for m in model.modules():
+        assert not m._forward_pre_hooks and not m._forward_hooks, m
+
+
+def test_only_the_per_sync_cuda_warning_counts():
+    assert doctor._is_sync_warning(UserWarning("called a synchronizing CUDA operation (Triggered internally at c10/cuda/CUDAFunctions.cpp:151.)"))
+    notice = "Synchronization debug mode is a prototype feature and does not yet detect all synchronizing operations"
+    assert not doctor._is_sync_warning(UserWarning(notice))
+
+
 class DropoutHeavy(nn.Module):
     """A tiny seq2seq model whose step is mostly dropout on a wide hidden layer."""
 
@@ -211,6 +231,19 @@ def test_cli_on_a_factory(tmp_path, monkeypatch, capsys, one_thread):
     assert "TinySeq2Seq on cpu; 2 steps of 1 x 4 samples" in text and "Recommendations" in text
     saved = json.loads(out.read_text())
     assert saved["model"] == "TinySeq2Seq" and saved["batch_size"] == 4 and saved["steps"] == 2
+
+
+def test_cli_refuses_an_unwritable_json_path_before_training(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("diagnose ran although --json cannot be written")
+
+    monkeypatch.setattr(doctor, "diagnose", no_training)
+    assert main(["--steps", "1", "--json", str(tmp_path / "file.txt" / "out.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hlbd-fast doctor: error: ") and "--json" in err and "file.txt" in err
+    assert len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize(
