@@ -258,3 +258,15 @@ def test_without_a_length_provider_the_lengths_are_read_from_the_batch():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrimPadding(**kwargs)
+
+
+def test_presets_never_trim_a_model_that_lets_padding_leak():
+    """fastest trims; on a model that pools over padding it stops at the first batch, before any step."""
+    model = PoolsOverPadding()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = FastTrainer.from_preset(model, "fastest", device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"TrimPadding refused this model.*Mask padding in the model.*check=False"):
+        trainer.fit(padded_pairs(), 1, batch_size=8)
+    assert trainer.global_step == 0 and all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    assert TrimPadding().check is True  # the proof is on unless a user turns it off
+    FastTrainer(PoolsOverPadding(), strategies=[TrimPadding(check=False)], progress=False).fit(padded_pairs(), 1, batch_size=8)

@@ -128,14 +128,38 @@ class Noop(Strategy):
     pass
 
 
-@pytest.mark.parametrize("use_loader", [False, True])
-def test_resume_mid_epoch_equals_uninterrupted(pairs, tmp_path, use_loader):
-    """(d) Ctrl-C in the middle of an epoch: checkpoint, resume, same weights and losses."""
+class Augmenting(torch.utils.data.Dataset):
+    """Replaces a random source token with a random id on every read: draws from torch's global RNG."""
+
+    def __init__(self, src, tgt):
+        self.src, self.tgt = src, tgt
+
+    def __len__(self):
+        return len(self.src)
+
+    def __getitem__(self, i):
+        s = self.src[i].clone()
+        j = int(torch.randint(0, int((s != 0).sum()), ()))
+        s[j] = int(torch.randint(4, 23, ()))
+        return s, self.tgt[i]
+
+
+@pytest.mark.parametrize("data_kind", ["tensors", "loader", "augmenting dataset"])
+def test_resume_mid_epoch_equals_uninterrupted(pairs, tmp_path, data_kind):
+    """(d) Ctrl-C in the middle of an epoch: checkpoint, resume, same weights and losses.
+
+    The augmenting Dataset draws from the RNG whenever a batch is fetched: the state saved at
+    the stop must be the one before the loop looked at the next batch.
+    """
     from conftest import TinySeq2Seq
     torch.manual_seed(0)
     base = TinySeq2Seq(dropout=0.3)
     full, part = clone(base), clone(base)
-    data = DataLoader(TensorDataset(*pairs), batch_size=4, shuffle=True) if use_loader else pairs
+    data = {
+        "tensors": pairs,
+        "loader": DataLoader(TensorDataset(*pairs), batch_size=4, shuffle=True),
+        "augmenting dataset": Augmenting(*pairs),
+    }[data_kind]
 
     torch.manual_seed(7)
     h_full = FastTrainer(full, strategies=[GradientAccumulation(2), Noop()], seed=5, progress=False).fit(data, 2, batch_size=4)

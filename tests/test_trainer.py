@@ -176,6 +176,11 @@ def test_bad_deferred_every(arg):
         (torch.ones(4, 5, dtype=torch.long), torch.ones(4, 1, dtype=torch.long), ValueError, "at least 2 tokens"),
         (torch.full((4, 5), -1), torch.ones(4, 6, dtype=torch.long), ValueError, "token id -1"),
         (torch.full((4, 5), 23), torch.ones(4, 6, dtype=torch.long), ValueError, "token id 23 but the model's vocabulary has 23"),
+        # integer ids of other widths fail inside torch (cross_entropy wants int64 targets): named here instead
+        (torch.ones(4, 5, dtype=torch.int8), torch.ones(4, 6, dtype=torch.long), TypeError, r"src has dtype torch.int8.*src.long\(\)"),
+        (torch.ones(4, 5, dtype=torch.uint8), torch.ones(4, 6, dtype=torch.long), TypeError, "src has dtype torch.uint8"),
+        (torch.ones(4, 5, dtype=torch.long), torch.ones(4, 6, dtype=torch.int16), TypeError, "tgt has dtype torch.int16"),
+        (torch.ones(4, 5, dtype=torch.long), torch.ones(4, 6, dtype=torch.int32), TypeError, r"tgt has dtype torch.int32.*tgt.long\(\)"),
     ],
 )
 def test_bad_tensors_are_named(src, tgt, error, match):
@@ -203,6 +208,58 @@ def test_empty_data():
         make().fit((torch.ones(0, 5, dtype=torch.long), torch.ones(0, 6, dtype=torch.long)), 1)
     with pytest.raises(TypeError, match="must be a \\(src, tgt\\) pair"):
         make().fit([1, 2, 3], 1)
+
+
+class DictPairs(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return {"src": torch.ones(5, dtype=torch.long), "tgt": torch.ones(6, dtype=torch.long)}
+
+
+def test_dict_batches_without_a_forward_loss_for_them_are_explained():
+    with pytest.raises(TypeError, match=r"a dict with keys \['src', 'tgt'\].*override forward_loss and count_tokens"):
+        make().fit(DictPairs(), 1, batch_size=2)
+
+
+def test_logits_narrower_than_the_vocabulary_are_named(pairs):
+    class Narrow(TinySeq2Seq):
+        def forward(self, src, tgt_in):
+            return super().forward(src, tgt_in)[..., :10]
+
+    with pytest.raises(ValueError, match="logits over 10 ids but its vocabulary has 23"):
+        make(Narrow()).fit(pairs, 1, batch_size=8)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"lr": True}, "lr=True"),
+    ({"lr": float("inf")}, "lr=inf.*finite"),
+    ({"lr": float("nan")}, "lr=nan"),
+    ({"lr": "1e-3"}, "lr='1e-3'"),
+    ({"max_grad_norm": "1"}, "max_grad_norm='1'"),
+    ({"max_grad_norm": float("nan")}, "max_grad_norm=nan"),
+    ({"pad_id": 23}, "pad_id=23 is outside the model's vocabulary of 23"),
+    ({"pad_id": -1}, "pad_id=-1"),
+    ({"pad_id": 1.0}, "pad_id=1.0"),
+    ({"progress": "yes"}, "progress='yes'"),
+    ({"seed": 1.5}, "seed=1.5"),
+    ({"strategies": GradientAccumulation(2)}, "list of Strategy instances"),
+])
+def test_bad_values_are_refused_naming_the_argument(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make(**kw)
+
+
+def test_strategies_none_means_none(pairs):
+    t = make(strategies=None)
+    assert t.strategies == () and math.isfinite(t.fit(pairs, 1, batch_size=8).losses[0])
+
+
+def test_the_same_strategy_instance_twice_is_refused():
+    s = GradientAccumulation(2)
+    with pytest.raises(ValueError, match="listed twice"):
+        make(strategies=[s, s])
 
 
 def test_bad_constructor_arguments():

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
@@ -266,20 +267,27 @@ def apply_trainer_state(trainer: "FastTrainer", state: dict[str, Any], path: Pat
     pairs = _strategy_states(trainer, state, where)
     changed = _restored_hyperparameters(trainer, state)
     before = copy.deepcopy(trainer_state(trainer))  # to put back should applying fail half-way
+    strategies_before = {id(s): copy.deepcopy(s.state_dict()) for s, _ in pairs}
+    touched: list[Any] = []
     try:
-        _apply(trainer, state, pairs)
+        _apply(trainer, state, pairs, touched)
     except Exception as e:
-        _apply(trainer, before, _strategy_states(trainer, before, "the trainer's own state"))
+        _apply(trainer, before, [], [])
+        for s in touched:
+            with contextlib.suppress(Exception):  # best effort: the strategy's own error is the one to report
+                s.load_state_dict(strategies_before[id(s)])
         raise CheckpointError(f"{where} could not be applied ({type(e).__name__}: {e}); the trainer is unchanged") from e
     if changed:
         warnings.warn(f"{where} restores the optimizer's {', '.join(changed)}", stacklevel=3)
     return state.get("mid_epoch")
 
 
-def _apply(trainer: "FastTrainer", state: dict[str, Any], pairs: list[tuple[Any, dict[str, Any]]]) -> None:
+def _apply(trainer: "FastTrainer", state: dict[str, Any], pairs: list[tuple[Any, dict[str, Any]]], touched: list[Any]) -> None:
+    """Apply ``state``; ``touched`` collects the strategies whose state was (being) loaded."""
     trainer.model.load_state_dict(state["model"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     for strategy, st in pairs:
+        touched.append(strategy)
         strategy.load_state_dict(st)
     trainer.epoch = int(state["epoch"])
     trainer.global_step = int(state["global_step"])

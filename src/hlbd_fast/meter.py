@@ -18,7 +18,7 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from .strategies.base import Distribution
 
-__all__ = ["EpochMeter", "Figures", "NonFiniteError", "NonFiniteLossError", "NonFiniteGradientError"]
+__all__ = ["EpochMeter", "Figures", "NonFiniteError", "NonFiniteLossError", "NonFiniteGradientError", "raise_if_diverged"]
 
 
 class NonFiniteError(FloatingPointError):
@@ -144,16 +144,17 @@ def _step_of(slot: float) -> int | None:
 def raise_if_diverged(figures: Figures, epoch: int, checkpoint: Any) -> None:
     """Raise :class:`NonFiniteLossError` / :class:`NonFiniteGradientError` when the figures saw one."""
     where = f"; the last checkpoint {checkpoint} is untouched" if checkpoint else ""
-    if figures.bad_loss_step is not None:
-        step = figures.bad_loss_step + 1
+    loss_at, grad_at = figures.bad_loss_step, figures.bad_grad_step
+    if loss_at is not None and (grad_at is None or loss_at <= grad_at):
+        step = loss_at + 1
         raise NonFiniteLossError(
             f"loss became NaN or inf at epoch {epoch}, optimizer step {step} (counted over the run){where}. "
             "Lower lr, keep max_grad_norm on, or check the data for ids the model cannot embed",
             epoch=epoch,
             step=step,
         )
-    if figures.bad_grad_step is not None:
-        step = figures.bad_grad_step + 1
+    if grad_at is not None:
+        step = grad_at + 1
         raise NonFiniteGradientError(
             f"gradients became NaN or inf at epoch {epoch}, optimizer step {step} (counted over the run) while the loss "
             f"was finite, so the weights are no longer finite{where}. Look for an operation whose backward overflows "

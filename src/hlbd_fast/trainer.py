@@ -176,7 +176,7 @@ class FastTrainer:
 
     def count_tokens(self, batch: Any) -> torch.Tensor:
         """Non-pad target tokens of a micro-batch (0-d tensor on the device)."""
-        return (batch[1][:, 1:] != self.pad_id).sum()
+        return (token_pair(batch, "FastTrainer.count_tokens")[1][:, 1:] != self.pad_id).sum()
 
     def _normalise(self, loss_sum: torch.Tensor, n_tokens: torch.Tensor, step_tokens: torch.Tensor) -> torch.Tensor:
         if self.loss_normalization == "tokens":

@@ -203,6 +203,12 @@ def _check_hooks(cls: type) -> None:
     for name, fix in _RETIRED.items():
         if name in vars(cls) and not any(name in vars(base) for base in cls.__mro__[1:] if base is not object):
             raise TypeError(f"{cls.__name__}.{name}: this hook was retired in hlbd_fast 0.2; {fix}")
+    old_clip = vars(cls).get("before_clip")
+    if callable(old_clip) and list(inspect.signature(old_clip).parameters)[1:2] == ["optimizer"]:
+        raise TypeError(
+            f"{cls.__name__}.before_clip(self, optimizer): since hlbd_fast 0.2 the hook receives the trainer "
+            "(before_clip(self, trainer)); the optimizer is trainer.optimizer"
+        )
     for base in cls.__mro__[1:]:
         for name, fn in vars(base).items():
             if name.startswith("_") or name not in vars(cls) or not callable(fn) or isinstance(fn, (staticmethod, classmethod)):
