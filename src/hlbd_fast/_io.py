@@ -1,13 +1,15 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Files and signals: atomic writes (a reader sees the old file or the new one), writable-path probes, Ctrl-C."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Any, Callable, Iterator
 
-__all__ = ["atomic_write", "check_writable_dir", "check_writable_file"]
+__all__ = ["atomic_write", "check_writable_dir", "check_writable_file", "ctrl_c_requests_stop"]
 
 _TMP_MARK = ".tmp-"
 
@@ -95,3 +97,31 @@ def check_writable_file(path: str | os.PathLike[str], what: str) -> Path:
     if path.exists() and not os.access(path, os.W_OK):
         raise ValueError(f"{what} {str(path)!r} exists and is read-only; choose another path")
     return path
+
+
+@contextlib.contextmanager
+def ctrl_c_requests_stop(trainer: Any) -> Iterator[None]:
+    """While training with a checkpoint: Ctrl-C finishes the step, writes a checkpoint, then raises KeyboardInterrupt.
+
+    A second Ctrl-C stops at once. Only in the main thread (signals go there); without a
+    checkpoint path Ctrl-C keeps its usual meaning.
+    """
+    if trainer.checkpoint_path is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    interrupted = False
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        if interrupted:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        interrupted = True
+        trainer.request_stop()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt(f"training interrupted; checkpoint written to {trainer.checkpoint_path}")

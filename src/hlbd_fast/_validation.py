@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: FastTrainer's ``loss_normalization`` values.
+NORMALISATIONS = ("tokens", "micro_batch")
+
 __all__ = [
+    "check_strategies",
+    "check_trainer_arguments",
+    "check_pad_id",
     "check_positive_int",
     "check_number",
     "check_bool",
@@ -150,3 +156,48 @@ def extract_logits(out: Any, rows: int, length: int, vocab_size: int | None = No
 def token_loss_sum(logits: torch.Tensor, tgt_out: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Cross-entropy summed over the non-pad positions of ``tgt_out`` (0-d tensor, no sync)."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=pad_id, reduction="sum")
+
+
+def check_strategies(strategies: Any) -> tuple[Strategy, ...]:
+    """The trainer's strategies as a tuple: ``None`` is none; classes, non-strategies and repeats are refused."""
+    from .strategies.base import Strategy
+
+    if strategies is None:
+        return ()
+    if isinstance(strategies, Strategy) or not isinstance(strategies, (list, tuple)):
+        raise TypeError(f"strategies must be a list of Strategy instances, e.g. [GradientAccumulation(8)]; got {strategies!r}")
+    for s in strategies:
+        if not isinstance(s, Strategy):
+            raise TypeError(
+                f"strategies must be Strategy instances; got {s!r} ({type(s).__name__}). "
+                "Did you pass the class instead of an instance, e.g. GradientAccumulation instead of GradientAccumulation(8)?"
+            )
+    if len({id(s) for s in strategies}) != len(strategies):
+        raise ValueError("the same strategy instance is listed twice; build one instance per use")
+    return tuple(strategies)
+
+
+def check_trainer_arguments(model: Any, lr: Any, max_grad_norm: Any, normalization: Any, progress: Any, batch_size: Any, seed: Any) -> None:
+    """FastTrainer's scalar arguments, each refused with its name and the fix."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_number("lr", lr, hint=", e.g. lr=5e-5")
+    if max_grad_norm is not None:
+        check_number("max_grad_norm", max_grad_norm, hint=", or None to disable clipping")
+    if normalization not in NORMALISATIONS:
+        raise ValueError(
+            f"loss_normalization={normalization!r} is not one of {NORMALISATIONS}; "
+            "use 'tokens' (exact under any batch split) or 'micro_batch' (the classic loop)"
+        )
+    check_bool("progress", progress)
+    check_positive_int("batch_size", batch_size)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed={seed!r} must be an integer, or None to follow torch.manual_seed")
+
+
+def check_pad_id(pad_id: Any, vocab_size: int | None) -> int:
+    """An int id >= 0 inside the model's vocabulary (when known)."""
+    check_positive_int("pad_id", pad_id, minimum=0)
+    if vocab_size is not None and pad_id >= vocab_size:
+        raise ValueError(f"pad_id={pad_id} is outside the model's vocabulary of {vocab_size} ids; use the tokenizer's pad_id")
+    return int(pad_id)

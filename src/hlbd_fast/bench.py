@@ -79,6 +79,7 @@ from .presets import Preset, resolve_preset
 from .strategies.base import Strategy
 from .strategies.cuda_graph import CUDAGraphStep
 from .strategies.data import DataLoaderWorkers
+from .checkpoint import rng_state, set_rng_state
 from .trainer import FastTrainer
 
 __all__ = ["ROWS", "CPU_DEFAULT_ROWS", "CPU_TIME_BUDGET_S", "resolve_rows", "reference_data", "machine_info", "BenchError", "RowSpec", "compare_rows", "run_bench", "format_table", "main"]
@@ -284,16 +285,6 @@ class _EpochLog(Strategy):
         log.info("  %s: epoch %d/%d  loss %.4f  %.2f s", self._row, record.epoch, self._epochs, record.loss, record.seconds)
 
 
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else None
-
-
-def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
-
-
 def _spec(table: dict[str, Callable[[torch.device], Any]], name: str, device: torch.device) -> RowSpec:
     spec = table[name](device)
     return RowSpec(spec) if isinstance(spec, Preset) else spec
@@ -396,7 +387,7 @@ class _Row:
                 strategies=(_EpochLog(self.name, self.epochs),), device=device, seed=seed, progress=False,
             )
             self.history = self.trainer.history
-            self.rng = _rng_state(device)  # as the trainer's seed left it
+            self.rng = rng_state()  # as the trainer's seed left it
 
         self._guarded(build)
 
@@ -411,14 +402,14 @@ class _Row:
         def epoch() -> None:
             # each row continues its own random stream (dropout, DataLoader seeds), as if it ran alone
             if self.rng is not None:
-                _set_rng_state(self.rng)
+                set_rng_state(self.rng)
             if measure_memory:
                 start, peak = _peak_memory(device, fit)
                 self.before = start if self.done == 1 else self.before
                 self.peak = max(self.peak, peak)
             else:
                 fit()
-            self.rng = _rng_state(device)
+            self.rng = rng_state()
             if round_no is not None:
                 self.rounds.append(round_no)
 
@@ -599,7 +590,7 @@ def run_bench(
 
 
 def _check_epochs(epochs: Any, what: str) -> int:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:  # a command-line flag: its own wording
         raise BenchError(f"{what} {epochs!r} must be an integer >= 1")
     return epochs
 

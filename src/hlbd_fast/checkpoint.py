@@ -27,6 +27,7 @@ from torch import nn
 
 from ._io import atomic_write
 from .history import History
+from .meter import NonFiniteError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import FastTrainer
@@ -41,6 +42,9 @@ __all__ = [
     "set_rng_state",
     "trainer_state",
     "apply_trainer_state",
+    "mid_epoch_state",
+    "write_trainer_checkpoint",
+    "check_resume",
 ]
 
 log = logging.getLogger("hlbd_fast")
@@ -173,6 +177,51 @@ def trainer_state(trainer: "FastTrainer", mid_epoch: dict[str, Any] | None = Non
         "model_config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) else None,
         "mid_epoch": mid_epoch,
     }
+
+
+def mid_epoch_state(trainer: "FastTrainer", epoch_state: dict[str, Any]) -> dict[str, Any]:
+    """Where a run stopped inside an epoch: enough to continue it exactly (same batches, same RNG draws)."""
+    return {
+        "micro_batch_in_epoch": epoch_state["micro"],
+        "steps_in_epoch": epoch_state["steps"],
+        "meter": trainer.meter.state_dict(),
+        "epoch_start_rng": epoch_state["start_rng"],
+        "rng": epoch_state.get("stop_rng") or rng_state(),  # taken before the loop looked at the next batch
+        "batch_size": epoch_state["batch_size"],
+        "world_size": trainer.roles.distribution.world_size,
+    }
+
+
+def write_trainer_checkpoint(trainer: "FastTrainer", path: Path, mid_epoch: dict[str, Any] | None) -> None:
+    """Write the trainer's state to ``path``; refused (and nothing written) when a weight is NaN or inf."""
+    finite = torch.stack([p.detach().isfinite().all() for p in trainer.model.parameters()]).all()
+    if not bool(finite):  # host sync: once per checkpoint, which reads every weight anyway
+        raise NonFiniteError(
+            f"the model's weights hold NaN or inf at epoch {trainer.epoch + 1}, step {trainer.global_step}; "
+            f"no checkpoint was written to {path} (the previous one is untouched)",
+            epoch=trainer.epoch + 1,
+            step=trainer.global_step,
+        )
+    write_checkpoint(trainer_state(trainer, mid_epoch), path)
+    log.info("checkpoint written to %s (epoch %d, step %d)", path, trainer.epoch, trainer.global_step)
+
+
+def check_resume(resume: dict[str, Any], source: Any, distribution: Any) -> None:
+    """Refuse to continue a mid-epoch checkpoint with other batching than it stopped with."""
+    saved_bs, saved_world = resume.get("batch_size"), resume.get("world_size")
+    if saved_bs is not None and source.loader is None and saved_bs != source.batch_size:
+        raise ValueError(
+            f"the checkpoint stopped mid-epoch with batch_size={saved_bs}; this fit uses batch_size={source.batch_size}, "
+            "which would skip or repeat samples. Resume with the same batch_size (or from an epoch checkpoint)"
+        )
+    if saved_world is not None and saved_world != distribution.world_size:
+        raise ValueError(
+            f"the checkpoint stopped mid-epoch with {saved_world} processes; this run has "
+            f"{distribution.world_size}. Resume with the same number of processes"
+        )
+    n = source.num_batches(distribution)
+    if source.loader is None and n is not None and resume["micro_batch_in_epoch"] > n:
+        raise ValueError("the checkpoint stopped mid-epoch further in than this data has batches; resume with the same data and batch_size")
 
 
 def check_model_state(model: nn.Module, saved: dict[str, Any], path: Path | None) -> None:

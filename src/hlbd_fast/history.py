@@ -26,6 +26,21 @@ class EpochRecord:
     tokens: int  # non-pad target tokens
     extra: dict[str, Any] = field(default_factory=dict)  # figures added by strategies
 
+    @classmethod
+    def from_figures(cls, epoch: int, figures: Any, seconds: float, *, steps: int, micro_batches: int) -> "EpochRecord":
+        """The record of a finished epoch from its read-back :class:`~hlbd_fast.meter.Figures`."""
+        return cls(
+            epoch=epoch,
+            loss=figures.loss,
+            seconds=seconds,
+            tokens_per_second=figures.tokens / seconds if seconds > 0 else 0.0,
+            optimizer_steps=steps,
+            skipped_steps=int(figures.skipped),
+            micro_batches=micro_batches,
+            empty_micro_batches=int(figures.empty),
+            tokens=int(figures.tokens),
+        )
+
 
 @dataclass
 class History:

@@ -13,8 +13,6 @@ import contextlib
 import itertools
 import logging
 import os
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -23,18 +21,28 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._validation import check_bool, check_number, check_positive_int, extract_logits, infer_vocab_size, token_loss_sum, token_pair
+from ._validation import check_bool, check_positive_int, extract_logits, infer_vocab_size, token_loss_sum, token_pair
+from ._io import check_writable_dir, ctrl_c_requests_stop
+from ._validation import check_pad_id, check_strategies, check_trainer_arguments
 from .batches import DataSource, check_batch, chunks, epoch_order, host_batches, make_source, move, validate_tensors
-from .checkpoint import CHECKPOINT_NAME, apply_trainer_state, read_checkpoint, rng_state, set_rng_state, trainer_state, write_checkpoint
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    apply_trainer_state,
+    check_resume,
+    mid_epoch_state,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    trainer_state,
+    write_trainer_checkpoint,
+)
 from .history import EpochRecord, History
-from .meter import EpochMeter, Figures, NonFiniteError, raise_if_diverged
+from .meter import EpochMeter, Figures, raise_if_diverged
 from .strategies.base import ROLES, Roles, Strategy, resolve_roles
 
 __all__ = ["FastTrainer", "DataSource", "EpochMeter", "CHECKPOINT_NAME"]
 
 log = logging.getLogger("hlbd_fast")
-
-_NORMALISATIONS = ("tokens", "micro_batch")
 
 
 class FastTrainer:
@@ -88,8 +96,8 @@ class FastTrainer:
         progress: bool = True,
         batch_size: int = 32,
     ) -> None:
-        self.strategies: tuple[Strategy, ...] = _check_strategies(strategies)
-        _check_arguments(model, lr, max_grad_norm, loss_normalization, progress, batch_size, seed)
+        self.strategies: tuple[Strategy, ...] = check_strategies(strategies)
+        check_trainer_arguments(model, lr, max_grad_norm, loss_normalization, progress, batch_size, seed)
         self.model = model
         self.lr = float(lr)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -113,7 +121,7 @@ class FastTrainer:
         model.to(self.device)
         self.seed = _seed(seed)
         self.vocab_size = infer_vocab_size(model)
-        self.pad_id = _check_pad_id(pad_id, self.vocab_size)
+        self.pad_id = check_pad_id(pad_id, self.vocab_size)
         for s in self._setup_order():
             s.setup(self)
         wrapped = model
@@ -285,7 +293,7 @@ class FastTrainer:
         self._open_checkpoints(checkpoint_dir, resume)
         self._check_resume_matches(source)
         self._stop_requested = False
-        with self._sigint_stops(), self._scopes("run"):
+        with ctrl_c_requests_stop(self), self._scopes("run"):
             while self.epoch < epochs and not self._stop_requested:
                 record = self._run_epoch(source, epochs)
                 if record is not None and self.checkpoint_path is not None and (
@@ -380,17 +388,7 @@ class FastTrainer:
 
     def _finish_epoch(self, epoch: int, figures: Figures, seconds: float) -> EpochRecord:
         state = self._epoch_state
-        record = EpochRecord(
-            epoch=epoch + 1,
-            loss=figures.loss,
-            seconds=seconds,
-            tokens_per_second=figures.tokens / seconds if seconds > 0 else 0.0,
-            optimizer_steps=state["steps"],
-            skipped_steps=int(figures.skipped),
-            micro_batches=state["micro"],
-            empty_micro_batches=int(figures.empty),
-            tokens=int(figures.tokens),
-        )
+        record = EpochRecord.from_figures(epoch + 1, figures, seconds, steps=state["steps"], micro_batches=state["micro"])
         if record.empty_micro_batches:
             log.warning("epoch %d: %d micro-batches had only padding targets; they contributed nothing", record.epoch, record.empty_micro_batches)
         for s in self.strategies:
@@ -427,29 +425,6 @@ class FastTrainer:
         """Stop ``fit`` after the current optimizer step (a checkpoint is written if configured)."""
         self._stop_requested = True
 
-    @contextlib.contextmanager
-    def _sigint_stops(self) -> Iterator[None]:
-        """During fit, Ctrl-C finishes the step, writes a checkpoint, then raises KeyboardInterrupt."""
-        if self.checkpoint_path is None or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        interrupted = False
-
-        def handler(signum: int, frame: Any) -> None:
-            nonlocal interrupted
-            if interrupted:  # a second Ctrl-C: stop at once
-                raise KeyboardInterrupt
-            interrupted = True
-            self.request_stop()
-
-        previous = signal.signal(signal.SIGINT, handler)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        if interrupted:
-            raise KeyboardInterrupt(f"training interrupted; checkpoint written to {self.checkpoint_path}")
-
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """The whole training state: model, optimizer, strategies, counters, RNG states, history."""
@@ -481,93 +456,25 @@ class FastTrainer:
         mid = None
         if mid_epoch:
             self.read_figures()  # never checkpoint after a non-finite loss or gradient (a collective under DDP)
-            st = self._epoch_state
-            mid = {
-                "micro_batch_in_epoch": st["micro"],
-                "steps_in_epoch": st["steps"],
-                "meter": self.meter.state_dict(),
-                "epoch_start_rng": st["start_rng"],
-                "rng": st.get("stop_rng") or rng_state(),
-                "batch_size": st["batch_size"],
-                "world_size": self.roles.distribution.world_size,
-            }
-        if not self.roles.distribution.is_main:
-            return  # another process writes it
-        _check_finite_weights(self, path)
-        write_checkpoint(trainer_state(self, mid), path)
-        log.info("checkpoint written to %s (epoch %d, step %d)", path, self.epoch, self.global_step)
+            mid = mid_epoch_state(self, self._epoch_state)
+        if self.roles.distribution.is_main:  # one process writes
+            write_trainer_checkpoint(self, path, mid)
 
     def _open_checkpoints(self, checkpoint_dir: str | os.PathLike[str] | None, resume: bool) -> None:
         if checkpoint_dir is None:
             if resume:
                 raise ValueError("resume=True needs checkpoint_dir=... to find last.pt in")
             return
-        from ._io import check_writable_dir
-
         self.checkpoint_path = check_writable_dir(checkpoint_dir, "checkpoint_dir") / CHECKPOINT_NAME
         if resume and self.checkpoint_path.exists():
             self.load(self.checkpoint_path)
 
     def _check_resume_matches(self, source: DataSource) -> None:
-        if self._resume is None:
-            return
-        saved_bs, saved_world = self._resume.get("batch_size"), self._resume.get("world_size")
-        if saved_bs is not None and source.loader is None and saved_bs != source.batch_size:
-            raise ValueError(
-                f"the checkpoint stopped mid-epoch with batch_size={saved_bs}; this fit uses batch_size={source.batch_size}, "
-                "which would skip or repeat samples. Resume with the same batch_size (or from an epoch checkpoint)"
-            )
-        if saved_world is not None and saved_world != self.roles.distribution.world_size:
-            raise ValueError(
-                f"the checkpoint stopped mid-epoch with {saved_world} processes; this run has "
-                f"{self.roles.distribution.world_size}. Resume with the same number of processes"
-            )
-        n = source.num_batches(self.roles.distribution)
-        if source.loader is None and n is not None and self._resume["micro_batch_in_epoch"] > n:
-            raise ValueError("the checkpoint stopped mid-epoch further in than this data has batches; resume with the same data and batch_size")
+        if self._resume is not None:
+            check_resume(self._resume, source, self.roles.distribution)
 
 
 # ---------------------------------------------------------------------------- helpers
-def _check_strategies(strategies: Any) -> tuple[Strategy, ...]:
-    if strategies is None:
-        return ()
-    if isinstance(strategies, Strategy) or not isinstance(strategies, (list, tuple)):
-        raise TypeError(f"strategies must be a list of Strategy instances, e.g. [GradientAccumulation(8)]; got {strategies!r}")
-    for s in strategies:
-        if not isinstance(s, Strategy):
-            raise TypeError(
-                f"strategies must be Strategy instances; got {s!r} ({type(s).__name__}). "
-                "Did you pass the class instead of an instance, e.g. GradientAccumulation instead of GradientAccumulation(8)?"
-            )
-    if len({id(s) for s in strategies}) != len(strategies):
-        raise ValueError("the same strategy instance is listed twice; build one instance per use")
-    return tuple(strategies)
-
-
-def _check_arguments(model: Any, lr: Any, max_grad_norm: Any, normalization: Any, progress: Any, batch_size: Any, seed: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    check_number("lr", lr, hint=", e.g. lr=5e-5")
-    if max_grad_norm is not None:
-        check_number("max_grad_norm", max_grad_norm, hint=", or None to disable clipping")
-    if normalization not in _NORMALISATIONS:
-        raise ValueError(
-            f"loss_normalization={normalization!r} is not one of {_NORMALISATIONS}; "
-            "use 'tokens' (exact under any batch split) or 'micro_batch' (the classic loop)"
-        )
-    check_bool("progress", progress)
-    check_positive_int("batch_size", batch_size)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed={seed!r} must be an integer, or None to follow torch.manual_seed")
-
-
-def _check_pad_id(pad_id: Any, vocab_size: int | None) -> int:
-    check_positive_int("pad_id", pad_id, minimum=0)
-    if vocab_size is not None and pad_id >= vocab_size:
-        raise ValueError(f"pad_id={pad_id} is outside the model's vocabulary of {vocab_size} ids; use the tokenizer's pad_id")
-    return int(pad_id)
-
-
 def _default_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
     if device is None:
         p = next(itertools.chain(model.parameters(), model.buffers()), None)
@@ -597,14 +504,3 @@ def _grad_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.Tens
     if total_norm is not None:
         return total_norm(grads)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))  # torch < 2.6
-
-
-def _check_finite_weights(trainer: FastTrainer, path: Path) -> None:
-    finite = torch.stack([p.detach().isfinite().all() for p in trainer.model.parameters()]).all()
-    if not bool(finite):  # host sync: once per checkpoint, which reads every weight anyway
-        raise NonFiniteError(
-            f"the model's weights hold NaN or inf at epoch {trainer.epoch + 1}, step {trainer.global_step}; "
-            f"no checkpoint was written to {path} (the previous one is untouched)",
-            epoch=trainer.epoch + 1,
-            step=trainer.global_step,
-        )

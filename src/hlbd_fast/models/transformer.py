@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_positive_int
+
 __all__ = [
     "ModelConfig",
     "MultiHeadAttention",
@@ -81,13 +83,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         """Validate the values; raises ``ValueError`` naming the bad field."""
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "max_length"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {v!r}")
+            check_positive_int(name, getattr(self, name), "ModelConfig")
         for name in ("n_encoder_layers", "n_decoder_layers"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"ModelConfig.{name} must be an int >= 0, got {v!r}")
+            check_positive_int(name, getattr(self, name), "ModelConfig", minimum=0)
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"ModelConfig.d_model={self.d_model} must be divisible by "

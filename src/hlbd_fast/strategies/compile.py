@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 import torch
 from torch import nn
 
+from ..checkpoint import rng_state, set_rng_state
 from .base import Strategy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -84,21 +85,6 @@ def _strip_compile_id(reason: str) -> str:
     if sep and head.replace("/", "").replace("[", "").replace("]", "").isdigit():
         return rest
     return line
-
-
-_RngState = tuple[torch.Tensor, dict[torch.device, torch.Tensor]]
-
-
-def _rng_snapshot(devices: set[torch.device]) -> _RngState:
-    """The CPU generator and those of the CUDA devices in ``devices`` (host copies, no device sync)."""
-    cuda = {d: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
-    return torch.get_rng_state(), cuda
-
-
-def _rng_restore(state: _RngState) -> None:
-    torch.set_rng_state(state[0])
-    for device, s in state[1].items():
-        torch.cuda.set_rng_state(s, device)
 
 
 def _input_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -185,8 +171,7 @@ class CompiledModel(nn.Module):
             self._note_shape(key)
             # a call with new inputs may compile, and may fail: keep the RNG state so the
             # eager fallback draws the same dropout masks the plain loop would
-            devices = {a.device for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)}
-            rng = _rng_snapshot(devices)
+            rng = rng_state()
         events = _compile_events()
         t0 = time.perf_counter()
         try:
@@ -235,11 +220,11 @@ class CompiledModel(nn.Module):
         error: Exception,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        rng: _RngState | None,
+        rng: dict[str, Any] | None,
     ) -> Any:
         """The compiled call raised: compile failure (eager works) or the model's own error."""
         if rng is not None:
-            _rng_restore(rng)
+            set_rng_state(rng)
         out = self._eager(*args, **kwargs)  # raises the model's own error, if that was it
         self._give_up(error)
         return out

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 import torch
 
+from .._validation import check_positive_int, is_token_pair
 from .base import StepRunner, StrategyConflictError
 from .data import DevicePreload
 from .sync import EagerLossSync
@@ -40,14 +41,7 @@ StepKey = tuple[Any, ...]
 def _step_key(micro_batches: list[Any]) -> StepKey:
     """What a step's graph depends on: micro-batch count, rows of each, padded lengths, dtypes."""
     for b in micro_batches:
-        if not (
-            isinstance(b, (tuple, list))
-            and len(b) == 2
-            and isinstance(b[0], torch.Tensor)
-            and isinstance(b[1], torch.Tensor)
-            and b[0].dim() == 2
-            and b[1].dim() == 2
-        ):
+        if not (is_token_pair(b) and len(b) == 2):
             raise TypeError(
                 "CUDAGraphStep feeds (src, tgt) pairs of 2-D token tensors through static buffers; got a batch of type "
                 f"{type(b).__name__}" + (f" with {len(b)} items" if isinstance(b, (tuple, list)) else "")
@@ -281,11 +275,7 @@ class CUDAGraphStep(StepRunner):
     """
 
     def __init__(self, warmup_steps: int = 3, *, backend: GraphBackend | None = None) -> None:
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(
-                f"CUDAGraphStep(warmup_steps={warmup_steps!r}): warmup_steps must be an integer >= 1 "
-                "(capture needs eager steps first: lazy initialisation, optimizer state)"
-            )
+        check_positive_int("warmup_steps", warmup_steps, "CUDAGraphStep", hint=" (capture needs eager steps first: lazy initialisation, optimizer state)")
         if backend is not None and not isinstance(backend, GraphBackend):
             raise TypeError(f"CUDAGraphStep(backend={backend!r}): backend must be a GraphBackend (or None for CUDA)")
         self.warmup_steps = warmup_steps

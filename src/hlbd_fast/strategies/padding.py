@@ -171,8 +171,7 @@ class TrimPadding(Strategy):
             if isinstance(buckets, (str, bytes)) or not isinstance(buckets, Sequence) or len(buckets) == 0:
                 raise ValueError(f"TrimPadding(buckets={buckets!r}): buckets must be a non-empty sequence of lengths, e.g. (16, 32, 48, 64), or None")
             for b in buckets:
-                if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-                    raise ValueError(f"TrimPadding(buckets={buckets!r}): every bucket must be an integer >= 1, got {b!r}")
+                check_positive_int("buckets", b, "TrimPadding", hint=f" (every bucket), got {b!r} in {buckets!r}")
             if any(b <= a for a, b in zip(buckets, buckets[1:])):
                 raise ValueError(f"TrimPadding(buckets={buckets!r}): buckets must be strictly increasing, e.g. (16, 32, 48, 64)")
             buckets = tuple(buckets)
