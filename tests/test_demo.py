@@ -1,14 +1,15 @@
-"""``hlbd-fast demo`` and the ``hlbd-fast`` command: a tiny run end to end, and every bad input as one clear line."""
+"""``hlbd-fast demo``: a tiny run end to end, and every bad input as one clear line, before any training."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
 
-from hlbd_fast import cli, demo
+from hlbd_fast import demo
 from hlbd_fast.data import bundled_samples
 
 TINY = dict(d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=4, d_ff=64, dropout=0.0)
@@ -91,6 +92,7 @@ def _bad(argv, capsys):
 def test_missing_data_file(tmp_path, capsys):
     line = _bad(["--data", str(tmp_path / "nope.json")], capsys)
     assert "--data" in line and "nope.json" in line and "no such file" in line
+    assert line.count("nope.json") == 1
 
 
 def test_data_file_without_samples(tmp_path, capsys):
@@ -98,6 +100,7 @@ def test_data_file_without_samples(tmp_path, capsys):
     bad.write_text("just some notes, no samples here\n", encoding="utf-8")
     line = _bad(["--data", str(bad)], capsys)
     assert "--data" in line and "no HLBD samples found" in line
+    assert line.count("notes.txt") == 1  # the path once, not once from --data and once from the reader
 
 
 def test_data_file_that_is_not_json(tmp_path, capsys):
@@ -105,11 +108,28 @@ def test_data_file_that_is_not_json(tmp_path, capsys):
     bad.write_text("[{\"concept\": ", encoding="utf-8")
     line = _bad(["--data", str(bad)], capsys)
     assert "not valid JSON" in line and "line 1" in line
+    assert line == f"hlbd-fast demo: error: --data {str(bad)!r}: not valid JSON (Expecting value at line 1, column 14)"
 
 
 def test_data_path_that_is_a_directory(tmp_path, capsys):
     line = _bad(["--data", str(tmp_path)], capsys)
-    assert "directory" in line
+    assert "directory" in line and line.count(str(tmp_path)) == 1
+
+
+def test_data_path_written_another_way_is_named_once(tmp_path, monkeypatch, capsys):
+    (tmp_path / "notes.txt").write_text("no samples\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    line = _bad(["--data", "./notes.txt"], capsys)  # the reader names it 'notes.txt'
+    assert line.startswith("hlbd-fast demo: error: --data './notes.txt': no HLBD samples found")
+    assert line.count("notes.txt") == 1
+
+
+def test_data_sample_errors_name_the_path_once(tmp_path, capsys):
+    bad = tmp_path / "odd.json"
+    bad.write_text(json.dumps([{"concept": "rain", "level_1": "not an object"}]), encoding="utf-8")
+    line = _bad(["--data", str(bad)], capsys)
+    assert line.startswith(f"hlbd-fast demo: error: --data {str(bad)!r}: sample 0")
+    assert line.count("odd.json") == 1
 
 
 @pytest.mark.parametrize("device, words", [
@@ -145,42 +165,53 @@ def test_non_integer_epochs_is_an_argparse_error(capsys):
     assert "--epochs: invalid int value: 'ten'" in capsys.readouterr().err
 
 
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if the demo reads its data or builds a trainer."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the demo started work although an output path cannot be written")
+
+    monkeypatch.setattr(demo, "load_hlbd", refuse)
+    monkeypatch.setattr(demo.FastTrainer, "from_preset", refuse)
+
+
+def _unwritable_out(tmp_path, kind):
+    """An ``--out`` directory that cannot be used, of the given kind."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    if kind == "under a file":
+        return blocker / "results"
+    if kind == "an existing file":
+        return blocker
+    out = tmp_path / "results"  # the directory is fine, but a file the demo writes there is a directory
+    (out / "generations.json").mkdir(parents=True)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["under a file", "an existing file", "a file it writes is a directory"])
+def test_unwritable_out_is_refused_before_any_work(kind, small_hlbd, tmp_path, capsys, no_training):
+    out = _unwritable_out(tmp_path, kind)
+    line = _bad(["--out", str(out), "--data", str(small_hlbd), "--device", "cpu", "--epochs", "1",
+                 "--baseline-epochs", "0", "--no-progress"], capsys)
+    assert line.startswith("hlbd-fast demo: error: --out ") and str(out) in line
+    assert (tmp_path / "a-file").read_text(encoding="utf-8") == "not a folder"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_out_is_refused_before_any_work(tmp_path, capsys, no_training):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        line = _bad(["--out", str(locked / "results"), "--device", "cpu"], capsys)
+    finally:
+        locked.chmod(0o700)
+    assert "--out" in line and "cannot be written" in line
+
+
 def test_out_path_that_is_a_file(small_hlbd, tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.write_text("", encoding="utf-8")
     with pytest.raises(demo.DemoError, match="--out"):
         demo.run_demo(epochs=1, baseline_epochs=0, data=str(small_hlbd), device="cpu", out=str(taken),
                       model_overrides=TINY, progress=False)
-
-
-# ---------------------------------------------------------------------------- the hlbd-fast command
-@pytest.mark.parametrize("argv", [["--help"], ["-h"], []])
-def test_cli_help(argv, capsys):
-    assert cli.main(argv) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("usage: hlbd-fast {demo,bench,doctor}")
-    for command in ("demo", "bench", "doctor"):
-        assert f"\n  {command} " in out
-
-
-def test_cli_unknown_command(capsys):
-    assert cli.main(["frobnicate"]) == 2
-    captured = capsys.readouterr()
-    assert captured.err.splitlines()[0] == "hlbd-fast: unknown command 'frobnicate'"
-    assert "usage: hlbd-fast" in captured.err and captured.out == ""
-
-
-def test_cli_demo_help_lists_its_options(capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(["demo", "--help"])
-    assert e.value.code == 0
-    out = capsys.readouterr().out
-    for option in ("--epochs", "--baseline-epochs", "--preset", "--data", "--device", "--out", "--seed", "--no-progress"):
-        assert option in out
-
-
-def test_cli_passes_demo_errors_through(capsys):
-    assert cli.main(["demo", "--preset", "turbo"]) == 2
-    assert capsys.readouterr().err.strip() == (
-        "hlbd-fast demo: error: --preset 'turbo' is unknown; choose one of baseline, extreme, fastest, quick"
-    )

@@ -72,7 +72,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ._io import atomic_write, check_writable_dir
+from ._io import atomic_write, check_writable_dir, check_writable_file
 from .cli import resolve_device
 from .history import EpochRecord, History
 from .presets import Preset, resolve_preset
@@ -854,8 +854,8 @@ def _tiny_model() -> nn.Module:
     return Seq2SeqTransformer(vocab_size=5000, d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=64)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hlbd-fast bench", description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the options of ``hlbd-fast bench`` to ``p``."""
     p.add_argument("--rows", default=None, help=f"comma-separated rows (default: all on CUDA; on CPU: {', '.join(CPU_DEFAULT_ROWS)}). All: {', '.join(ROWS)}")
     p.add_argument("--epochs", type=int, default=None, help="epochs per row (default: 50 on CUDA, 2 on CPU)")
     p.add_argument("--baseline-epochs", type=int, default=None, help="epochs of the baseline row only (its s/epoch still compares)")
@@ -871,6 +871,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="interleaved: rounds of one epoch of every row, so that a drifting machine speed slows all rows "
                         "alike; sequential: one row after the other (default: interleaved on CPU, sequential on CUDA)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # a small model and 64 pairs: smoke tests
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The parser of ``hlbd-fast bench`` on its own (:func:`main`)."""
+    p = argparse.ArgumentParser(prog="hlbd-fast bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
     return p
 
 
@@ -881,17 +887,27 @@ def _budget(seconds: float | None, device: str | None) -> float | None:
     return seconds if seconds is not None and seconds > 0 else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``hlbd-fast bench`` and ``benchmarks/seed_table.py``; returns the exit status.
+def _check_out_files(out: str | os.PathLike[str]) -> None:
+    """``--out`` and the files written in it (``bench.json``, ``bench.png``) can be written: else a BenchError."""
+    folder = _check_out(out)
+    assert folder is not None
+    try:
+        for name in ("bench.json", "bench.png"):
+            check_writable_file(folder / name, "--out file")
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``hlbd-fast bench`` with the options of :func:`add_arguments`; returns the exit status.
 
     A bad argument (an unknown row, an ``--out`` folder that cannot be written...) is one
     line on stderr and exit status 2, before any training.
     """
-    args = _parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        _check_out(args.out)  # before any work (the --tiny data included)
+        _check_out_files(args.out)  # before any work (the --tiny data included)
         if args.baseline_epochs is not None:
             _check_epochs(args.baseline_epochs, "--baseline-epochs")
         if args.threads is not None:
@@ -915,3 +931,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_table(report))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``hlbd-fast bench`` on its own and ``benchmarks/seed_table.py``; returns the exit status (see :func:`run`)."""
+    return run(_parser().parse_args(argv))

@@ -1,21 +1,27 @@
-"""``hlbd-fast``: ``demo`` (the main job), ``bench`` (the speed-up plan's table, measured), ``doctor`` (where a step's time goes)."""
+"""``hlbd-fast``: ``demo`` (the main job), ``bench`` (the speed-up plan's table, measured), ``doctor`` (where a step's time goes).
+
+One :class:`argparse.ArgumentParser` with a sub-parser per command; each command's module
+adds its options (``add_arguments(parser)``) and runs on the parsed namespace
+(``run(args)``). ``python -m hlbd_fast`` is the same command.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
+from typing import Callable
 
 import torch
 
-__all__ = ["main", "resolve_device"]
+__all__ = ["build_parser", "main", "resolve_device"]
 
-_USAGE = """usage: hlbd-fast {demo,bench,doctor} [options]
-
-  demo     train on the bundled HLBD data: the plain loop versus the fastest preset
-  bench    reproduce the speed-up plan's table, every row measured side by side
-  doctor   profile a few training steps and say where the time goes
-
-Run 'hlbd-fast COMMAND --help' for a command's options."""
+#: The commands: name -> one line of help (also the command's description).
+COMMANDS: dict[str, str] = {
+    "demo": "train on the bundled HLBD data: the plain loop versus the fastest preset",
+    "bench": "reproduce the speed-up plan's table, every row measured side by side",
+    "doctor": "profile a few training steps and say where the time goes",
+}
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -33,25 +39,53 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return dev
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Dispatch to a sub-command; returns the exit status."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_USAGE)
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    command, rest = argv[0], argv[1:]
-    if command == "demo":
-        from .demo import main as run
-    elif command == "bench":
-        from .bench import main as run
-    elif command == "doctor":
-        from .doctor import main as run
-    else:
-        print(f"hlbd-fast: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
-        return 2
-    return run(rest)
+def _command_modules() -> dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]]:
+    """``name -> (add_arguments, run)`` of each command (imported here: the modules import this one)."""
+    from . import bench, demo, doctor
 
+    return {
+        "demo": (demo.add_arguments, demo.run),
+        "bench": (bench.add_arguments, bench.run),
+        "doctor": (doctor.add_arguments, doctor.run),
+    }
+
+
+def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``hlbd-fast`` parser and its sub-parsers by command name."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="hlbd-fast",
+        description="Fast PyTorch seq2seq training loops that compute what the plain loop computes.",
+        epilog="Run 'hlbd-fast COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"hlbd-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
+    commands: dict[str, argparse.ArgumentParser] = {}
+    for name, (add_arguments, run) in _command_modules().items():
+        commands[name] = sub.add_parser(name, help=COMMANDS[name], description=COMMANDS[name])
+        add_arguments(commands[name])
+        commands[name].set_defaults(run=run)
+    return parser, commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hlbd-fast`` parser: ``--version`` and one sub-parser per command, whose ``run`` is in ``args.run``."""
+    return _build()[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; returns its exit status.
+
+    Usage errors (no command, an unknown command or option) print the usage to stderr
+    and raise ``SystemExit(2)``; ``--help`` and ``--version`` raise ``SystemExit(0)``.
+    """
+    parser, commands = _build()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # with the command's usage, not the top-level one
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    return args.run(args)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -11,6 +11,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ._io import check_writable_dir, check_writable_file
 from .cli import resolve_device
 from .data import CharTokenizer, encode_pairs, load_hlbd
 from .history import History
@@ -25,7 +27,7 @@ from .models import Seq2SeqTransformer
 from .presets import PRESETS, get_preset
 from .trainer import FastTrainer
 
-__all__ = ["main", "run_demo", "TEST_PROMPTS"]
+__all__ = ["DemoError", "TEST_PROMPTS", "add_arguments", "check_out", "main", "run", "run_demo"]
 
 log = logging.getLogger("hlbd_fast")
 
@@ -44,6 +46,67 @@ def _device(name: str | torch.device | None) -> torch.device:
         raise DemoError(str(e)) from None
 
 
+def _plan(preset: str, epochs: int, baseline_epochs: int) -> list[tuple[str, int]]:
+    """``(run name, epochs)`` in training order: the baseline, then ``preset`` (once when it is the baseline)."""
+    return [("baseline", baseline_epochs), (preset, epochs)] if preset != "baseline" else [("baseline", epochs)]
+
+
+def _output_files(runs: Sequence[str]) -> list[str]:
+    """The files the demo writes in ``--out`` for the runs named ``runs``."""
+    return [f"history_{name}.json" for name in runs] + ["generations.json", "loss_curves.png"]
+
+
+def check_out(out: str | os.PathLike[str], runs: Sequence[str]) -> Path:
+    """Create ``--out`` and check that every file the demo writes there can be written, before any work.
+
+    Raises:
+        DemoError: one line naming the path that cannot be written.
+    """
+    try:
+        folder = check_writable_dir(out, "--out")
+        for name in _output_files(runs):
+            check_writable_file(folder / name, "--out file")
+    except ValueError as e:
+        raise DemoError(str(e)) from None
+    return folder
+
+
+def _load_pairs(data: str | os.PathLike[str] | None) -> list[tuple[str, str]]:
+    """The HLBD pairs of ``--data`` (default: the bundled data); every problem is a one-line DemoError naming the path once."""
+    where = "the bundled HLBD data" if data is None else f"--data {str(data)!r}"
+    try:
+        return load_hlbd(data)
+    except FileNotFoundError:
+        raise DemoError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise DemoError(f"{where}: is a directory; name an HLBD file") from None
+    except OSError as e:
+        raise DemoError(f"{where}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise DemoError(f"{where}: {_without_origin(str(e), data)}") from None
+
+
+def _without_origin(message: str, data: str | os.PathLike[str] | None) -> str:
+    """``message`` without the ``"<path>: "`` prefix that :func:`load_hlbd` puts on its errors (the caller names the path)."""
+    if data is not None:
+        for origin in (str(Path(data)), str(data)):
+            if message.startswith(f"{origin}: "):
+                return message[len(origin) + 2:]
+    return message
+
+
+def _check_options(epochs: int, baseline_epochs: int, preset: str, device: str | None, out: str | os.PathLike[str] | None) -> torch.device:
+    """The device; every option is checked (and ``--out`` created) before any work, else a DemoError."""
+    dev = _device(device)
+    if epochs < 1 or baseline_epochs < 0:
+        raise DemoError("--epochs must be >= 1 and --baseline-epochs >= 0")
+    if preset not in PRESETS:
+        raise DemoError(f"--preset {preset!r} is unknown; choose one of {', '.join(sorted(PRESETS))}")
+    if out is not None:
+        check_out(out, [name for name, n in _plan(preset, epochs, baseline_epochs) if n > 0])
+    return dev
+
+
 def run_demo(
     epochs: int,
     baseline_epochs: int,
@@ -60,21 +123,8 @@ def run_demo(
     The baseline runs ``baseline_epochs`` (enough to time it and compare losses), the
     preset runs ``epochs``; ``model_overrides`` shrinks the model (tests).
     """
-    dev = _device(device)
-    if epochs < 1 or baseline_epochs < 0:
-        raise DemoError("--epochs must be >= 1 and --baseline-epochs >= 0")
-    if preset not in PRESETS:
-        raise DemoError(f"--preset {preset!r} is unknown; choose one of {', '.join(sorted(PRESETS))}")
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise DemoError(f"--out {out}: exists and is not a directory; name a directory")
-    try:
-        pairs = load_hlbd(data)
-    except FileNotFoundError:
-        raise DemoError(f"--data {data}: no such file") from None
-    except IsADirectoryError:
-        raise DemoError(f"--data {data}: is a directory; name an HLBD file") from None
-    except ValueError as e:
-        raise DemoError(f"--data {data}: {e}") from None
+    dev = _check_options(epochs, baseline_epochs, preset, device, out)
+    pairs = _load_pairs(data)
     tokenizer = CharTokenizer.from_pairs(pairs, vocab_size=5000)
     src, tgt = encode_pairs(pairs, tokenizer, max_length=64)
     torch.manual_seed(seed)
@@ -85,9 +135,8 @@ def run_demo(
     )
 
     runs: dict[str, dict[str, Any]] = {}
-    plan = [("baseline", baseline_epochs), (preset, epochs)] if preset != "baseline" else [("baseline", epochs)]
     trained: torch.nn.Module | None = None
-    for name, n_epochs in plan:
+    for name, n_epochs in _plan(preset, epochs, baseline_epochs):
         if n_epochs == 0:
             continue
         model = copy.deepcopy(initial)
@@ -163,19 +212,22 @@ def _write_outputs(out: Path, runs: dict[str, dict[str, Any]], generations: list
     print(f"wrote {out}/history_*.json and {out}/loss_curves.png")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``hlbd-fast demo``."""
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the options of ``hlbd-fast demo`` to ``p``."""
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(prog="hlbd-fast demo", description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=50 if cuda else 20, help="epochs of the fast run (default: 50 on CUDA, 20 on CPU)")
     p.add_argument("--baseline-epochs", type=int, default=None, help="epochs of the plain loop (default: --epochs on CUDA, 2 on CPU)")
     p.add_argument("--preset", default="fastest", help=f"the fast run's preset ({', '.join(sorted(PRESETS))})")
     p.add_argument("--data", default=None, help="an HLBD file (default: the bundled 600 pairs)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--out", default=None, help="write history JSON (and a PNG with matplotlib) here")
+    p.add_argument("--out", default=None, help="write history JSON (and a PNG with matplotlib) in this directory (checked before training)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``hlbd-fast demo`` with the options of :func:`add_arguments`; returns the exit status (2: a bad option)."""
+    cuda = torch.cuda.is_available()
     baseline_epochs = args.baseline_epochs if args.baseline_epochs is not None else (args.epochs if cuda else min(2, args.epochs))
     try:
         run_demo(args.epochs, baseline_epochs, args.preset, args.data, args.device, args.out, args.seed, progress=not args.no_progress)
@@ -183,3 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hlbd-fast demo: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``hlbd-fast demo`` on its own (``argv`` without the command name); returns the exit status."""
+    p = argparse.ArgumentParser(prog="hlbd-fast demo", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))

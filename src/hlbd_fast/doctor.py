@@ -1416,15 +1416,21 @@ def _load_factory(spec: str, device: torch.device) -> tuple[nn.Module, Any]:
 
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hlbd-fast doctor", description="Profile a few training steps and say where the time goes.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the options of ``hlbd-fast doctor`` to ``p``."""
     p.add_argument("--model", default=None, help="module:factory returning a model or (model, data); default: the reference model on the bundled HLBD data")
     p.add_argument("--steps", type=int, default=10, help="steps of the clean and timed passes (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--batch-size", type=int, default=None, help="micro-batch size (default 32, or the preset's)")
     p.add_argument("--preset", default=None, help="diagnose with a preset's strategies, e.g. baseline")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--json", default=None, help="also write the diagnosis as JSON to this file")
+    p.add_argument("--json", default=None, help="also write the diagnosis as JSON to this file (checked before training)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The parser of ``hlbd-fast doctor`` on its own (:func:`main`)."""
+    p = argparse.ArgumentParser(prog="hlbd-fast doctor", description="Profile a few training steps and say where the time goes.")
+    add_arguments(p)
     return p
 
 
@@ -1454,15 +1460,14 @@ def _write_json(path: str, diag: Diagnosis) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
     """``hlbd-fast doctor``: diagnose the reference model or ``--model module:factory``; returns the exit status.
 
     The factory is called without arguments and returns a model (trained on the bundled
     HLBD pairs, encoded for its vocabulary) or a ``(model, data)`` pair, ``data`` as
     :meth:`FastTrainer.fit` takes it. An unwritable ``--json`` path is refused (status 2)
-    before anything trains.
+    before anything trains. ``args`` holds the options of :func:`add_arguments`.
     """
-    args = _parser().parse_args(argv)
     try:
         device = _check_options(args)
         model, data = _load_factory(args.model, device) if args.model else _reference(device)
@@ -1477,3 +1482,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         _write_json(args.json, diag)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``hlbd-fast doctor`` on its own (``argv`` without the command name); returns the exit status (see :func:`run`)."""
+    return run(_parser().parse_args(argv))
