@@ -166,6 +166,7 @@ def trainer_state(trainer: "FastTrainer", mid_epoch: dict[str, Any] | None = Non
         "model": trainer.model.state_dict(),
         "optimizer": trainer.optimizer.state_dict(),
         "optimizer_class": type(trainer.optimizer).__name__,
+        "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
         "strategies": [{"type": type(s).__name__, "state": s.state_dict()} for s in trainer.strategies],
         "epoch": trainer.epoch,
         "global_step": trainer.global_step,
@@ -291,12 +292,26 @@ def _check_structure(trainer: "FastTrainer", state: dict[str, Any], where: str) 
             )
 
 
+def _check_scheduler(trainer: "FastTrainer", state: dict[str, Any], where: str) -> None:
+    saved = state.get("scheduler")
+    if saved is not None and trainer.scheduler is None:
+        raise CheckpointError(
+            f"{where} was trained with a learning-rate scheduler; this trainer has none. Build it with the same "
+            "scheduler= (without it the lr would jump back to the optimizer's base value)"
+        )
+    if saved is None and trainer.scheduler is not None and int(state.get("global_step", 0)) > 0:
+        warnings.warn(f"{where} holds no scheduler state: this trainer's schedule starts at its step 0 from here", stacklevel=4)
+
+
 def _restored_hyperparameters(trainer: "FastTrainer", state: dict[str, Any]) -> list[str]:
     """The optimizer settings the checkpoint brings back that differ from this trainer's."""
     changed = []
     for i, (saved, mine) in enumerate(zip(state["optimizer"].get("param_groups", []), trainer.optimizer.param_groups)):
+        scheduled = "initial_lr" in saved and "initial_lr" in mine  # a schedule moves lr: its base is initial_lr
         for k, v in saved.items():
             if k == "params" or k not in mine or isinstance(v, torch.Tensor) or isinstance(mine[k], torch.Tensor):
+                continue
+            if k == "lr" and scheduled:
                 continue
             if v != mine[k]:
                 changed.append(f"{k}={v!r} (the trainer was built with {mine[k]!r})" + (f" in group {i}" if i else ""))
@@ -313,6 +328,7 @@ def apply_trainer_state(trainer: "FastTrainer", state: dict[str, Any], path: Pat
     check_model_state(trainer.model, state["model"], path)
     _check_optimizer(trainer, state, where)
     _check_structure(trainer, state, where)
+    _check_scheduler(trainer, state, where)
     pairs = _strategy_states(trainer, state, where)
     changed = _restored_hyperparameters(trainer, state)
     before = copy.deepcopy(trainer_state(trainer))  # to put back should applying fail half-way
@@ -335,6 +351,8 @@ def _apply(trainer: "FastTrainer", state: dict[str, Any], pairs: list[tuple[Any,
     """Apply ``state``; ``touched`` collects the strategies whose state was (being) loaded."""
     trainer.model.load_state_dict(state["model"])
     trainer.optimizer.load_state_dict(state["optimizer"])
+    if trainer.scheduler is not None and state.get("scheduler") is not None:
+        trainer.scheduler.load_state_dict(state["scheduler"])
     for strategy, st in pairs:
         touched.append(strategy)
         strategy.load_state_dict(st)

@@ -25,6 +25,8 @@ class EpochRecord:
     empty_micro_batches: int  # micro-batches whose targets were all padding
     tokens: int  # non-pad target tokens
     extra: dict[str, Any] = field(default_factory=dict)  # figures added by strategies
+    lr: float | None = None  # learning rate of the first param group at the epoch's end
+    eval: dict[str, float] | None = None  # FastTrainer.evaluate's metrics, when fit evaluated after this epoch
 
     @classmethod
     def from_figures(cls, epoch: int, figures: Any, seconds: float, *, steps: int, micro_batches: int) -> "EpochRecord":

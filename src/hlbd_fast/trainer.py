@@ -36,8 +36,10 @@ from .checkpoint import (
     trainer_state,
     write_trainer_checkpoint,
 )
+from .evaluation import EvalPlan, evaluate
 from .history import EpochRecord, History
 from .meter import EpochMeter, Figures, raise_if_diverged
+from .schedules import resolve_scheduler
 from .strategies.base import ROLES, Roles, Strategy, resolve_roles
 
 __all__ = ["FastTrainer", "DataSource", "EpochMeter", "CHECKPOINT_NAME"]
@@ -74,6 +76,9 @@ class FastTrainer:
         seed: seeds the shuffling order, and torch's global RNG (dropout) once here.
         progress: show a tqdm bar per epoch.
         batch_size: default micro-batch size of :meth:`fit` and :meth:`train_epoch`.
+        scheduler: a learning-rate schedule stepped once per optimizer step: a callable
+            ``optimizer -> LRScheduler`` (e.g. :func:`hlbd_fast.schedules.warmup_cosine`) or
+            a scheduler built on the ``optimizer`` given (see :mod:`hlbd_fast.schedules`).
 
     Attributes:
         roles: the one object per role (:class:`~hlbd_fast.strategies.base.Roles`).
@@ -95,6 +100,7 @@ class FastTrainer:
         seed: int | None = None,
         progress: bool = True,
         batch_size: int = 32,
+        scheduler: Any = None,
     ) -> None:
         self.strategies: tuple[Strategy, ...] = check_strategies(strategies)
         check_trainer_arguments(model, lr, max_grad_norm, loss_normalization, progress, batch_size, seed)
@@ -115,6 +121,7 @@ class FastTrainer:
         self._epoch_state: dict[str, Any] = {}
         self._checked_device_batch = False
         self._bar: Any = None
+        self._eval_plan: EvalPlan | None = None
 
         self.roles: Roles = resolve_roles(self.strategies, optimizer)
         self.device = self.roles.distribution.resolve_device(_default_device(model, device))
@@ -132,6 +139,7 @@ class FastTrainer:
         if not self.params:
             raise ValueError("model has no trainable parameters (all requires_grad=False)")
         self.optimizer = self.roles.optimizer.build_optimizer(self, self.params)
+        self.scheduler = resolve_scheduler(scheduler, self.optimizer)
         self.meter = EpochMeter(self.device)
 
     def _setup_order(self) -> list[Strategy]:
@@ -217,6 +225,8 @@ class FastTrainer:
             s.before_clip(self)
         norm = _grad_norm(self.params, self.max_grad_norm)
         skipped = self.roles.precision.optimizer_step(self)
+        for s in self.strategies:
+            s.after_optimizer_step(self)
         self.optimizer.zero_grad(set_to_none=True)
         self.meter.add_step(skipped, norm)  # a non-finite norm on a step taken stops the run at the next read
 
@@ -265,6 +275,9 @@ class FastTrainer:
         checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 1,
         resume: bool = False,
+        eval_data: Any = None,
+        eval_every: int = 1,
+        keep_best: str | None = None,
     ) -> History:
         """Train until ``epochs`` epochs are complete (counting epochs already done).
 
@@ -277,6 +290,13 @@ class FastTrainer:
             checkpoint_dir: write ``last.pt`` there every ``checkpoint_every`` epochs and
                 when training is interrupted (Ctrl-C); writes are atomic.
             resume: load ``checkpoint_dir/last.pt`` first, when it exists.
+            eval_data: evaluated (:meth:`evaluate`) every ``eval_every`` epochs and after
+                the last; the metrics go into ``EpochRecord.eval``. Training is unchanged
+                by it, bit for bit.
+            eval_every: epochs between evaluations.
+            keep_best: an evaluation metric (``"eval_loss"``, ``"eval_token_accuracy"``)
+                whose best value so far writes ``best.pt`` beside ``last.pt`` (a loss is
+                best low, an accuracy high); needs ``eval_data`` and ``checkpoint_dir``.
 
         Returns:
             The trainer's :class:`History` (all epochs so far).
@@ -290,17 +310,34 @@ class FastTrainer:
         check_positive_int("checkpoint_every", checkpoint_every)
         check_bool("resume", resume)
         source = self.make_source(data, batch_size, shuffle)
+        plan = EvalPlan.make(self, eval_data, eval_every, keep_best, checkpoint_dir, epochs)
         self._open_checkpoints(checkpoint_dir, resume)
         self._check_resume_matches(source)
         self._stop_requested = False
-        with ctrl_c_requests_stop(self), self._scopes("run"):
-            while self.epoch < epochs and not self._stop_requested:
-                record = self._run_epoch(source, epochs)
-                if record is not None and self.checkpoint_path is not None and (
-                    self.epoch % checkpoint_every == 0 or self.epoch == epochs or self._stop_requested
-                ):
-                    self.save(self.checkpoint_path)
+        self._eval_plan = plan
+        try:
+            with ctrl_c_requests_stop(self), self._scopes("run"):
+                while self.epoch < epochs and not self._stop_requested:
+                    record = self._run_epoch(source, epochs)
+                    if record is None or self.checkpoint_path is None:
+                        continue
+                    if self.epoch % checkpoint_every == 0 or self.epoch == epochs or self._stop_requested:
+                        self.save(self.checkpoint_path)
+                    plan.keep_if_best(self, record)
+        finally:
+            self._eval_plan = None
         return self.history
+
+    def evaluate(self, data: Any, batch_size: int | None = None, generate: bool = False) -> dict[str, float]:
+        """Loss and token accuracy (and, with ``generate=True``, exact match) of the model on ``data``.
+
+        In eval mode, without gradients, under the trainer's precision, with the averaged
+        weights when :class:`~hlbd_fast.strategies.EMA` is on; the model's mode, weights and
+        every RNG are left as they were. One host sync (more with ``generate=True``). See
+        :func:`hlbd_fast.evaluation.evaluate`.
+        """
+        check_bool("generate", generate)
+        return evaluate(self, data, batch_size, generate)
 
     def train_epoch(self, data: Any, batch_size: int | None = None, shuffle: bool = True) -> float:
         """Train one epoch and return its mean loss: the drop-in for a hand-written ``train_epoch``.
@@ -355,6 +392,8 @@ class FastTrainer:
                 for s in self.strategies:
                     s.on_step_start(self)
                 self.roles.step.run_step(self, micro_batches)
+                if self.scheduler is not None:
+                    self.scheduler.step()  # once per optimizer step (host arithmetic; a tensor lr is filled in place)
                 self.global_step += 1
                 self._epoch_state["micro"] += len(micro_batches)
                 self._epoch_state["steps"] += 1
@@ -389,6 +428,9 @@ class FastTrainer:
     def _finish_epoch(self, epoch: int, figures: Figures, seconds: float) -> EpochRecord:
         state = self._epoch_state
         record = EpochRecord.from_figures(epoch + 1, figures, seconds, steps=state["steps"], micro_batches=state["micro"])
+        record.lr = _current_lr(self.optimizer)
+        if self._eval_plan is not None:
+            record.eval = self._eval_plan.run(self, epoch + 1)  # before the hooks: loggers and early stopping read it
         if record.empty_micro_batches:
             log.warning("epoch %d: %d micro-batches had only padding targets; they contributed nothing", record.epoch, record.empty_micro_batches)
         for s in self.strategies:
@@ -504,3 +546,8 @@ def _grad_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.Tens
     if total_norm is not None:
         return total_norm(grads)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))  # torch < 2.6
+
+
+def _current_lr(optimizer: torch.optim.Optimizer) -> float:
+    lr = optimizer.param_groups[0].get("lr", float("nan"))
+    return float(lr)  # a tensor lr (CUDA graphs): one read at the epoch's end

@@ -38,11 +38,15 @@ The loop, with each role (``roles.X``) and hook (``s.X``: every strategy, in lis
                   s.before_clip(trainer)
                   grad_norm = clip_grad_norm_(params, max_grad_norm)  # non-finite: stops the run
                   skipped = roles.precision.optimizer_step(trainer)   # optimizer.step()
+                  s.after_optimizer_step(trainer)
                   optimizer.zero_grad(set_to_none=True)
+              scheduler.step()                             # when FastTrainer(scheduler=...) has one
               s.on_step_end(trainer)
               if roles.readback.should_read(trainer, "step"):         # when the bar redraws
                   figures = trainer.read_figures()   # one host sync; then s.on_loss_read(trainer, figures)
-          s.on_epoch_end(trainer, record)            # after the epoch's one read-back
+        record.eval = trainer.evaluate(eval_data)    # fit(eval_data=...), inside s.eval_scope(trainer)
+        s.on_epoch_end(trainer, record)              # after the epoch's one read-back
+        save last.pt; best.pt when keep_best improved (inside s.eval_scope)
 """
 
 from __future__ import annotations
@@ -156,6 +160,10 @@ class Strategy:
         """Entered around one epoch (``epoch`` counts from 0); its exit runs on every exit path."""
         return contextlib.nullcontext()
 
+    def eval_scope(self, trainer: "FastTrainer") -> ContextManager[Any]:
+        """Entered around :meth:`FastTrainer.evaluate` and the writing of ``best.pt`` (EMA swaps its weights in)."""
+        return contextlib.nullcontext()
+
     # ------------------------------------------------------------------ events
     def on_epoch_start(self, trainer: "FastTrainer", epoch: int) -> None:
         """Called at the start of every epoch (``epoch`` counts from 0), inside the epoch's scopes."""
@@ -171,6 +179,13 @@ class Strategy:
         """Called after the step's backward passes (gradients unscaled), before clipping.
 
         Under :class:`~hlbd_fast.strategies.CUDAGraphStep` this runs at capture only.
+        """
+
+    def after_optimizer_step(self, trainer: "FastTrainer") -> None:
+        """Called right after the optimizer stepped, before gradients are cleared (EMA updates here).
+
+        Device work only: under :class:`~hlbd_fast.strategies.CUDAGraphStep` this is
+        captured with the step and replayed, so its Python runs once, at capture.
         """
 
     def on_step_end(self, trainer: "FastTrainer") -> None:
