@@ -19,7 +19,7 @@ from torch import nn
 from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 from hlbd_fast import DeferredLossSync, EagerLossSync, FastTrainer, GradientAccumulation, GradientCheckpointing, StrategyConflictError
 from hlbd_fast.strategies import Precision, precision
-from hlbd_fast.strategies.cuda_graph import CUDAGraphStep, GraphBackend, SyncFinding, _fill, _make_capturable, _step_key
+from hlbd_fast.strategies.cuda_graph import CUDAGraphStep, GraphBackend, SyncFinding, _fill, _make_capturable, _step_key, first_sync, others
 from hlbd_fast.strategies.data import GPUPreload
 from hlbd_fast.strategies.padding import TrimPadding
 
@@ -141,12 +141,16 @@ class StandInBackend(GraphBackend):
     """CUDA graphs on a CPU: capture runs the step's Python and undoes its tensor work; replay runs it.
 
     ``fail``: capture raises this message. ``syncs``: what sync detection reports, warm-up by warm-up.
+    ``broken``: what the probe after a failed capture reports (``None``: the process is fine).
     """
 
-    def __init__(self, fail=None, syncs=()) -> None:
+    def __init__(self, fail=None, syncs=(), broken=None) -> None:
         super().__init__()
-        self.fail, self.findings, self.graphs = fail, iter(syncs), []
+        self.fail, self.findings, self.graphs, self.broken = fail, iter(syncs), [], broken
         self.trainer = None  # set once the trainer exists
+
+    def usable_after_failure(self, device):
+        return self.broken
 
     def unavailable(self, device):
         return None
@@ -258,6 +262,31 @@ def test_a_failed_capture_falls_back_with_one_warning_and_changes_nothing():
     assert [r.micro_batches for r in h] == [r.micro_batches for r in h_ref]
 
 
+def test_a_failed_capture_that_broke_the_process_stops_the_run_loudly():
+    """Older torch leaves the generator capturing after a failed capture: no silent eager run in a broken process."""
+    step, _ = graph_step(1, fail="operation failed due to a previous error during capture",
+                         broken="RuntimeError: Offset increment outside graph capture encountered unexpectedly.")
+    ours, t = make([GPUPreload(), step])
+    with pytest.raises(RuntimeError, match=r"capturing the step failed.*left this process unable to run CUDA work eagerly "
+                                           r"\(RuntimeError: Offset increment.*Restart, and train without CUDAGraphStep"):
+        t.fit(ragged_pairs(n=42), 1, batch_size=4)
+
+
+def _warning(message: str) -> warnings.WarningMessage:
+    return warnings.WarningMessage(UserWarning(message), UserWarning, "model.py", 7)
+
+
+def test_torchs_one_time_debug_mode_notice_is_not_a_sync():
+    """The notice torch prints when sync-debug mode is first set in a process made every first capture fall back."""
+    notice = _warning("Synchronization debug mode is a prototype feature and does not yet detect all synchronizing operations")
+    sync = _warning("called a synchronizing CUDA operation")
+    other = _warning("something else")
+    assert first_sync([notice]) is None
+    assert first_sync([notice, other]) is None
+    assert first_sync([notice, sync]) == "called a synchronizing CUDA operation at model.py:7"
+    assert others([notice, sync, other]) == [other]
+
+
 def test_a_host_sync_seen_in_warm_up_falls_back_before_any_capture():
     step, _ = graph_step(2, fail="must not be reached", syncs=[None, "called a synchronizing CUDA operation at model.py:3"])
     ours, t = make([GPUPreload(), step])
@@ -288,6 +317,27 @@ def test_a_changed_learning_rate_is_captured_again():
     t_ref.optimizer.param_groups[0]["lr"] = 3e-3
     h_ref = t_ref.fit(ragged_pairs(n=42), 2, batch_size=4)
     assert h.losses == h_ref.losses and identical(ours, ref)
+
+
+def test_a_schedule_changes_the_lr_without_a_new_capture():
+    """The lr becomes a device tensor the scheduler fills in place: graphs stay, training follows the schedule."""
+    from hlbd_fast.schedules import warmup_cosine
+
+    step, backend = graph_step(1)
+    torch.manual_seed(0)
+    ours = TinySeq2Seq(dropout=0.0)
+    ref = clone(ours)
+    t = FastTrainer(ours, strategies=[GPUPreload(), step], seed=6, progress=False, lr=1e-3, scheduler=warmup_cosine(4, 40))
+    backend.trainer = t
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no re-capture warning
+        h = t.fit(ragged_pairs(n=42), 3, batch_size=4)
+    assert isinstance(t.optimizer.param_groups[0]["lr"], torch.Tensor) and step.graphing
+    assert len(backend.graphs) == 2  # the full steps and the partial last step: captured once each
+    h_ref = FastTrainer(ref, strategies=[GPUPreload()], seed=6, progress=False, lr=1e-3,
+                        scheduler=warmup_cosine(4, 40)).fit(ragged_pairs(n=42), 3, batch_size=4)
+    assert h.losses == pytest.approx(h_ref.losses, rel=1e-6) and max_rel_diff(ours, ref) < 1e-6
+    assert [r.lr for r in h] == pytest.approx([r.lr for r in h_ref])
 
 
 # ---------------------------------------------------------------------------- CUDA: the real thing

@@ -468,3 +468,40 @@ def test_a_group_started_after_the_strategy_is_refused(no_env, tiny_model):
             FastTrainer(tiny_model, strategies=[s], progress=False)
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- the device, decided before anything moves
+def test_the_device_is_decided_before_the_model_moves(no_env):
+    """Under torchrun every rank used to move the model to GPU 0 first; the distribution role decides first now."""
+    order = []
+
+    class Tracked(TinySeq2Seq):
+        def to(self, *args, **kwargs):
+            order.append("model.to")
+            return super().to(*args, **kwargs)
+
+    class Deciding(Distribution):
+        def resolve_device(self, device):
+            order.append("resolve_device")
+            return device
+
+    FastTrainer(Tracked(), strategies=[Deciding()], progress=False)
+    assert order[:2] == ["resolve_device", "model.to"]
+
+
+@pytest.mark.parametrize("local_rank, visible, expected", [("0", 2, "cuda:0"), ("1", 2, "cuda:1"), ("3", 1, "cuda:0")])
+def test_local_device_with_all_gpus_or_one_visible_per_process(monkeypatch, local_rank, visible, expected):
+    from hlbd_fast.strategies import distributed
+
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert distributed.local_device(torch.device("cuda")) == torch.device(expected)
+
+
+def test_more_local_ranks_than_visible_gpus_is_refused(monkeypatch):
+    from hlbd_fast.strategies import distributed
+
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="LOCAL_RANK=2 but this process sees 2 CUDA devices.*CUDA_VISIBLE_DEVICES"):
+        distributed.local_device(torch.device("cuda"))

@@ -27,7 +27,7 @@ from .sync import EagerLossSync
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import FastTrainer
 
-__all__ = ["CUDAGraphStep", "GraphBackend", "SyncFinding"]
+__all__ = ["CUDAGraphStep", "GraphBackend", "SyncFinding", "first_sync"]
 
 log = logging.getLogger("hlbd_fast")
 
@@ -82,6 +82,17 @@ def _make_capturable(optimizer: torch.optim.Optimizer) -> None:
         raise RuntimeError(f"could not switch param groups {off} of {type(optimizer).__name__} to capturable=True")
 
 
+def _lr_as_tensor(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Make every group's learning rate a 0-d tensor on ``device``.
+
+    A replayed graph reads a tensor lr on the device, so a schedule that fills it in place
+    (torch's LRScheduler does, for tensor lrs) changes it without a new capture.
+    """
+    for group in optimizer.param_groups:
+        if not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32 if device.type == "cuda" else torch.float64, device=device)
+
+
 def _signature(trainer: "FastTrainer") -> tuple[Any, ...]:
     """What a captured graph baked in from the optimizer and meter: objects, state and hyper-parameters.
 
@@ -115,12 +126,19 @@ class SyncFinding:
     message: str | None = None  # the first host-sync warning seen, if any
 
 
-def _is_sync_warning(message: Any) -> bool:
-    return _SYNC_WARNING in str(message)
+def first_sync(caught: list[warnings.WarningMessage]) -> str | None:
+    """The first of torch's per-sync warnings among ``caught`` ("... at file:line"), or ``None``.
+
+    Torch's one-time notice when sync-debug mode is first set in a process ("Synchronization
+    debug mode is a prototype feature ...") is not a sync and never counts.
+    """
+    first = next((w for w in caught if _SYNC_WARNING in str(w.message)), None)
+    return None if first is None else f"{first.message} at {first.filename}:{first.lineno}"
 
 
-def _is_debug_mode_notice(message: Any) -> bool:
-    return _DEBUG_MODE_NOTICE in str(message)
+def others(caught: list[warnings.WarningMessage]) -> list[warnings.WarningMessage]:
+    """The warnings of ``caught`` that are neither syncs nor torch's sync-debug notice (handed on)."""
+    return [w for w in caught if _SYNC_WARNING not in str(w.message) and _DEBUG_MODE_NOTICE not in str(w.message)]
 
 
 # ---------------------------------------------------------------------------- the CUDA seam
@@ -134,6 +152,7 @@ class GraphBackend:
 
     def __init__(self) -> None:
         self._streams: dict[Any, Any] = {}  # one side stream per device
+        self._pools: dict[Any, Any] = {}  # one graph memory pool per device
 
     def unavailable(self, device: torch.device) -> str | None:
         """Why graphs cannot run on ``device``, or ``None`` when they can."""
@@ -175,22 +194,51 @@ class GraphBackend:
                 yield finding
             finally:
                 torch.cuda.set_sync_debug_mode(previous)
-        first = next((w for w in caught if _is_sync_warning(w.message)), None)
-        if first is not None:
-            finding.message = f"{first.message} at {first.filename}:{first.lineno}"
-        for w in caught:  # hand the body's other warnings on
-            if not _is_sync_warning(w.message) and not _is_debug_mode_notice(w.message):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        finding.message = first_sync(caught)
+        for w in others(caught):  # hand the body's other warnings on
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    def _pool(self, device: torch.device) -> Any:
+        # One memory pool for every step graph of a device. Safe here because no tensor
+        # allocated inside a capture outlives its replay: inputs, weights, optimizer state and
+        # the meter live outside the pool, and the step ends by setting the gradients to None.
+        # Graphs never run concurrently (one stream, replayed one after another).
+        if device not in self._pools:
+            self._pools[device] = torch.cuda.graph_pool_handle()
+        return self._pools[device]
 
     def capture(self, device: torch.device, step: Callable[[], None]) -> Any:
         """Capture ``step`` into a new CUDA graph on the side stream (warm-up used the same stream)."""
         stream = self._stream(device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.stream(stream):
-            # torch.cuda.graph synchronizes the device once before capturing (a one-off per shape)
-            with torch.cuda.graph(graph, stream=stream):
-                step()
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                # torch.cuda.graph synchronizes the device once before capturing (a one-off per shape)
+                with torch.cuda.graph(graph, stream=stream, pool=self._pool(device)):
+                    step()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                graph.reset()  # recent torch also ends the generator's and the allocator's capture state here
+            raise
         return graph
+
+    def usable_after_failure(self, device: torch.device) -> str | None:
+        """Whether eager CUDA work still runs after a failed capture; the reason when it does not.
+
+        Older torch leaves the CUDA generator in capture state when ``capture_end`` fails (the
+        next eager dropout raises "Offset increment outside graph capture"), or a sticky CUDA
+        error. The probe draws once (then puts the generator back: the training stream is
+        unchanged), allocates, and synchronizes.
+        """
+        try:
+            with torch.cuda.device(device):
+                state = torch.cuda.get_rng_state(device)
+                torch.empty(16, device=device).bernoulli_(0.5)
+                torch.cuda.set_rng_state(state, device)
+                torch.cuda.synchronize(device)
+        except Exception as e:  # noqa: BLE001 - any failure: the process cannot run eagerly
+            return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        return None
 
     def make_capturable(self, optimizer: torch.optim.Optimizer) -> None:
         """Switch the optimizer to ``capturable=True`` (its step counters move to the device)."""
@@ -374,8 +422,15 @@ class CUDAGraphStep(StepRunner):
             with _no_autocast_cache():
                 graph = self._backend.capture(trainer.device, lambda: trainer.train_step(entry.batches))
         except Exception as e:  # noqa: BLE001 - any failure means: run eagerly, loudly
-            trainer.optimizer.zero_grad(set_to_none=True)  # drop the gradients the capture assigned
             first_line = (str(e).strip().splitlines() or [""])[0]
+            broken = self._backend.usable_after_failure(trainer.device)
+            if broken is not None:
+                raise RuntimeError(
+                    f"CUDAGraphStep: capturing the step failed ({type(e).__name__}: {first_line}) and left this process "
+                    f"unable to run CUDA work eagerly ({broken}); this torch version does not clean up a failed capture. "
+                    "Restart, and train without CUDAGraphStep or remove the cause (the first error above)"
+                ) from e
+            trainer.optimizer.zero_grad(set_to_none=True)  # drop the gradients the capture assigned
             self._fall_back(trainer, f"capturing the step failed ({type(e).__name__}: {first_line})")
             trainer.train_step(micro_batches)  # this step, eagerly
             return
@@ -396,6 +451,8 @@ class CUDAGraphStep(StepRunner):
         if self._signature is not None:
             self._drop_graphs("the optimizer changed (its hyper-parameters such as lr, its state, or the object)")
         self._backend.make_capturable(trainer.optimizer)
+        if trainer.scheduler is not None:
+            _lr_as_tensor(trainer.optimizer, trainer.device)  # the schedule fills it in place: no capture per step
         self._signature = _signature(trainer)
 
     def on_epoch_start(self, trainer: "FastTrainer", epoch: int) -> None:

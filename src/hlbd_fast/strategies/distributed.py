@@ -27,7 +27,7 @@ from .base import Distribution
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import FastTrainer
 
-__all__ = ["DistributedTraining", "DistributedDataParallel", "shard_batches"]
+__all__ = ["DistributedTraining", "DistributedDataParallel", "shard_batches", "local_device"]
 
 log = logging.getLogger("hlbd_fast")
 
@@ -172,7 +172,7 @@ class DistributedTraining(Distribution):
         """This process's device, set current before anything moves there; the process group is joined here."""
         if not self._active:
             return device
-        device = _local_device(device)
+        device = local_device(device)
         backend = str(dist.get_backend()) if dist.is_initialized() else self.backend or ("nccl" if device.type == "cuda" else "gloo")
         if backend == "nccl" and device.type != "cuda":
             why = "this machine has no CUDA device" if not torch.cuda.is_available() else f"the trainer's device is {device}"
@@ -337,7 +337,7 @@ def _launched() -> bool:
     return True
 
 
-def _local_device(device: torch.device) -> torch.device:
+def local_device(device: torch.device) -> torch.device:
     """``cuda:LOCAL_RANK`` when training on CUDA, else the trainer's device."""
     local = os.environ.get("LOCAL_RANK")
     if device.type != "cuda":
