@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 import textwrap
+import warnings
+from collections import Counter
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from hlbd_fast import DeferredLossSync, EagerLossSync, FastDropout, GradientAccumulation
+from hlbd_fast import DeferredLossSync, EagerLossSync, FastDropout, GradientAccumulation, Strategy
 from hlbd_fast import doctor
+from hlbd_fast.strategies.cuda_graph import CUDAGraphStep, GraphBackend, SyncFinding
+from hlbd_fast.strategies.data import DevicePreload
+from hlbd_fast.strategies.padding import TrimPadding
 from hlbd_fast.doctor import Diagnosis, DoctorError, diagnose, main
 from hlbd_fast.strategies.dropout import torch_draws_dropout_serially
 from conftest import TinySeq2Seq, ragged_pairs
@@ -283,3 +292,156 @@ def test_compile_graph_breaks_reported(one_thread):
     assert d.top_modules == [] and d.syncs_per_step is None  # compiled: no per-module view, no CPU sync count
     assert any("graph" in r.text and "Compile" in r.strategies for r in d.recommendations)
     assert "torch.compile graph breaks:" in str(d)
+
+
+# ---------------------------------------------------------------------------- a captured step (CUDAGraphStep)
+DOCTOR_FILE = os.path.abspath(doctor.__file__)
+#: what must never run from the doctor's code inside a step being captured: a timestamp or a device sync
+CLOCKS_AND_SYNCS = {"perf_counter", "synchronize", "_cuda_synchronize"}
+
+
+class StandInGraph:
+    """Replays the captured step's work (as a CUDA graph does)."""
+
+    def __init__(self, step) -> None:
+        self.step, self.replays = step, 0
+
+    def replay(self) -> None:
+        self.step()
+        self.replays += 1
+
+
+class WatchingBackend(GraphBackend):
+    """CUDA graphs on a CPU (the stand-in of test_cuda_graph.py), watching each capture from outside.
+
+    Capture runs the step's Python and undoes its tensor work, as a real capture runs no
+    kernel. Meanwhile a profile function (``sys.setprofile``) records every function of
+    ``hlbd_fast.doctor`` entered and every timestamp or sync its code asks for: on CUDA a
+    sync there makes the capture fail, and a timestamp means nothing. ``diagnose`` copies
+    its strategies; this backend stays itself, so the test reads what it saw.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trainer = None  # handed over by HandOver.setup
+        self.graphs: list[StandInGraph] = []
+        self.doctor_calls: Counter = Counter()  # doctor functions entered while capturing
+        self.doctor_clock: list[str] = []  # timestamps / syncs asked for by doctor code while capturing
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def unavailable(self, device):
+        return None
+
+    def side_stream(self, device):
+        return contextlib.nullcontext()
+
+    def detect_syncs(self):
+        return contextlib.nullcontext(SyncFinding(None))
+
+    def make_capturable(self, optimizer):
+        pass  # CPU Adam has no capturable path
+
+    def _watch(self, frame, event, arg) -> None:
+        if event == "call" and os.path.abspath(frame.f_code.co_filename) == DOCTOR_FILE:
+            self.doctor_calls[frame.f_code.co_name] += 1
+        caller = frame if event == "c_call" else frame.f_back
+        name = getattr(arg, "__name__", "") if event == "c_call" else frame.f_code.co_name
+        if event in ("call", "c_call") and caller is not None and name in CLOCKS_AND_SYNCS:
+            if os.path.abspath(caller.f_code.co_filename) == DOCTOR_FILE:
+                self.doctor_clock.append(f"{name} from {caller.f_code.co_name}")
+
+    def capture(self, device, step):
+        t = self.trainer
+        tensors = [*t.model.parameters(), t.meter.values, t.meter.step_index,
+                   *(v for st in t.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))]
+        saved = [x.detach().clone() for x in tensors]
+        rng = torch.get_rng_state()
+        previous = sys.getprofile()
+        sys.setprofile(self._watch)
+        try:
+            step()
+        finally:
+            sys.setprofile(previous)
+        with torch.no_grad():
+            for x, v in zip(tensors, saved):
+                x.copy_(v)
+        torch.set_rng_state(rng)
+        self.graphs.append(StandInGraph(step))
+        return self.graphs[-1]
+
+
+class HandOver(Strategy):
+    """Gives the backend the trainer diagnose builds (the stand-in's capture snapshots its tensors)."""
+
+    def __init__(self, backend: WatchingBackend) -> None:
+        self.backend = backend
+
+    def setup(self, trainer) -> None:
+        self.backend.trainer = trainer
+
+
+BUCKETS = (4, 8, 12)
+#: row length of each micro-batch of 4, in order: bucket 4, 8 or 12; then a partial batch of 2 rows
+BATCH_LENGTHS = (3, 3, 7, 11, 7, 11, 7, 11, 7, 11)
+
+
+def ordered_loader() -> DataLoader:
+    """Batches of 4 in a fixed order (no shuffling) whose step shapes first come late.
+
+    Shapes: bucket 4 (batches 1-2), 8 (batch 3 on), 12 (batch 4 on), and the partial last
+    batch (2 rows, bucket 8), seen once per epoch. Batch 3's shape is seen a second time,
+    and so captured, only when the doctor's passes have restarted the epoch three times.
+    """
+    lengths = [n for n in BATCH_LENGTHS for _ in range(4)] + [7, 7]
+    g = torch.Generator().manual_seed(0)
+    src = torch.zeros(len(lengths), 16, dtype=torch.long)
+    tgt = torch.zeros(len(lengths), 16, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        src[i, :n] = torch.randint(4, 23, (n,), generator=g)
+        tgt[i, 0] = 2
+        tgt[i, 1:n] = torch.randint(4, 23, (n - 1,), generator=g)
+    return DataLoader(TensorDataset(src, tgt), batch_size=4, shuffle=False)
+
+
+def test_a_captured_step_runs_none_of_the_doctor_and_every_shape_is_warm(one_thread):
+    """Buckets make several step shapes (and the epoch's last, partial step one more), some first seen late.
+
+    The doctor puts no forward hook inside a replaced step and takes no timestamp or sync
+    in it; its only code there is the loop's own ``before_clip`` hook, which does nothing
+    for a replaced step. Every shape is captured in the warm-up epochs, before timing.
+    """
+    backend = WatchingBackend()
+    step = CUDAGraphStep(warmup_steps=1, backend=backend)
+    strategies = [DevicePreload(), TrimPadding(buckets=BUCKETS), DeferredLossSync(), step, HandOver(backend)]
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        d = diagnose(TinySeq2Seq(), ordered_loader(), strategies=strategies, steps=3, batch_size=4, warmup=1)
+    assert [str(w.message) for w in record if "CUDAGraphStep" in str(w.message)] == []  # no fallback, no re-capture
+    assert backend.graphs, "nothing was captured"
+    assert backend.doctor_clock == []
+    assert set(backend.doctor_calls) <= {"before_clip"}, dict(backend.doctor_calls)
+    assert len(backend.graphs) == 4, "three buckets and the partial last step"
+    assert "cuda_graph_fallback" not in d.run_info and d.run_info["cuda_graphs"] == len(backend.graphs)
+    warm = next(n for n in d.notes if "the warm-up ran" in n)
+    assert f"({len(backend.graphs)} graphs of {len(backend.graphs)} shapes)" in warm and "not captured" not in warm
+    assert sum(g.replays for g in backend.graphs) > 0
+    # the step is timed whole: one phase, no per-module view
+    assert d.step_s > 0 and d.phases["other"] > 0 and d.phases["forward"] == 0.0
+    assert d.top_modules == []
+    assert json.loads(json.dumps(d.to_dict()))["run_info"]["cuda_graphs"] == len(backend.graphs)
+
+
+def test_a_graph_step_that_fell_back_is_reported(one_thread):
+    """On a CPU the real CUDAGraphStep runs the eager step: the diagnosis says so (notes and run_info)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CUDAGraphStep's own fallback warning
+        d = diagnose(TinySeq2Seq(), ragged_pairs(n=24), strategies=[DevicePreload(), DeferredLossSync(), CUDAGraphStep()],
+                     steps=2, batch_size=4, warmup=1)
+    assert "device is cpu" in d.run_info["cuda_graph_fallback"]
+    assert any(n.startswith("CUDAGraphStep ran the eager step instead of graphs") for n in d.notes)
+    assert not any("the warm-up ran" in n for n in d.notes)  # nothing to capture: no warm-up epochs
+    assert "CUDAGraphStep ran the eager step" in str(d)

@@ -68,7 +68,7 @@ def test_custom_strategy_script(capsys):
     assert main(["--epochs", "2", "--tiny", "--log-every", "1", "--warmup", "3", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert ("roles: {'distribution': 'Distribution', 'precision': 'Precision', 'optimizer': 'OptimizerFactory', "
-            "'accumulation': 'GradientAccumulation', 'batches': 'BatchSource', 'step': 'StepRunner', "
+            "'accumulation': 'GradientAccumulation', 'batches': 'BatchSource', 'forward': 'Forward', 'step': 'StepRunner', "
             "'readback': 'DeferredLossSync'}") in out
     # 48 pairs / 16 = 3 micro-batches = 2 steps per epoch; a norm for each of the 4 steps
     assert [int(s) for s in re.findall(r"^\s+step\s+(\d+): \d+\.\d+$", out, flags=re.M)] == [1, 2, 3, 4]

@@ -16,6 +16,7 @@ from hlbd_fast.strategies import (
     BatchSource,
     DeferredLossSync,
     Distribution,
+    Forward,
     LossReadback,
     OptimizerFactory,
     Precision,
@@ -34,7 +35,7 @@ def test_without_strategies_every_role_holds_its_plain_default():
     t = make()
     defaults = {
         "distribution": Distribution, "precision": Precision, "optimizer": OptimizerFactory,
-        "accumulation": Accumulation, "batches": BatchSource, "step": StepRunner, "readback": LossReadback,
+        "accumulation": Accumulation, "batches": BatchSource, "forward": Forward, "step": StepRunner, "readback": LossReadback,
     }
     assert tuple(defaults) == ROLES
     for role, cls in defaults.items():

@@ -2,7 +2,7 @@
 
 from importlib import metadata as _metadata
 
-from . import presets
+from . import presets, schedules
 from .checkpoint import CheckpointError, load_weights
 from .history import EpochRecord, History
 from .meter import Figures, NonFiniteError, NonFiniteGradientError, NonFiniteLossError
@@ -11,6 +11,7 @@ from .strategies import (
     ROLES,
     AllowTF32,
     Compile,
+    CSVLogger,
     CUDAGraphStep,
     DataLoaderWorkers,
     DeferredLossSync,
@@ -18,6 +19,8 @@ from .strategies import (
     DistributedDataParallel,
     DistributedTraining,
     EagerLossSync,
+    EarlyStopping,
+    EMA,
     FastDropout,
     FusedAdamW,
     GPUPreload,
@@ -26,8 +29,11 @@ from .strategies import (
     MixedPrecision,
     Strategy,
     StrategyConflictError,
+    TensorBoardLogger,
     TrimPadding,
+    Unpad,
     verify_trim,
+    verify_unpad,
 )
 from .trainer import DataSource, FastTrainer
 
@@ -39,6 +45,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - run from a source t
 __all__ = [
     "ROLES",
     "AllowTF32",
+    "CSVLogger",
     "CUDAGraphStep",
     "CheckpointError",
     "Compile",
@@ -48,7 +55,9 @@ __all__ = [
     "DevicePreload",
     "DistributedDataParallel",
     "DistributedTraining",
+    "EMA",
     "EagerLossSync",
+    "EarlyStopping",
     "EpochRecord",
     "FastDropout",
     "FastTrainer",
@@ -65,9 +74,13 @@ __all__ = [
     "Preset",
     "Strategy",
     "StrategyConflictError",
+    "TensorBoardLogger",
     "TrimPadding",
+    "Unpad",
     "__version__",
     "load_weights",
     "presets",
+    "schedules",
     "verify_trim",
+    "verify_unpad",
 ]

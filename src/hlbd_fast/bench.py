@@ -176,8 +176,8 @@ ROWS: dict[str, Callable[[torch.device], RowSpec]] = {
     "quick": _named_preset("quick"),
     "extreme": _named_preset("extreme"),
     "fastest": _named_preset("fastest"),
-    # the compiled model draws its own dropout masks: FastDropout does not combine with Compile
-    "fastest+compile": _plus_preset("fastest", _strategy("compile", "Compile", dynamic=True), without=("FastDropout",)),
+    # the compiled model draws its own dropout masks, and Unpad's shapes change every batch: neither combines with Compile
+    "fastest+compile": _plus_preset("fastest", _strategy("compile", "Compile", dynamic=True), without=("FastDropout", "Unpad")),
 }
 
 #: Former row names still accepted by ``--rows`` (normalised spelling -> row).

@@ -4,7 +4,11 @@
 measures, in separate passes so that one measurement does not distort the next:
 
 1. **warm-up** (``warmup`` steps): one-off costs (allocator, compilation, CUDA graph
-   capture) and the padding of the batches.
+   capture) and the padding of the batches. A step role that captures each step shape
+   (:class:`~hlbd_fast.strategies.CUDAGraphStep`: a shape is captured after
+   ``warmup_steps`` eager runs of it, and TrimPadding buckets make several shapes) is
+   then warmed up by whole epochs until an epoch runs on captured graphs only (at most
+   ``warmup_steps + 2`` epochs), so that no capture happens in a measured pass.
 2. **clean pass** (``steps`` steps): the honest wall time of a step, nothing added.
 3. **timed pass** (``steps`` steps): the split of a step into data, forward (the
    model's forward), backward (the loss and its backward), optimizer (clip + step +
@@ -13,7 +17,10 @@ measures, in separate passes so that one measurement does not distort the next:
    the root do not hide the culprit. On CUDA this pass synchronises the device at every
    boundary (a diagnostic may: otherwise host timestamps say nothing about queued GPU
    work), so its shares are those of a serialised step; the step time reported comes
-   from the clean pass.
+   from the clean pass. When a step role replaces the step (CUDAGraphStep), nothing of
+   the doctor runs inside it — no forward hook, no timestamp, no sync: a sync inside a
+   step being captured would make the capture fail — and the step is timed whole, from
+   :meth:`~hlbd_fast.strategies.Strategy.on_step_start` to ``on_step_end``.
 4. **sync pass** (up to 5 steps): every host-device synchronisation (``.item()``,
    ``float()``/``bool()`` of a tensor, ``.tolist()``, ``.cpu()``, boolean-mask
    indexing, ``nonzero``...), attributed to the innermost module running, with the
@@ -198,6 +205,8 @@ class Diagnosis:
     graph_break_reasons: list[tuple[str, int]]  # (reason, count)
     recommendations: list[Recommendation]  # largest share first
     notes: list[str]  # caveats of this measurement
+    #: what the run recorded in ``trainer.history.info`` (``cuda_graphs``, ``cuda_graph_fallback``, ``tf32``...)
+    run_info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The diagnosis as JSON-ready data (module labels included)."""
@@ -240,6 +249,11 @@ class _Probe(Strategy):
     :meth:`before_clip` (the loss computation included, see :meth:`forward_end`);
     ``optimizer`` from :meth:`before_clip` to :meth:`on_step_end`; ``loss read-back``
     the time of every read (``trainer.loss_read_seconds``).
+
+    A step role that replaces the step (CUDAGraphStep) gets no forward hooks, and
+    :meth:`before_clip` (which runs inside the step, at capture only) does nothing: the
+    step is one phase, from :meth:`on_step_start` to :meth:`on_step_end`, where the only
+    timestamps (and, timed on CUDA, syncs) are taken.
     """
 
     def __init__(self) -> None:
@@ -284,12 +298,21 @@ class _Probe(Strategy):
 
     # ---- time
     def now(self) -> float:
-        """A timestamp; in the timed pass on CUDA after the device finished its queue (not while capturing)."""
+        """A timestamp; in the timed pass on CUDA after the device finished its queue.
+
+        Called only outside a replaced step (no hook runs inside one); the capture check
+        is a last guard, since a sync while capturing makes the capture fail.
+        """
         if self.cuda and self.mode == "timed" and not torch.cuda.is_current_stream_capturing():
             torch.cuda.synchronize(self.device)  # diagnostic sync: time the device's work, not the launch
         return time.perf_counter()
 
     # ---- passes
+    def follow(self, mode: str) -> None:
+        """Follow the loop as ``mode`` without recording anything (the warm-up epochs)."""
+        self.mode, self.recording, self.closing = mode, False, False
+        self.phase = "data"
+
     def start_pass(self, trainer: FastTrainer, mode: str, steps: int) -> None:
         """Record the next ``steps`` optimizer steps as pass ``mode``."""
         self.mode, self.target, self.steps = mode, steps, 0
@@ -509,8 +532,16 @@ def _is_sync_warning(message: Any) -> bool:
 
 @contextlib.contextmanager
 def _forward_hooks(trainer: FastTrainer, probe: _Probe, modules: bool) -> Iterator[None]:
-    """Time the module the loop calls (and, with ``modules``, every module of the model); removed on exit."""
+    """Time the module the loop calls (and, with ``modules``, every module of the model); removed on exit.
+
+    Registers nothing when a step role replaces the step (CUDAGraphStep): a hook runs
+    inside the step, which may be being captured, where a timestamp means nothing and a
+    sync makes the capture fail.
+    """
     handles: list[Any] = []
+    if probe.replaced_step:
+        yield
+        return
     try:
         if modules:
             for m in trainer.model.modules():
@@ -769,6 +800,7 @@ def _measure(trainer: FastTrainer, probe: _Probe, data: Any, steps: int, warmup:
         )
     run = functools.partial(_run_pass, trainer, probe, data)
     run("warmup", _warmup_steps(trainer, warmup))
+    _warm_every_shape(trainer, probe, data, notes)
     run("clean", steps + 1)  # the first step end opens the timing window
     step_s = probe.clean_step_seconds(steps)
     with _forward_hooks(trainer, probe, modules=eager):
@@ -777,6 +809,40 @@ def _measure(trainer: FastTrainer, probe: _Probe, data: Any, steps: int, warmup:
     sync_steps = _sync_pass(trainer, probe, run, eager, detail_steps, notes)
     ops, device_s, kernels = _profile(run, probe.cuda, detail_steps)
     return _Measured(step_s, timed, sync_steps, ops, device_s, kernels, compiled, notes)
+
+
+def _warm_every_shape(trainer: FastTrainer, probe: _Probe, data: Any, notes: list[str]) -> int:
+    """Warm a graph step up by whole epochs until an epoch runs on captured graphs only; return the epochs run.
+
+    A graph step (a step role with ``graphing``, ``graphs`` and ``shapes()``, such as
+    CUDAGraphStep) captures a step shape after ``warmup_steps`` eager runs of it, and
+    shapes vary (TrimPadding buckets, the epoch's partial last step): the warm-up runs
+    epochs, at most ``warmup_steps + 2``, and stops after an epoch that added no graph
+    when every shape seen has one. Nothing is recorded meanwhile.
+    """
+    step: Any = trainer.roles.step
+    if not (probe.replaced_step and getattr(step, "graphing", False) and callable(getattr(step, "shapes", None))):
+        return 0
+    limit = int(getattr(step, "warmup_steps", 0)) + 2
+    epochs = 0
+    probe.follow("warmup")
+    try:
+        while epochs < limit and step.graphing:
+            before = step.graphs
+            trainer.train_epoch(data)
+            epochs += 1
+            if step.graphs == before and step.graphs == len(step.shapes()):
+                break
+    finally:
+        probe.follow("off")
+    shapes = len(step.shapes())
+    missing = shapes - step.graphs if step.graphing else 0
+    notes.append(
+        f"{type(step).__name__}: the warm-up ran {epochs} whole epoch{'s' if epochs != 1 else ''} so that every step "
+        f"shape is captured before timing ({step.graphs} graph{'s' if step.graphs != 1 else ''} of {shapes} shapes)"
+        + (f"; {missing} shapes were not captured yet: their capture falls in the measured passes" if missing else "")
+    )
+    return epochs
 
 
 def _sync_pass(trainer: FastTrainer, probe: _Probe, run: Callable[[str, int], Any], eager: bool, steps: int, notes: list[str]) -> int:
@@ -881,6 +947,7 @@ def _assemble(trainer: FastTrainer, probe: _Probe, m: _Measured, steps: int, dyn
         graph_break_reasons=reasons,
         recommendations=[],
         notes=m.notes + _caveats(trainer, probe),
+        run_info=_run_info(trainer),
     )
     diag.recommendations = _recommend(diag, m.kernels)
     return diag
@@ -946,9 +1013,18 @@ def _padding(probe: _Probe) -> dict[str, float]:
     return {"pad_fraction": pad["pad"] / pad["positions"], "trimmable_fraction": pad["trimmable"] / pad["positions"]}
 
 
+def _run_info(trainer: FastTrainer) -> dict[str, Any]:
+    """``trainer.history.info`` as JSON-ready data (numbers, strings and booleans kept, anything else as text)."""
+    plain = (str, int, float, bool, type(None))
+    return {str(k): v if isinstance(v, plain) else str(v) for k, v in trainer.history.info.items()}
+
+
 def _caveats(trainer: FastTrainer, probe: _Probe) -> list[str]:
     """The notes every diagnosis of this kind carries."""
     notes = []
+    fallback = trainer.history.info.get("cuda_graph_fallback")
+    if fallback:
+        notes.append(f"CUDAGraphStep ran the eager step instead of graphs ({fallback}): these are the eager step's times")
     if probe.replaced_step:
         notes.append(
             f"{type(trainer.roles.step).__name__} runs the whole step; what it does besides the model's forward "
@@ -962,7 +1038,11 @@ def _caveats(trainer: FastTrainer, probe: _Probe) -> list[str]:
         )
         notes.append("device time: n/a on CPU (everything runs on the host)")
     else:
-        notes.append("the timed pass synchronises the device at every boundary: its shares are of a serialised step")
+        notes.append(
+            "the timed pass synchronises the device at each step's start and end only: the step runs whole (replayed)"
+            if probe.replaced_step
+            else "the timed pass synchronises the device at every boundary: its shares are of a serialised step"
+        )
     return notes
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ._validation import extract_logits, token_loss_sum, token_pair
+from ._validation import token_loss_sum, token_pair
 from .batches import DataSource, move
 from ._validation import check_positive_int
 from .checkpoint import rng_state, set_rng_state, write_trainer_checkpoint
@@ -134,13 +134,12 @@ def evaluate(trainer: "FastTrainer", data: Any, batch_size: int | None = None, g
     with evaluation_mode(trainer) as model:
         for batch in _eval_batches(trainer, source):
             src, tgt = token_pair(batch, "FastTrainer.evaluate")
-            tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
             with precision.forward_context(trainer):
-                logits = extract_logits(model(src, tgt_in), src.shape[0], tgt_in.shape[1], trainer.vocab_size)
-            real = tgt_out.ne(trainer.pad_id)
-            correct = (logits.argmax(dim=-1).eq(tgt_out) & real).sum()
+                logits, targets = trainer.roles.forward.logits(trainer, model, batch)  # Unpad: real positions only
+            real = targets.ne(trainer.pad_id)
+            correct = (logits.argmax(dim=-1).eq(targets) & real).sum()
             exact = _exact_matches(model, src, tgt, trainer.pad_id) if generate else correct.new_zeros(())
-            parts = [token_loss_sum(logits.float(), tgt_out, trainer.pad_id), real.sum(), correct, exact]
+            parts = [token_loss_sum(logits.float(), targets, trainer.pad_id), real.sum(), correct, exact]
             sums[:4] += torch.stack([x.to(torch.float64) for x in parts])
             sums[4] += src.shape[0]
         loss_sum, tokens, correct, exact, samples = sums.tolist()  # the one host sync of an evaluation

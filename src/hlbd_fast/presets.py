@@ -8,10 +8,13 @@ Use them with :meth:`hlbd_fast.FastTrainer.from_preset`::
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from .strategies import DeferredLossSync, EagerLossSync, GradientAccumulation, Strategy
 from .strategies.compile import Compile
@@ -22,6 +25,9 @@ from .strategies.optim import FusedAdamW
 from .strategies.padding import TrimPadding
 from .strategies.precision import MixedPrecision
 from .strategies.tf32 import AllowTF32
+from .strategies.unpad import Unpad, supports_unpad
+
+log = logging.getLogger("hlbd_fast")
 
 __all__ = ["Preset", "baseline", "quick", "extreme", "fastest", "get_preset", "resolve_preset", "PRESETS"]
 
@@ -54,6 +60,14 @@ class Preset:
         }
         kwargs["strategies"] = tuple(self.strategies) + extra
         return kwargs
+
+    def for_model(self, model: nn.Module) -> "Preset":
+        """This preset without the strategies ``model`` cannot run (Unpad, for a model without its protocol)."""
+        kept = tuple(s for s in self.strategies if not (isinstance(s, Unpad) and not supports_unpad(model)))
+        if len(kept) == len(self.strategies):
+            return self
+        log.info("preset %s: %s does not run unpadded, so Unpad is left out", self.name, type(model).__name__)
+        return dataclasses.replace(self, strategies=kept)
 
 
 def baseline(device: str | torch.device | None = None) -> Preset:
@@ -98,7 +112,9 @@ def fastest(device: str | torch.device | None = None) -> Preset:
 
     CUDA: data preloaded on the GPU, loss read once per epoch, fused AdamW, the whole step
     captured as a CUDA graph per length bucket, TF32 matmuls. CPU: data preloaded, loss
-    read once per epoch, each batch trimmed to its longest row, fused AdamW, dropout
+    read once per epoch, each batch trimmed to its longest row and run on its real tokens
+    only (:class:`~hlbd_fast.strategies.Unpad`, for models that follow its protocol;
+    :meth:`Preset.for_model` leaves it out for others), fused AdamW, dropout
     masks from half the random draws (:class:`~hlbd_fast.strategies.FastDropout`: the
     same distribution, another random stream), and bf16 autocast on CPUs with native
     bf16 (``MixedPrecision("auto")``: fp32 elsewhere, where bf16 is emulated and slower).
@@ -120,14 +136,15 @@ def fastest(device: str | torch.device | None = None) -> Preset:
         strategies = (
             DevicePreload(),
             TrimPadding(multiple_of=1),
+            Unpad(),
             DeferredLossSync(),
             FusedAdamW(),
             FastDropout(),
             MixedPrecision("auto"),
         )
         description = (
-            "preloaded tensors + trimmed padding + deferred sync + fused AdamW + fast dropout masks "
-            "+ bf16 autocast where the CPU has native bf16"
+            "preloaded tensors + trimmed padding + real tokens only (Unpad) + deferred sync + fused AdamW "
+            "+ fast dropout masks + bf16 autocast where the CPU has native bf16"
         )
     return Preset(name="fastest", strategies=strategies, batch_size=32, description=description)
 
@@ -143,6 +160,7 @@ def get_preset(name: str, device: str | torch.device | None = None) -> Preset:
     return PRESETS[name](device=device)
 
 
-def resolve_preset(preset: "Preset | str", device: str | torch.device | None = None) -> Preset:
-    """``preset`` itself, or the preset of that name built for ``device``."""
-    return preset if isinstance(preset, Preset) else get_preset(str(preset), device=device)
+def resolve_preset(preset: "Preset | str", device: str | torch.device | None = None, model: nn.Module | None = None) -> Preset:
+    """``preset`` itself, or the preset of that name built for ``device``; fitted to ``model`` when given."""
+    resolved = preset if isinstance(preset, Preset) else get_preset(str(preset), device=device)
+    return resolved if model is None else resolved.for_model(model)

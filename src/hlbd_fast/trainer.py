@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._validation import check_bool, check_positive_int, extract_logits, infer_vocab_size, token_loss_sum, token_pair
+from ._validation import check_bool, check_positive_int, infer_vocab_size, token_loss_sum, token_pair
 from ._io import check_writable_dir, ctrl_c_requests_stop
 from ._validation import check_pad_id, check_strategies, check_trainer_arguments
 from .batches import DataSource, check_batch, chunks, epoch_order, host_batches, make_source, move, validate_tensors
@@ -40,7 +40,7 @@ from .evaluation import EvalPlan, evaluate
 from .history import EpochRecord, History
 from .meter import EpochMeter, Figures, raise_if_diverged
 from .schedules import resolve_scheduler
-from .strategies.base import ROLES, Roles, Strategy, resolve_roles
+from .strategies.base import ROLES, Forward, Roles, Strategy, StrategyConflictError, resolve_roles
 
 __all__ = ["FastTrainer", "DataSource", "EpochMeter", "CHECKPOINT_NAME"]
 
@@ -124,6 +124,7 @@ class FastTrainer:
         self._eval_plan: EvalPlan | None = None
 
         self.roles: Roles = resolve_roles(self.strategies, optimizer)
+        _check_forward_override(type(self), self.roles)
         self.device = self.roles.distribution.resolve_device(_default_device(model, device))
         model.to(self.device)
         self.seed = _seed(seed)
@@ -158,6 +159,11 @@ class FastTrainer:
         return int(self._epoch_state.get("micro", 0))
 
     @property
+    def evaluates(self) -> bool:
+        """Whether the running ``fit`` evaluates (it was given ``eval_data``)."""
+        return self._eval_plan is not None and self._eval_plan.data is not None
+
+    @property
     def accumulation(self) -> int:
         """Micro-batches per optimizer step (the accumulation role's ``steps``)."""
         return self.roles.accumulation.steps
@@ -171,7 +177,7 @@ class FastTrainer:
         """
         from .presets import resolve_preset
 
-        preset = resolve_preset(preset, _default_device(model, kwargs.get("device")))
+        preset = resolve_preset(preset, _default_device(model, kwargs.get("device")), model)
         return cls(model, **preset.trainer_kwargs(**kwargs))
 
     def strategy(self, kind: type) -> Strategy | None:
@@ -185,10 +191,8 @@ class FastTrainer:
         Override for other model signatures or batch formats (override :meth:`count_tokens`
         too, and check such batches in :meth:`to_device` with :meth:`validate_tensors`).
         """
-        src, tgt = token_pair(batch, "FastTrainer.forward_loss")
-        tgt_in = tgt[:, :-1]
-        logits = extract_logits(self.train_model(src, tgt_in), src.shape[0], tgt_in.shape[1], self.vocab_size)
-        return token_loss_sum(logits, tgt[:, 1:], self.pad_id), self.count_tokens(batch)
+        logits, targets = self.roles.forward.logits(self, self.train_model, batch)  # model(src, tgt[:, :-1]) by default
+        return token_loss_sum(logits, targets, self.pad_id), self.count_tokens(batch)
 
     def count_tokens(self, batch: Any) -> torch.Tensor:
         """Non-pad target tokens of a micro-batch (0-d tensor on the device)."""
@@ -551,3 +555,13 @@ def _grad_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.Tens
 def _current_lr(optimizer: torch.optim.Optimizer) -> float:
     lr = optimizer.param_groups[0].get("lr", float("nan"))
     return float(lr)  # a tensor lr (CUDA graphs): one read at the epoch's end
+
+
+def _check_forward_override(cls: type, roles: Roles) -> None:
+    """A subclass that computes its own loss and a strategy that replaces the forward cannot both act."""
+    if cls.forward_loss is not FastTrainer.forward_loss and type(roles.forward).logits is not Forward.logits:
+        raise StrategyConflictError(
+            f"{cls.__name__}.forward_loss computes the loss itself, so {roles.forward!r}, which replaces the model's "
+            "forward and the loss positions, would never run; drop the strategy, or call "
+            "self.roles.forward.logits(self, self.train_model, batch) in your forward_loss"
+        )

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validation import check_positive_int
+from ..packing import Packing, UnpadBatch
 
 __all__ = [
     "ModelConfig",
@@ -130,12 +131,19 @@ class MultiHeadAttention(nn.Module):
         memory: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
+        packing: Packing | None = None,
+        memory_packing: Packing | None = None,
     ) -> torch.Tensor:
         """Attend from ``x`` ``[B,T,D]`` to itself or to ``memory`` ``[B,S,D]``.
 
         ``attn_mask`` is a boolean mask broadcastable to ``[B,H,T,S]``, True
-        where attention is allowed.
+        where attention is allowed. With ``packing`` (and ``memory_packing`` for
+        cross-attention), ``x`` and ``memory`` are packed ``[N,D]`` rows: they are
+        unpacked for attention only (keys masked by the packing) and the result is
+        packed again.
         """
+        if packing is not None:
+            return self._packed(x, memory, is_causal, packing, memory_packing)
         b, t, d = x.shape
         if self.cross:
             if memory is None:
@@ -153,6 +161,31 @@ class MultiHeadAttention(nn.Module):
             is_causal=is_causal,
         )
         out: torch.Tensor = self.out(y.transpose(1, 2).reshape(b, t, d))
+        return out
+
+    def _packed(
+        self, x: torch.Tensor, memory: torch.Tensor | None, is_causal: bool, packing: Packing, memory_packing: Packing | None
+    ) -> torch.Tensor:
+        """Projections on packed rows; attention per sequence on the unpacked ``[B, L]`` layout."""
+        if self.cross:
+            if memory is None or memory_packing is None:
+                raise ValueError("packed cross-attention needs the memory and its packing")
+            q = packing.unpack(self.q(x))
+            k, v = memory_packing.unpack(self.kv(memory)).chunk(2, dim=-1)
+            mask = None if is_causal else memory_packing.key_mask
+        else:
+            q, k, v = packing.unpack(self.qkv(x)).chunk(3, dim=-1)
+            mask = None if is_causal else packing.key_mask
+        y = F.scaled_dot_product_attention(
+            self._heads(q),
+            self._heads(k),
+            self._heads(v),
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        b, t = q.shape[0], q.shape[1]
+        out: torch.Tensor = self.out(packing.pack(y.transpose(1, 2).reshape(b, t, -1)))
         return out
 
 
@@ -184,9 +217,9 @@ class EncoderLayer(nn.Module):
         self.ff = FeedForward(d_model, d_ff, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[B,S,D]``; ``src_mask`` boolean ``[B,1,1,S]`` (True = real key)."""
-        x = x + self.drop(self.self_attn(self.norm1(x), attn_mask=src_mask))
+    def forward(self, x: torch.Tensor, src_mask: torch.Tensor | None, packing: Packing | None = None) -> torch.Tensor:
+        """``x`` ``[B,S,D]``; ``src_mask`` boolean ``[B,1,1,S]`` (True = real key); packed: ``x`` ``[N,D]``."""
+        x = x + self.drop(self.self_attn(self.norm1(x), attn_mask=src_mask, packing=packing))
         out: torch.Tensor = x + self.drop(self.ff(self.norm2(x)))
         return out
 
@@ -206,11 +239,18 @@ class DecoderLayer(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        src_mask: torch.Tensor | None,
+        packing: Packing | None = None,
+        memory_packing: Packing | None = None,
     ) -> torch.Tensor:
-        """``x`` ``[B,T,D]``, ``memory`` ``[B,S,D]``, ``src_mask`` boolean ``[B,1,1,S]``."""
-        x = x + self.drop(self.self_attn(self.norm1(x), is_causal=True))
-        x = x + self.drop(self.cross_attn(self.norm2(x), memory, attn_mask=src_mask))
+        """``x`` ``[B,T,D]``, ``memory`` ``[B,S,D]``, ``src_mask`` boolean ``[B,1,1,S]``; packed: ``[N,D]`` rows."""
+        x = x + self.drop(self.self_attn(self.norm1(x), is_causal=True, packing=packing))
+        x = x + self.drop(
+            self.cross_attn(self.norm2(x), memory, attn_mask=src_mask, packing=packing, memory_packing=memory_packing)
+        )
         out: torch.Tensor = x + self.drop(self.ff(self.norm3(x)))
         return out
 
@@ -379,16 +419,41 @@ class Seq2SeqTransformer(nn.Module):
                 f"{tgt_tokens.shape[0]}"
             )
 
-    def forward(self, src_tokens: torch.Tensor, tgt_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, src_tokens: torch.Tensor, tgt_tokens: torch.Tensor, unpad: UnpadBatch | None = None) -> torch.Tensor:
         """Logits ``[B,T,V]`` for source ids ``[B,S]`` and decoder input ids ``[B,T]``.
+
+        With ``unpad`` (:class:`~hlbd_fast.packing.UnpadBatch`, what
+        :class:`~hlbd_fast.strategies.Unpad` passes) only the real tokens run: the
+        result is logits ``[N, V]`` for the packed target positions
+        (``unpad.target``), equal to the padded logits there up to float rounding.
 
         Raises:
             ValueError: if an input is not a 2-D integer tensor, is longer than
                 ``max_length``, or the batch sizes differ (shape checks only).
         """
         self.check_inputs(src_tokens, tgt_tokens)
+        if unpad is not None:
+            return self._forward_packed(src_tokens, tgt_tokens, unpad)
         memory, src_mask = self.encode(src_tokens)
         return self.decode(tgt_tokens, memory, src_mask)
+
+    def _embed_packed(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
+        x = self.embed(packing.pack(tokens)) * self.embed_scale + self.pos_embed(packing.positions)
+        out: torch.Tensor = self.embed_drop(x)
+        return out
+
+    def _forward_packed(self, src: torch.Tensor, tgt: torch.Tensor, unpad: UnpadBatch) -> torch.Tensor:
+        """The encoder and decoder on the real tokens only; logits ``[N_target, V]``."""
+        sp, tp = unpad.source, unpad.target
+        x = self._embed_packed(src, sp)
+        for layer in self.encoder_layers:
+            x = layer(x, None, sp)
+        memory = self.encoder_norm(x)
+        y = self._embed_packed(tgt, tp)
+        for dec in self.decoder_layers:
+            y = dec(y, memory, None, tp, sp)
+        logits: torch.Tensor = self.lm_head(self.decoder_norm(y))
+        return logits
 
     # ------------------------------------------------------------- inference
     @torch.no_grad()

@@ -11,6 +11,7 @@ from .base import (
     Accumulation,
     BatchSource,
     Distribution,
+    Forward,
     LossReadback,
     OptimizerFactory,
     Precision,
@@ -25,27 +26,35 @@ from .cuda_graph import CUDAGraphStep, GraphBackend
 from .data import DataLoaderWorkers, DevicePreload, GPUPreload
 from .distributed import DistributedDataParallel, DistributedTraining
 from .dropout import FastDropout, fast_dropout
+from .ema import EMA
+from .loggers import CSVLogger, TensorBoardLogger
 from .optim import FusedAdamW
 from .padding import TrimPadding, verify_trim
 from .precision import MixedPrecision
+from .stopping import EarlyStopping
 from .sync import DeferredLossSync, EagerLossSync
 from .tf32 import AllowTF32
+from .unpad import Unpad, verify_unpad
 
 __all__ = [
     "ROLES",
     "Accumulation",
     "AllowTF32",
     "BatchSource",
+    "CSVLogger",
     "CUDAGraphStep",
     "Compile",
     "DataLoaderWorkers",
     "DeferredLossSync",
     "DevicePreload",
     "Distribution",
+    "EMA",
+    "EarlyStopping",
     "DistributedDataParallel",
     "DistributedTraining",
     "EagerLossSync",
     "FastDropout",
+    "Forward",
     "FusedAdamW",
     "GPUPreload",
     "GradientAccumulation",
@@ -59,9 +68,12 @@ __all__ = [
     "StepRunner",
     "Strategy",
     "StrategyConflictError",
+    "TensorBoardLogger",
     "TrimPadding",
+    "Unpad",
     "fast_dropout",
     "verify_trim",
+    "verify_unpad",
 ]
 
 

@@ -33,6 +33,7 @@ The loop, with each role (``roles.X``) and hook (``s.X``: every strategy, in lis
                       with roles.distribution.gradient_sync(trainer, last):
                           with roles.precision.forward_context(trainer):
                               loss_sum, n_tokens = trainer.forward_loss(batch)
+                              # logits, targets = roles.forward.logits(trainer, model, batch)   # model(src, tgt[:, :-1])
                           roles.precision.backward(trainer, loss)    # loss.backward()
                   roles.precision.unscale_gradients(trainer)          # nothing
                   s.before_clip(trainer)
@@ -73,6 +74,7 @@ __all__ = [
     "OptimizerFactory",
     "Accumulation",
     "BatchSource",
+    "Forward",
     "Distribution",
     "StepRunner",
     "LossReadback",
@@ -81,7 +83,7 @@ __all__ = [
 ]
 
 #: The roles, in the order their strategies are set up.
-ROLES: tuple[str, ...] = ("distribution", "precision", "optimizer", "accumulation", "batches", "step", "readback")
+ROLES: tuple[str, ...] = ("distribution", "precision", "optimizer", "accumulation", "batches", "forward", "step", "readback")
 
 _BAR_REFRESH_S = 0.5  # the default read-back policy reads the loss at most this often, for the bar
 
@@ -387,6 +389,25 @@ class Distribution(Strategy):
         return 0
 
 
+class Forward(Strategy):
+    """Role ``forward``: the model's logits at the positions the loss scores, and their targets.
+
+    Default: ``logits = model(src, tgt[:, :-1])`` (``[B, T, V]``, checked) against
+    ``tgt[:, 1:]``; the trainer sums the cross-entropy over non-pad targets.
+    """
+
+    role = "forward"
+
+    def logits(self, trainer: "FastTrainer", model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [..., V], targets [...])`` of a ``(src, tgt)`` batch; ``model`` is what to call."""
+        from .._validation import extract_logits, token_pair
+
+        src, tgt = token_pair(batch, "FastTrainer.forward_loss")
+        tgt_in = tgt[:, :-1]
+        out = extract_logits(model(src, tgt_in), src.shape[0], tgt_in.shape[1], trainer.vocab_size)
+        return out, tgt[:, 1:]
+
+
 class StepRunner(Strategy):
     """Role ``step``: runs one optimizer step. Default: the eager :meth:`FastTrainer.train_step`."""
 
@@ -432,6 +453,7 @@ ROLE_CLASSES: dict[str, type[Strategy]] = {
     "optimizer": OptimizerFactory,
     "accumulation": Accumulation,
     "batches": BatchSource,
+    "forward": Forward,
     "step": StepRunner,
     "readback": LossReadback,
 }
@@ -462,6 +484,7 @@ class Roles:
     optimizer: OptimizerFactory
     accumulation: Accumulation
     batches: BatchSource
+    forward: Forward
     step: StepRunner
     readback: LossReadback
 

@@ -98,8 +98,7 @@ class EarlyStopping(Strategy):
 
     def run_scope(self, trainer: "FastTrainer") -> ContextManager[Any]:
         """Note whether this ``fit`` evaluates (its ``eval_data``), to refuse a run that never will."""
-        plan = getattr(trainer, "_eval_plan", False)  # fit sets it before entering the run scopes
-        self._evaluation_planned = None if plan is False else plan is not None and plan.data is not None
+        self._evaluation_planned = trainer.evaluates  # fit knows its eval_data before entering the run scopes
         return super().run_scope(trainer)
 
     def improves(self, value: float) -> bool:

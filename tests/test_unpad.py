@@ -1,0 +1,225 @@
+"""Unpad: only real tokens reach the model, with the padded loop's numbers (up to float rounding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import TinySeq2Seq, clone, ragged_pairs
+from hlbd_fast import (
+    Compile,
+    DeferredLossSync,
+    DevicePreload,
+    FastDropout,
+    FastTrainer,
+    FusedAdamW,
+    GradientAccumulation,
+    MixedPrecision,
+    StrategyConflictError,
+    TrimPadding,
+    Unpad,
+    presets,
+    verify_unpad,
+)
+from hlbd_fast.models import Seq2SeqTransformer
+from hlbd_fast.packing import UnpadBatch, source_packing, target_packing
+
+
+def reference(dropout: float = 0.0, seed: int = 0) -> Seq2SeqTransformer:
+    torch.manual_seed(seed)
+    return Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=2, n_decoder_layers=2, n_heads=2, d_ff=32,
+                              dropout=dropout, max_length=32)
+
+
+def padded(n: int = 40, extra: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    src, tgt = ragged_pairs(n=n, seed=seed)
+    z = torch.zeros(n, extra, dtype=torch.long)
+    return torch.cat([src, z], 1), torch.cat([tgt, z], 1)
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+KEY_BIAS_SLICES = {"self_attn.qkv.bias": slice(16, 32), "cross_attn.kv.bias": slice(0, 16)}
+
+
+def weight_diffs(a: nn.Module, b: nn.Module, skip_key_biases: bool = False) -> float:
+    """Largest per-tensor relative difference; optionally without attention's key biases (see the Adam test)."""
+    worst = 0.0
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        if skip_key_biases:
+            key = next((s for k, s in KEY_BIAS_SLICES.items() if name.endswith(k)), None)
+            if key is not None:
+                keep = torch.ones(p.shape[0], dtype=torch.bool)
+                keep[key] = False
+                p, q = p[keep], q[keep]
+        worst = max(worst, rel_diff(p.detach(), q.detach()))
+    return worst
+
+
+# ---------------------------------------------------------------------------- packing
+def test_pack_and_unpack_round_trip():
+    src = torch.tensor([[5, 6, 0, 0], [7, 0, 0, 0], [0, 0, 0, 0]])
+    p = source_packing(src, 0)
+    assert p.tokens == 4 and p.positions.tolist() == [0, 1, 0, 0]  # the all-pad row keeps position 0
+    assert p.pack(src).tolist() == [5, 6, 7, 0]
+    x = torch.randn(3, 4, 2)
+    back = p.unpack(p.pack(x))
+    assert torch.equal(back[p.key_mask[:, 0, 0, :]], x[p.key_mask[:, 0, 0, :]])
+    assert (back[~p.key_mask[:, 0, 0, :]] == 0).all()
+
+
+def test_target_packing_keeps_every_position_up_to_the_last_scored_one():
+    tgt_out = torch.tensor([[4, 5, 3, 0], [6, 0, 7, 3], [3, 0, 0, 0]])  # row 1 has an interior pad
+    p = target_packing(tgt_out, 0)
+    assert p.positions.tolist() == [0, 1, 2, 0, 1, 2, 3, 0]
+
+
+def test_the_reference_models_packed_logits_are_its_padded_logits():
+    model = reference().eval()
+    src, tgt = padded(n=16)
+    u = UnpadBatch.of(src, tgt, 0)
+    with torch.no_grad():
+        full, packed = model(src, tgt[:, :-1]), model(src, tgt[:, :-1], unpad=u)
+    assert packed.shape == (u.target.tokens, 23) and u.target.tokens < tgt[:, 1:].numel()
+    assert rel_diff(packed, u.target.pack(full)) < 1e-5
+    check = verify_unpad(model, (src, tgt))
+    assert check.padded_positions > 0 and check.max_logit_diff < 1e-5
+
+
+# ---------------------------------------------------------------------------- parity with the padded loop
+def test_training_equals_the_padded_loop_with_sgd():
+    """Two epochs, dropout off, SGD: per-epoch losses within 1e-6, every weight within 1e-4 (relative)."""
+    data = padded()
+    base = reference()
+    ours, ref = clone(base), clone(base)
+    kw = dict(seed=3, progress=False, batch_size=8)
+    h = FastTrainer(ours, strategies=[Unpad()], optimizer=torch.optim.SGD(ours.parameters(), lr=0.3), **kw).fit(data, 2)
+    h_ref = FastTrainer(ref, optimizer=torch.optim.SGD(ref.parameters(), lr=0.3), **kw).fit(data, 2)
+    assert h.losses == pytest.approx(h_ref.losses, rel=1e-6)
+    assert weight_diffs(ours, ref) < 1e-4
+    assert weight_diffs(ours, base) > 1e-3  # the weights moved
+    assert [r.tokens for r in h] == [r.tokens for r in h_ref]
+
+
+def test_training_equals_the_padded_loop_with_adam():
+    """Adam: losses within 1e-6; weights within 1e-4 but for attention's key biases.
+
+    A key bias gets a zero gradient in exact arithmetic (softmax ignores a shift shared by all
+    keys), so its gradient is rounding noise, and Adam turns any noise into full steps: any
+    change of rounding (trimming, packing) moves those entries apart from the padded loop's.
+    They do not change what the model computes.
+    """
+    data = padded()
+    base = reference()
+    ours, ref = clone(base), clone(base)
+    kw = dict(seed=3, progress=False, batch_size=8, lr=1e-3)
+    h = FastTrainer(ours, strategies=[Unpad()], **kw).fit(data, 2)
+    h_ref = FastTrainer(ref, **kw).fit(data, 2)
+    assert h.losses == pytest.approx(h_ref.losses, rel=1e-6)
+    assert weight_diffs(ours, ref, skip_key_biases=True) < 1e-4
+
+
+@pytest.mark.parametrize("name, strategies, reference_strategies", [
+    ("accumulation + deferred sync", [GradientAccumulation(2), DeferredLossSync()], [GradientAccumulation(2)]),
+    ("preload + trim + fused adamw", [DevicePreload(), TrimPadding(multiple_of=1), FusedAdamW()], [FusedAdamW()]),
+])
+def test_combines_with_the_other_exact_strategies(name, strategies, reference_strategies):
+    data = padded()
+    base = reference()
+    ours, ref = clone(base), clone(base)
+    kw = dict(seed=5, progress=False, batch_size=4, lr=1e-3)
+    h = FastTrainer(ours, strategies=[Unpad(), *strategies], **kw).fit(data, 2)
+    h_ref = FastTrainer(ref, strategies=reference_strategies, **kw).fit(data, 2)
+    assert h.losses == pytest.approx(h_ref.losses, rel=1e-6)
+    assert weight_diffs(ours, ref, skip_key_biases=True) < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:MixedPrecision\\('bf16'\\) on a CPU without native bf16")
+def test_combines_with_bf16_within_its_tolerance():
+    data = padded()
+    base = reference()
+    ours, ref = clone(base), clone(base)
+    kw = dict(seed=5, progress=False, batch_size=8, lr=3e-3)
+    h = FastTrainer(ours, strategies=[Unpad(), MixedPrecision("bf16")], **kw).fit(data, 3)
+    h_ref = FastTrainer(ref, **kw).fit(data, 3)
+    assert h.losses[-1] == pytest.approx(h_ref.losses[-1], rel=0.02)
+
+
+def test_dropout_masks_real_elements_at_the_keep_rate_with_the_scale():
+    """With dropout on the stream differs (masks over real elements only): check the masks' law."""
+    model = reference(dropout=0.25)
+    seen = []
+    model.encoder_layers[0].ff.drop.register_forward_hook(lambda m, i, o: seen.append((i[0].detach(), o.detach())))
+    src, tgt = padded(n=40)
+    FastTrainer(model, strategies=[Unpad(check=False), FastDropout()], seed=1, progress=False, batch_size=40).fit((src, tgt), 1)
+    x, y = seen[0]
+    assert x.dim() == 2 and x.shape[0] == UnpadBatch.of(src, tgt, 0).source.tokens  # packed rows: real tokens only
+    kept = y != 0
+    assert abs(float(kept.float().mean()) - 0.75) < 0.03
+    assert torch.allclose(y[kept], x[kept] / 0.75)
+
+
+def test_evaluate_uses_it_and_agrees_with_the_padded_evaluation():
+    data = padded(n=24)
+    t = FastTrainer(reference(), strategies=[Unpad()], progress=False)
+    plain = FastTrainer(reference(), progress=False)
+    a, b = t.evaluate(data), plain.evaluate(data)
+    assert a["tokens"] == b["tokens"] and a["token_accuracy"] == b["token_accuracy"]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- refusals
+class LeakyReference(Seq2SeqTransformer):
+    """Attends to padded source keys (as the original APTModel does): padding reaches real positions."""
+
+    def source_mask(self, src):
+        return torch.ones_like(super().source_mask(src))
+
+
+def test_a_model_without_the_protocol_is_refused_when_the_trainer_is_built():
+    with pytest.raises(ValueError, match="Unpad cannot run TinySeq2Seq.*accept unpad=UnpadBatch"):
+        FastTrainer(TinySeq2Seq(), strategies=[Unpad()], progress=False)
+
+
+def test_a_model_that_lets_padding_leak_is_refused_before_any_step():
+    torch.manual_seed(0)
+    model = LeakyReference(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32,
+                           dropout=0.0, max_length=32)
+    before = [p.detach().clone() for p in model.parameters()]
+    t = FastTrainer(model, strategies=[Unpad()], progress=False)
+    with pytest.raises(ValueError, match="Unpad refused this model on its first batch.*padding reach real positions"):
+        t.fit(padded(), 1, batch_size=8)
+    assert t.global_step == 0 and all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("other", [Compile(backend="eager")], ids=["compile"])
+def test_uncapturable_combinations_are_refused(other):
+    with pytest.raises(StrategyConflictError, match="Unpad cannot be combined with Compile"):
+        FastTrainer(reference(), strategies=[Unpad(), other], progress=False)
+
+
+def test_a_trainer_that_computes_its_own_loss_is_refused_with_unpad():
+    class Own(FastTrainer):
+        def forward_loss(self, batch):
+            return super().forward_loss(batch)
+
+    with pytest.raises(StrategyConflictError, match="Own.forward_loss computes the loss itself.*Unpad"):
+        Own(reference(), strategies=[Unpad()], progress=False)
+    Own(reference(), progress=False)  # without a forward strategy: fine
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="Unpad\\(check='no'\\)"):
+        Unpad(check="no")
+
+
+# ---------------------------------------------------------------------------- the preset
+def test_cpu_fastest_unpads_models_that_support_it():
+    assert any(isinstance(s, Unpad) for s in presets.fastest("cpu").strategies)
+    t = FastTrainer.from_preset(reference(), "fastest", device="cpu", progress=False)
+    assert isinstance(t.roles.forward, Unpad)
+    t = FastTrainer.from_preset(TinySeq2Seq(), "fastest", device="cpu", progress=False)  # no protocol: left out
+    assert not any(isinstance(s, Unpad) for s in t.strategies)
