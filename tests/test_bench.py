@@ -332,3 +332,24 @@ def test_rows_keep_their_workers_across_epochs_and_free_them_when_done(one_threa
     workers, graphs = rep["rows"][1], rep["rows"][2]
     assert workers["epoch_rounds"] == [1, 2] and workers["speedup_rounds"] == 1
     assert any("CUDAGraphStep" in w for w in graphs["warnings"])  # CPU: the eager step, with its warning
+
+
+def test_the_careful_loop_and_unpad_rows_and_the_eval_accuracy_column(one_thread):
+    """A hand-written loop's work (batch 32, trimmed, read every step), +unpad on the reference model, token accuracy."""
+    from hlbd_fast.models import Seq2SeqTransformer
+
+    def model():
+        return Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32,
+                                  dropout=0.0, max_length=16)
+
+    rep = run_bench(rows="baseline,careful loop,+unpad", epochs=1, device="cpu", model_factory=model,
+                    data=ragged_pairs(n=64), interleave=False)
+    rows = {r["name"]: r for r in rep["rows"]}
+    careful = rows["careful loop"]
+    assert careful["error"] is None and careful["micro_batch"] == 32 and careful["accumulation"] == 1
+    assert careful["syncs_per_step"] == 1.5  # a read at each of 2 steps, and the epoch's own read
+    assert any("TrimPadding" in s for s in careful["strategies"])
+    assert rows["+unpad"]["error"] is None and rows["+unpad"]["losses"] == pytest.approx(rows["baseline"]["losses"], rel=1e-5)
+    for r in rows.values():
+        assert 0.0 <= r["eval_token_accuracy"] <= 1.0
+    assert "eval token acc" in format_table(rep)

@@ -173,6 +173,12 @@ ROWS: dict[str, Callable[[torch.device], RowSpec]] = {
     "+grad checkpointing": _plus(_strategy("checkpointing", "GradientCheckpointing")),
     "+trim padding": _plus(_strategy("padding", "TrimPadding")),
     "+fast dropout": _plus(_strategy("dropout", "FastDropout")),
+    "+unpad": _plus(_strategy("unpad", "Unpad")),
+    # what a careful user writes without this library: batch 32, each batch cut to its longest row, Adam, loss read every step
+    "careful loop": lambda device: RowSpec(
+        Preset("careful loop", (_strategy("padding", "TrimPadding", multiple_of=1)(device), _strategy("sync", "DeferredLossSync", every=1)(device)), 32),
+        "batch 32, each batch trimmed to its longest row, Adam, loss read every step: a hand-written loop's work",
+    ),
     "quick": _named_preset("quick"),
     "extreme": _named_preset("extreme"),
     "fastest": _named_preset("fastest"),
@@ -189,7 +195,9 @@ _ALIASES = {"gpupreload": "+device preload"}  # the row of GPUPreload, DevicePre
 #: worker processes and device preloading are left out; name them with --rows.
 CPU_DEFAULT_ROWS: tuple[str, ...] = (
     "baseline",
+    "careful loop",
     "+trim padding",
+    "+unpad",
     "+fast dropout",
     "+batch 32",
     "+bigger batch",
@@ -422,15 +430,28 @@ class _Row:
             log.info("  %s: %s", self.name, self.skipped_error if self.done == 0 else
                      f"stopped after {self.done} epoch(s): the time budget was spent")
 
-    def finish(self, device: torch.device) -> dict[str, Any]:
-        """Take the row's result (kept in :attr:`report`), then free what the row holds."""
+    def finish(self, device: torch.device, data: Any = None) -> dict[str, Any]:
+        """Take the row's result (kept in :attr:`report`; with ``data``, its token accuracy), then free what it holds."""
         if self.error is None and self.done:
             assert self.history is not None
             log.info("  %s: %.2f s/epoch, final loss %.4f (%.0f s)", self.name, self.history.s_per_epoch(),
                      self.history.losses[-1], self.wall_s)
+        accuracy = self._token_accuracy(data)
         self.report = self.result()
+        if "final_loss" in self.report:
+            self.report["eval_token_accuracy"] = accuracy
         self.release(device)
         return self.report
+
+    def _token_accuracy(self, data: Any) -> float | None:
+        """The trained model's token accuracy on ``data`` (not timed; after the row's last epoch)."""
+        if data is None or self.trainer is None or self.error is not None or not self.done:
+            return None
+        try:
+            return self.trainer.evaluate(data)["token_accuracy"]
+        except Exception as e:  # noqa: BLE001 - the row's figures stand without it
+            log.info("  %s: evaluation failed: %s", self.name, e)
+            return None
 
     def result(self) -> dict[str, Any]:
         """The row's JSON entry (before :func:`compare_rows` adds the comparisons)."""
@@ -581,7 +602,7 @@ def run_bench(
         _run_interleaved(bench_rows, data, dev, budget, initial, seed)
     else:
         _run_sequential(bench_rows, data, dev, budget, initial, seed)
-    results = [row.report if row.report is not None else row.finish(dev) for row in bench_rows]
+    results = [row.report if row.report is not None else row.finish(dev, data) for row in bench_rows]
     compare_rows(results, paired=interleave)
     report = {"machine": machine, "config": config, "rows": results}
     if out_dir is not None:
@@ -665,13 +686,13 @@ def _run_interleaved(rows: list[_Row], data: tuple[torch.Tensor, torch.Tensor], 
             if row.active:
                 row.run_epoch(data, dev, measure_memory=False, round_no=round_no)
                 if not row.active:
-                    row.finish(dev)  # done (or failed): free its graphs, workers and trainer now
+                    row.finish(dev, data)  # done (or failed): free its graphs, workers and trainer now
         last_round_s = time.perf_counter() - t0
     for row in rows:
         if row.active:
             row.stop_for_budget()
         if row.report is None:
-            row.finish(dev)
+            row.finish(dev, data)
 
 
 def _run_sequential(rows: list[_Row], data: tuple[torch.Tensor, torch.Tensor], dev: torch.device, budget: _Budget,
@@ -680,7 +701,7 @@ def _run_sequential(rows: list[_Row], data: tuple[torch.Tensor, torch.Tensor], d
     for i, row in enumerate(rows, 1):
         if i > 1 and budget.spent():
             row.stop_for_budget()
-            row.finish(dev)
+            row.finish(dev, data)
             continue
         row.begin(f"[{i}/{len(rows)}]", initial, dev, seed)
         while row.active:
@@ -688,7 +709,7 @@ def _run_sequential(rows: list[_Row], data: tuple[torch.Tensor, torch.Tensor], d
                 row.stop_for_budget()
                 break
             row.run_epoch(data, dev, measure_memory=True)
-        row.finish(dev)
+        row.finish(dev, data)
 
 
 def _model_config(model: nn.Module) -> dict[str, Any]:
@@ -777,8 +798,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"hlbd_fast bench: {c['pairs']} pairs, {c['model']} ({c['parameters'] / 1e6:.1f}M parameters), "
         f"{c['epochs']} epochs per row, {m['device']} ({where}), torch {m['torch']}, {m['torch_threads']} threads",
         "",
-        "| row | epochs | s/epoch | one-off s | speedup | ratio of | final loss | loss diff | peak MB | syncs/step | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| row | epochs | s/epoch | one-off s | speedup | ratio of | final loss | loss diff | eval token acc | peak MB | syncs/step | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     lines += [_table_line(r, c["epochs"]) for r in report["rows"]]
     lines.append("")
@@ -792,7 +813,7 @@ def _table_line(r: dict[str, Any], epochs: int) -> str:
     """One row of the table: its figures, or why it has none."""
     if r["error"] is not None:
         what = r["error"] if r["error"].startswith(("skipped", "timed out")) else f"failed: {r['error']}"
-        return f"| {r['name']} | {r['epochs']} | - | - | - | - | - | - | - | - | {what[:160]} |"
+        return f"| {r['name']} | {r['epochs']} | - | - | - | - | - | - | - | - | - | {what[:160]} |"
     note = [r["note"]] if r.get("note") else []
     if r.get("loss_compared_at_epoch") and r["loss_compared_at_epoch"] != len(r["losses"]):
         note.append(f"loss compared at epoch {r['loss_compared_at_epoch']}")
@@ -803,7 +824,7 @@ def _table_line(r: dict[str, Any], epochs: int) -> str:
     return (
         f"| {r['name']} | {r['epochs']} | {_fmt(r['s_per_epoch'], '.2f')} | {_fmt(r['compile_s'], '.1f')} | "
         f"{_fmt(r['speedup'], '.2f')}{'x' if r['speedup'] is not None else ''} | {_ratio_basis(r)} | "
-        f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['loss_rel_diff'], '.2%')} | "
+        f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['loss_rel_diff'], '.2%')} | {_fmt(r.get('eval_token_accuracy'), '.1%')} | "
         f"{_fmt(r['peak_mem_mb'], '.0f')} | {_fmt(r['syncs_per_step'], '.3g')} | {'; '.join(note)} |"
     )
 
