@@ -39,7 +39,8 @@ def test_run_demo_prints_table_and_generations_and_writes_histories(small_hlbd, 
 
     # the table: a header and one row per run, with its epochs and final loss
     assert "| run | epochs | s/epoch | speedup | loss @ epoch 1 | final loss |" in text
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| baseline") or line.startswith("| fastest")}
+    speed_table = text.split("| run | epochs |")[1].split("\n\n")[0]  # the speed table (the quality table follows)
+    rows = {line.split("|")[1].strip(): line for line in speed_table.splitlines() if line.startswith(("| baseline", "| fastest"))}
     assert set(rows) == {"baseline", "fastest"}
     assert rows["baseline"].split("|")[2].strip() == "1"
     assert rows["fastest"].split("|")[2].strip() == "2"
@@ -215,3 +216,35 @@ def test_out_path_that_is_a_file(small_hlbd, tmp_path, capsys):
     with pytest.raises(demo.DemoError, match="--out"):
         demo.run_demo(epochs=1, baseline_epochs=0, data=str(small_hlbd), device="cpu", out=str(taken),
                       model_overrides=TINY, progress=False)
+
+
+def test_run_demo_shows_what_each_run_learned_and_the_learning_phase(small_hlbd, tmp_path, capsys):
+    """Quality side by side after the same epochs; then the fast preset to convergence, with exact match."""
+    out = tmp_path / "out"
+    result = demo.run_demo(epochs=3, baseline_epochs=1, data=str(small_hlbd), device="cpu", out=str(out),
+                           model_overrides=TINY, progress=False, learn_epochs=60, learn_lr=1e-2)
+    text = capsys.readouterr().out
+    assert "| run | after epochs | eval loss | token accuracy | exact match |" in text
+    base, fast = result["baseline"], result["fastest"]
+    assert base["quality_epoch"] == fast["quality_epoch"] == 1  # side by side: the same number of epochs
+    assert fast["quality"]["loss"] == pytest.approx(base["quality"]["loss"], rel=0.05)  # the same start, the same data
+    learn = result["learn"]
+    assert "learning: 'fastest' for 60 epochs at lr 0.01" in text and "exact match" in text
+    assert learn["quality"]["exact_match"] >= 0.5 and learn["losses"][-1] < 0.5 * learn["losses"][0]  # it learned
+    saved = json.loads((out / "quality.json").read_text(encoding="utf-8"))
+    assert set(saved) == {"baseline", "fastest", "learn"} and saved["learn"]["after_epochs"] == 60
+
+
+def test_holdout_keeps_pairs_out_of_training(small_hlbd, capsys):
+    result = demo.run_demo(epochs=1, baseline_epochs=1, data=str(small_hlbd), device="cpu", model_overrides=TINY,
+                           progress=False, holdout=0.25)
+    text = capsys.readouterr().out
+    assert "HLBD: 12 pairs, 3 held out for evaluation" in text and "evaluated on 3 held-out pairs" in text
+    assert result["baseline"]["quality"]["samples"] == 3
+
+
+@pytest.mark.parametrize("kw, match", [({"holdout": 1.0}, "--holdout 1.0"), ({"holdout": -0.1}, "--holdout -0.1"),
+                                       ({"learn_epochs": -1}, "--learn-epochs -1"), ({"learn_lr": 0.0}, "--learn-lr 0.0")])
+def test_bad_quality_options_are_refused_before_any_work(small_hlbd, kw, match):
+    with pytest.raises(demo.DemoError, match=match):
+        demo.run_demo(epochs=1, baseline_epochs=1, data=str(small_hlbd), device="cpu", model_overrides=TINY, **kw)
