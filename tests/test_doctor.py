@@ -445,3 +445,18 @@ def test_a_graph_step_that_fell_back_is_reported(one_thread):
     assert any(n.startswith("CUDAGraphStep ran the eager step instead of graphs") for n in d.notes)
     assert not any("the warm-up ran" in n for n in d.notes)  # nothing to capture: no warm-up epochs
     assert "CUDAGraphStep ran the eager step" in str(d)
+
+
+def test_unpad_recommended_for_a_model_that_runs_padding_free(one_thread):
+    """Short rows under a long one leave padding that trimming cannot cut; the reference model can skip it."""
+    from hlbd_fast.models import Seq2SeqTransformer
+
+    src, tgt = ragged_pairs(n=64)
+    src[::8, :] = torch.randint(4, 23, (8, src.shape[1]))  # one long row in every batch of 8: little to trim
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32,
+                               dropout=0.0, max_length=16)
+    d = diagnose(model, (src, tgt), strategies=[DevicePreload(), TrimPadding(multiple_of=1)], steps=2, warmup=1, batch_size=8)
+    assert any("Unpad" in r.strategies for r in d.recommendations), [r.text for r in d.recommendations]
+    d2 = diagnose(TinySeq2Seq(), (src, tgt), strategies=[DevicePreload(), TrimPadding(multiple_of=1)], steps=2, warmup=1, batch_size=8)
+    assert not any("Unpad" in r.strategies for r in d2.recommendations)  # no padding-free forward: not suggested

@@ -64,6 +64,7 @@ from torch import nn
 from ._validation import check_positive_int, infer_vocab_size
 from .strategies.base import StepRunner, Strategy
 from .strategies.precision import cpu_has_native_bf16
+from .strategies.unpad import supports_unpad
 from .trainer import FastTrainer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -674,7 +675,7 @@ def diagnose(
     """
     _check_arguments(model, steps, warmup, batch_size, copy_model, trainer_kwargs)
     probe = _Probe()
-    kwargs = _trainer_arguments(probe, strategies, batch_size, device, preset, trainer_kwargs)
+    kwargs = _trainer_arguments(probe, strategies, batch_size, device, preset, trainer_kwargs, model)
     if copy_model:
         model = _copy_model(model)
     dynamo_before = _graph_break_counter()
@@ -712,8 +713,9 @@ def _trainer_arguments(
     device: str | torch.device | None,
     preset: Any,
     extra: dict[str, Any],
+    model: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """:class:`FastTrainer` keyword arguments: the preset's, overridden by the caller's; the probe first."""
+    """:class:`FastTrainer` keyword arguments: the preset's (fitted to ``model``), overridden by the caller's; the probe first."""
     overrides = {k: v for k, v in extra.items() if k != "progress"}
     overrides.setdefault("seed", 0)
     overrides.update(strategies=tuple(strategies), device=device, progress=False)
@@ -722,7 +724,7 @@ def _trainer_arguments(
     if preset is not None:
         from .presets import resolve_preset
 
-        kwargs = resolve_preset(preset, device).trainer_kwargs(**overrides)
+        kwargs = resolve_preset(preset, device, model).trainer_kwargs(**overrides)
     else:
         kwargs = {"batch_size": 32, **overrides}
     try:
@@ -949,7 +951,7 @@ def _assemble(trainer: FastTrainer, probe: _Probe, m: _Measured, steps: int, dyn
         notes=m.notes + _caveats(trainer, probe),
         run_info=_run_info(trainer),
     )
-    diag.recommendations = _recommend(diag, m.kernels)
+    diag.recommendations = _recommend(diag, m.kernels, supports_unpad(trainer.model))
     return diag
 
 
@@ -1060,6 +1062,7 @@ class _Facts:
     kernels_per_step: float  # CUDA kernels per step (profiler)
     syncs_by_module: dict[str, list[SyncSource]]
     mentioned: set[str]  # module labels a class recommendation already covers
+    unpad_capable: bool = False  # the model follows Unpad's protocol (forward(..., unpad=...))
 
     @property
     def compute(self) -> float:
@@ -1094,7 +1097,7 @@ def _stands_out(c: ClassTime, ev: _ClassEvidence) -> bool:
     )
 
 
-def _facts(d: Diagnosis, kernels_per_step: float) -> _Facts:
+def _facts(d: Diagnosis, kernels_per_step: float, unpad_capable: bool = False) -> _Facts:
     step = d.timed_step_s if d.timed_step_s > 0 else float("nan")
     by_module: defaultdict[str, list[SyncSource]] = defaultdict(list)
     for s in d.sync_sources:
@@ -1105,7 +1108,7 @@ def _facts(d: Diagnosis, kernels_per_step: float) -> _Facts:
         if _stands_out(c, ev):
             mentioned |= ev.labels
     share = {k: v / step for k, v in d.phases.items()}
-    return _Facts(step, share, kernels_per_step, dict(by_module), mentioned)
+    return _Facts(step, share, kernels_per_step, dict(by_module), mentioned, unpad_capable)
 
 
 def _slow_class(d: Diagnosis, f: _Facts, c: ClassTime) -> Recommendation | None:
@@ -1200,6 +1203,23 @@ def _padding_rule(d: Diagnosis, f: _Facts) -> Recommendation | None:
         f"padding in every row of their batch; forward+backward take {_pct(f.compute)} of step time: TrimPadding() cuts those columns",
         f.compute * trim,
         ["TrimPadding"],
+    )
+
+
+def _unpad_rule(d: Diagnosis, f: _Facts) -> Recommendation | None:
+    """Padding that trimming leaves (short rows under a long one), for a model that can run without it."""
+    if not f.unpad_capable or not d.padding or any(s.startswith("Unpad(") for s in d.strategies):
+        return None
+    trimmed = any(s.startswith("TrimPadding(") for s in d.strategies)
+    left = d.padding["pad_fraction"] - (d.padding["trimmable_fraction"] if trimmed else 0.0)
+    if left < 0.2:
+        return None
+    after = "after trimming " if trimmed else ""
+    return Recommendation(
+        f"{_pct(left)} of the batch positions {after}are padding; forward+backward take {_pct(f.compute)} of step time and "
+        "the model runs padding-free: Unpad() sends only the real tokens through the matrix products",
+        f.compute * left,
+        ["Unpad"],
     )
 
 
@@ -1314,6 +1334,7 @@ _Rule = Callable[[Diagnosis, _Facts], "Recommendation | None"]
 _STEP_RULES: tuple[_Rule, ...] = (
     _data_loading,
     _padding_rule,
+    _unpad_rule,
     _launch_bound,
     _cpu_bf16,
     _dropout_masks,
@@ -1335,9 +1356,9 @@ def _rules(d: Diagnosis, f: _Facts) -> list[_Rule]:
     ]
 
 
-def _recommend(d: Diagnosis, kernels_per_step: float) -> list[Recommendation]:
+def _recommend(d: Diagnosis, kernels_per_step: float, unpad_capable: bool = False) -> list[Recommendation]:
     """Apply every rule; the recommendations found, largest share first (a rule may add a note to ``d``)."""
-    f = _facts(d, kernels_per_step)
+    f = _facts(d, kernels_per_step, unpad_capable)
     recs = [r for rule in _rules(d, f) if (r := rule(d, f)) is not None]
     recs.sort(key=lambda r: r.share, reverse=True)
     return recs
