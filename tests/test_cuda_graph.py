@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
+from cuda_standin import StandInBackend
 from hlbd_fast import DeferredLossSync, EagerLossSync, FastTrainer, GradientAccumulation, GradientCheckpointing, StrategyConflictError
 from hlbd_fast.strategies import Precision, precision
 from hlbd_fast.strategies.cuda_graph import CUDAGraphStep, GraphBackend, SyncFinding, _fill, _make_capturable, _step_key, first_sync, others
@@ -126,61 +127,6 @@ def test_step_key_and_static_buffers():
 
 
 # ---------------------------------------------------------------------------- CPU: the graph path with stand-in graphs
-class StandInGraph:
-    """Replays the captured step's device work (as a CUDA graph does); host counters are the loop's."""
-
-    def __init__(self, step) -> None:
-        self.step, self.replays = step, 0
-
-    def replay(self) -> None:
-        self.step()
-        self.replays += 1
-
-
-class StandInBackend(GraphBackend):
-    """CUDA graphs on a CPU: capture runs the step's Python and undoes its tensor work; replay runs it.
-
-    ``fail``: capture raises this message. ``syncs``: what sync detection reports, warm-up by warm-up.
-    ``broken``: what the probe after a failed capture reports (``None``: the process is fine).
-    """
-
-    def __init__(self, fail=None, syncs=(), broken=None) -> None:
-        super().__init__()
-        self.fail, self.findings, self.graphs, self.broken = fail, iter(syncs), [], broken
-        self.trainer = None  # set once the trainer exists
-
-    def usable_after_failure(self, device):
-        return self.broken
-
-    def unavailable(self, device):
-        return None
-
-    def side_stream(self, device):
-        return contextlib.nullcontext()
-
-    def detect_syncs(self):
-        return contextlib.nullcontext(SyncFinding(next(self.findings, None)))
-
-    def make_capturable(self, optimizer):
-        pass  # CPU Adam has no capturable path
-
-    def capture(self, device, step):
-        if self.fail:
-            raise RuntimeError(self.fail)
-        t = self.trainer
-        tensors = [*t.model.parameters(), t.meter.values, t.meter.step_index,
-                   *(v for st in t.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))]
-        saved = [x.detach().clone() for x in tensors]
-        rng = torch.get_rng_state()
-        step()
-        with torch.no_grad():
-            for x, v in zip(tensors, saved):
-                x.copy_(v)
-        torch.set_rng_state(rng)
-        self.graphs.append(StandInGraph(step))
-        return self.graphs[-1]
-
-
 def make(strategies, seed=6, dropout=0.3):
     torch.manual_seed(0)
     model = TinySeq2Seq(dropout=dropout)

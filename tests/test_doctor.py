@@ -17,12 +17,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hlbd_fast import DeferredLossSync, EagerLossSync, FastDropout, GradientAccumulation, Strategy
 from hlbd_fast import doctor
-from hlbd_fast.strategies.cuda_graph import CUDAGraphStep, GraphBackend, SyncFinding
+from hlbd_fast.strategies.cuda_graph import CUDAGraphStep
 from hlbd_fast.strategies.data import DevicePreload
 from hlbd_fast.strategies.padding import TrimPadding
 from hlbd_fast.doctor import Diagnosis, DoctorError, diagnose, main
 from hlbd_fast.strategies.dropout import torch_draws_dropout_serially
 from conftest import TinySeq2Seq, ragged_pairs
+from cuda_standin import StandInBackend
 
 BATCH = 8
 HEADS = 4
@@ -300,48 +301,18 @@ DOCTOR_FILE = os.path.abspath(doctor.__file__)
 CLOCKS_AND_SYNCS = {"perf_counter", "synchronize", "_cuda_synchronize"}
 
 
-class StandInGraph:
-    """Replays the captured step's work (as a CUDA graph does)."""
+class WatchingBackend(StandInBackend):
+    """The CUDA stand-in, watching each capture from outside.
 
-    def __init__(self, step) -> None:
-        self.step, self.replays = step, 0
-
-    def replay(self) -> None:
-        self.step()
-        self.replays += 1
-
-
-class WatchingBackend(GraphBackend):
-    """CUDA graphs on a CPU (the stand-in of test_cuda_graph.py), watching each capture from outside.
-
-    Capture runs the step's Python and undoes its tensor work, as a real capture runs no
-    kernel. Meanwhile a profile function (``sys.setprofile``) records every function of
-    ``hlbd_fast.doctor`` entered and every timestamp or sync its code asks for: on CUDA a
-    sync there makes the capture fail, and a timestamp means nothing. ``diagnose`` copies
-    its strategies; this backend stays itself, so the test reads what it saw.
+    While a step is captured, a profile function (``sys.setprofile``) records every function
+    of ``hlbd_fast.doctor`` entered and every timestamp or sync its code asks for: on CUDA a
+    sync there makes the capture fail, and a timestamp means nothing.
     """
 
     def __init__(self) -> None:
-        super().__init__()
-        self.trainer = None  # handed over by HandOver.setup
-        self.graphs: list[StandInGraph] = []
+        super().__init__(watch=self._watch)
         self.doctor_calls: Counter = Counter()  # doctor functions entered while capturing
         self.doctor_clock: list[str] = []  # timestamps / syncs asked for by doctor code while capturing
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def unavailable(self, device):
-        return None
-
-    def side_stream(self, device):
-        return contextlib.nullcontext()
-
-    def detect_syncs(self):
-        return contextlib.nullcontext(SyncFinding(None))
-
-    def make_capturable(self, optimizer):
-        pass  # CPU Adam has no capturable path
 
     def _watch(self, frame, event, arg) -> None:
         if event == "call" and os.path.abspath(frame.f_code.co_filename) == DOCTOR_FILE:
@@ -351,25 +322,6 @@ class WatchingBackend(GraphBackend):
         if event in ("call", "c_call") and caller is not None and name in CLOCKS_AND_SYNCS:
             if os.path.abspath(caller.f_code.co_filename) == DOCTOR_FILE:
                 self.doctor_clock.append(f"{name} from {caller.f_code.co_name}")
-
-    def capture(self, device, step):
-        t = self.trainer
-        tensors = [*t.model.parameters(), t.meter.values, t.meter.step_index,
-                   *(v for st in t.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))]
-        saved = [x.detach().clone() for x in tensors]
-        rng = torch.get_rng_state()
-        previous = sys.getprofile()
-        sys.setprofile(self._watch)
-        try:
-            step()
-        finally:
-            sys.setprofile(previous)
-        with torch.no_grad():
-            for x, v in zip(tensors, saved):
-                x.copy_(v)
-        torch.set_rng_state(rng)
-        self.graphs.append(StandInGraph(step))
-        return self.graphs[-1]
 
 
 class HandOver(Strategy):

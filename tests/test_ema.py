@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import textwrap
 import warnings
@@ -11,8 +10,9 @@ import pytest
 import torch
 
 from conftest import TinySeq2Seq, ragged_pairs
+from cuda_standin import StandInBackend
 from hlbd_fast import CheckpointError, DeferredLossSync, FastTrainer, GPUPreload, Strategy, load_weights
-from hlbd_fast.strategies.cuda_graph import CUDAGraphStep, GraphBackend, SyncFinding
+from hlbd_fast.strategies.cuda_graph import CUDAGraphStep
 from hlbd_fast.strategies.ema import EMA
 
 DECAY = 0.75  # far from 1, so a few steps move the average visibly
@@ -219,54 +219,11 @@ def test_a_checkpoint_without_ema_state_starts_the_average_at_the_resumed_weight
 
 
 # ---------------------------------------------------------------------------- CUDA graphs (CPU stand-in)
-class _Graph:
-    def __init__(self, step):
-        self.step = step
-
-    def replay(self):
-        self.step()
-
-
-class StandIn(GraphBackend):
-    """Capture runs the step's Python once and undoes its tensor work; replay runs only the recorded step."""
-
-    def __init__(self, ema):
-        super().__init__()
-        self.ema, self.trainer, self.captures = ema, None, 0
-
-    def unavailable(self, device):
-        return None
-
-    def usable_after_failure(self, device):
-        return None
-
-    def side_stream(self, device):
-        return contextlib.nullcontext()
-
-    def detect_syncs(self):
-        return contextlib.nullcontext(SyncFinding(None))
-
-    def make_capturable(self, optimizer):
-        pass
-
-    def capture(self, device, step):
-        t = self.trainer
-        tensors = [*t.model.parameters(), t.meter.values, t.meter.step_index, *self.ema.state_dict()["averaged"].values(),
-                   *(v for st in t.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))]
-        saved = [x.detach().clone() for x in tensors]
-        step()
-        with torch.no_grad():
-            for x, v in zip(tensors, saved):
-                x.copy_(v)
-        self.captures += 1
-        return _Graph(step)
-
-
 def test_under_cuda_graph_replays_the_average_is_the_eager_one():
     """The update is captured with the step and replayed: the Python of the hook runs only at capture."""
     data = ragged_pairs(n=40)
     ema = EMA(decay=DECAY)
-    backend = StandIn(ema)
+    backend = StandInBackend(extra_state=lambda: list(ema.state_dict()["averaged"].values()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = make(GPUPreload(), DeferredLossSync(), CUDAGraphStep(warmup_steps=1, backend=backend), ema)
@@ -274,7 +231,7 @@ def test_under_cuda_graph_replays_the_average_is_the_eager_one():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback
         t.fit(data, 2, batch_size=8)
-    assert backend.captures == 1
+    assert len(backend.graphs) == 1
     eager_ema = EMA(decay=DECAY)
     eager = make(GPUPreload(), DeferredLossSync(), eager_ema)
     eager.fit(data, 2, batch_size=8)

@@ -59,7 +59,20 @@ def _write_rows(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> N
     atomic_write(path, write)
 
 
-class CSVLogger(Strategy):
+class _Logger(Strategy):
+    """A logger writes on the main process only, for the length of each run (opened and closed by ``run_scope``)."""
+
+    def run_scope(self, trainer: "FastTrainer") -> ContextManager[Any]:
+        """Open for the run (main process only); closed on every exit path."""
+        if not trainer.roles.distribution.is_main:
+            return contextlib.nullcontext()
+        return self._open(trainer.global_step)
+
+    def _open(self, step: int) -> ContextManager[Any]:  # pragma: no cover - every logger defines it
+        raise NotImplementedError
+
+
+class CSVLogger(_Logger):
     """Write one CSV row per loss read-back and one per epoch, with no host sync of its own.
 
     Columns: ``kind, epoch, step, loss, tokens, lr, seconds, tokens_per_second``, then
@@ -109,12 +122,6 @@ class CSVLogger(Strategy):
         self._columns: list[str] = [*CSV_COLUMNS, *_eval_columns()]
         self._file: IO[str] | None = None
         self._writer: csv.DictWriter[str] | None = None
-
-    def run_scope(self, trainer: "FastTrainer") -> ContextManager[Any]:
-        """The file is open for the run (main process only) and closed on every exit path."""
-        if not trainer.roles.distribution.is_main:
-            return contextlib.nullcontext()
-        return self._open(trainer.global_step)
 
     @contextlib.contextmanager
     def _open(self, step: int) -> Iterator[None]:
@@ -191,7 +198,7 @@ def _summary_writer() -> Any:
     return SummaryWriter
 
 
-class TensorBoardLogger(Strategy):
+class TensorBoardLogger(_Logger):
     """Write TensorBoard scalars from what the loop already read back (no host sync of its own).
 
     Scalars, all at the run's optimizer step (``trainer.global_step``) so every plot
@@ -231,12 +238,6 @@ class TensorBoardLogger(Strategy):
         self._writer_class = _summary_writer()
         self.log_dir = check_writable_dir(log_dir, "TensorBoardLogger log_dir")
         self._writer: Any = None
-
-    def run_scope(self, trainer: "FastTrainer") -> ContextManager[Any]:
-        """The writer is open for the run (main process only) and closed on every exit path."""
-        if not trainer.roles.distribution.is_main:
-            return contextlib.nullcontext()
-        return self._open(trainer.global_step)
 
     @contextlib.contextmanager
     def _open(self, step: int) -> Iterator[None]:
