@@ -435,6 +435,23 @@ def test_device_preload_shards_under_torchrun(world_of_one, tiny_model, pairs):
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
+def test_unpad_under_torchrun_is_the_one_process_unpad(world_of_one, pairs):
+    """Unpad's call goes through torch's DDP wrapper (forward with unpad=); token counts stay the trainer's."""
+    from hlbd_fast import Unpad
+    from hlbd_fast.models import Seq2SeqTransformer
+
+    torch.manual_seed(0)
+    base = Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32,
+                              dropout=0.0, max_length=16)
+    a, b = clone(base), clone(base)
+    ha = FastTrainer(a, strategies=[DistributedTraining(), Unpad(), GradientAccumulation(2)], seed=3, lr=LR,
+                     optimizer=_sgd(a), progress=False).fit(pairs, 2, batch_size=8)
+    hb = FastTrainer(b, strategies=[Unpad(), GradientAccumulation(2)], seed=3, optimizer=_sgd(b),
+                     progress=False).fit(pairs, 2, batch_size=8)
+    assert ha.losses == hb.losses and [r.tokens for r in ha] == [r.tokens for r in hb]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
 def test_a_model_already_in_ddp_is_refused(world_of_one, tiny_model):
     FastTrainer(clone(tiny_model), strategies=[DistributedDataParallel()], progress=False)  # starts the group
     wrapped = torch.nn.parallel.DistributedDataParallel(clone(tiny_model))

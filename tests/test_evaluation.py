@@ -146,6 +146,7 @@ def test_fit_with_evaluation_trains_bit_identical_weights(tmp_path):
 def test_eval_every_and_the_last_epoch():
     h = make().fit(ragged_pairs(n=16), 5, batch_size=8, eval_data=ragged_pairs(n=8), eval_every=2)
     assert [r.eval is not None for r in h] == [False, True, False, True, True]
+    assert h.info["eval_seconds"] > 0 and sum(h.seconds) > 0  # evaluation time is kept out of the epochs' seconds
 
 
 class Snapshots(Strategy):

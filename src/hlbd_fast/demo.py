@@ -229,8 +229,8 @@ def _learn_phase(initial: torch.nn.Module, d: DemoData, preset: str, epochs: int
                                       progress=progress, lr=lr, scheduler=schedule)
     print(f"learning: '{preset}' for {epochs} epochs at lr {lr:g} (5% warm-up, cosine decay) ...")
     t0 = time.perf_counter()
-    history = trainer.fit(d.train, epochs=epochs)
-    seconds = time.perf_counter() - t0
+    history = trainer.fit(d.train, epochs=epochs, eval_data=d.eval, eval_every=max(1, epochs // 6))  # the curve's eval points
+    seconds = time.perf_counter() - t0 - history.info.get("eval_seconds", 0.0)  # training time
     quality = trainer.evaluate(d.eval, generate=True)
     on = "held-out" if d.held_out else "training"
     print(
@@ -303,9 +303,12 @@ def _write_outputs(out: Path, runs: dict[str, dict[str, Any]], generations: list
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in runs.items():
         h = r["history"]
-        ax.plot(range(1, len(h) + 1), h.losses, marker="o", label=f"{name} ({h.s_per_epoch():.2f} s/epoch)")
+        line = ax.plot(range(1, len(h) + 1), h.losses, marker="o", label=f"{name} ({h.s_per_epoch():.2f} s/epoch)")[0]
+        evaluated = [(rec.epoch, rec.eval["loss"]) for rec in h if rec.eval]
+        if evaluated:
+            ax.plot(*zip(*evaluated), linestyle="--", marker="x", color=line.get_color(), label=f"{name}: eval loss")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=120)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -182,7 +183,11 @@ class EvalPlan:
         """The metrics after 1-based ``epoch``, when it is due."""
         if self.data is None or (epoch % self.every and epoch != self.epochs):
             return None
-        return evaluate(trainer, self.data)
+        t0 = time.perf_counter()
+        metrics = evaluate(trainer, self.data)
+        info = trainer.history.info
+        info["eval_seconds"] = info.get("eval_seconds", 0.0) + time.perf_counter() - t0  # not in any epoch's seconds
+        return metrics
 
     def keep_if_best(self, trainer: "FastTrainer", record: Any) -> None:
         """Write ``best.pt`` (the evaluated weights: EMA's when it is on) when ``record`` improved the metric."""

@@ -341,32 +341,39 @@ class CharTokenizer:
                 f"max_length={max_length} is too small: it must hold at least one "
                 f"character plus {n_special} special token(s)"
             )
-        room = max_length - n_special
-        body = text
-        if len(text) > room:
-            body = text[:room]
-            self.truncated_count += 1
-            if not self._warned_truncation:
-                self._warned_truncation = True
-                warnings.warn(
-                    f"text of {len(text)} characters truncated to {room} characters "
-                    f"(max_length={max_length}"
-                    + (f" with {n_special} special token(s)" if n_special else "")
-                    + "); raise max_length to keep whole texts. Further "
-                    "truncations are counted in tokenizer.truncated_count "
-                    "without another warning.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-        lookup = self._char_to_id
+        body = self._fit(text, max_length, n_special)
         ids: list[int] = [BOS_ID] if bos else []
-        unknown = 0
-        for c in body:
-            i = lookup.get(c)
-            if i is None:
-                unknown += 1
-                i = UNK_ID
-            ids.append(i)
+        ids.extend(self._lookup(body, text))
+        if eos:
+            ids.append(EOS_ID)
+        ids.extend([PAD_ID] * (max_length - len(ids)))
+        return ids
+
+    def _fit(self, text: str, max_length: int, n_special: int) -> str:
+        """``text`` cut to the room ``max_length`` leaves beside the special tokens (counted; warned once)."""
+        room = max_length - n_special
+        if len(text) <= room:
+            return text
+        self.truncated_count += 1
+        if not self._warned_truncation:
+            self._warned_truncation = True
+            warnings.warn(
+                f"text of {len(text)} characters truncated to {room} characters "
+                f"(max_length={max_length}"
+                + (f" with {n_special} special token(s)" if n_special else "")
+                + "); raise max_length to keep whole texts. Further "
+                "truncations are counted in tokenizer.truncated_count "
+                "without another warning.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return text[:room]
+
+    def _lookup(self, body: str, text: str) -> list[int]:
+        """The ids of ``body``'s characters; unknown ones become ``UNK_ID`` (counted; warned once)."""
+        lookup = self._char_to_id
+        ids = [lookup.get(c, UNK_ID) for c in body]
+        unknown = sum(1 for c in body if c not in lookup)
         if unknown:
             self.unknown_count += unknown
             if not self._warned_unknown:
@@ -377,11 +384,8 @@ class CharTokenizer:
                     "texts. Further unknown characters are counted in "
                     "tokenizer.unknown_count without another warning.",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-        if eos:
-            ids.append(EOS_ID)
-        ids.extend([PAD_ID] * (max_length - len(ids)))
         return ids
 
     def encode_batch(
