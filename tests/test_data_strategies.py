@@ -343,3 +343,14 @@ def test_workers_bad_inputs():
                           ({"persistent_workers": None}, "persistent_workers")]:
         with pytest.raises(ValueError, match=match):
             DataLoaderWorkers(**kwargs)
+
+
+def test_workers_are_sized_from_the_cores_there_are(monkeypatch):
+    """Four workers on two cores made 'quick' slower than the baseline: one core stays with training."""
+    from hlbd_fast.strategies import data
+
+    for cores, expected in ((1, 0), (2, 1), (3, 2), (8, 4), (64, 4)):
+        monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert data.default_workers() == expected
+        assert DataLoaderWorkers().num_workers == expected
+    assert DataLoaderWorkers(num_workers=3).num_workers == 3  # a count given is used as it is
