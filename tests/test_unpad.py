@@ -71,6 +71,19 @@ def test_pack_and_unpack_round_trip():
     assert (back[~p.key_mask[:, 0, 0, :]] == 0).all()
 
 
+def test_filler_rows_round_the_packing_up_and_stay_out_of_attention_and_the_loss():
+    src = torch.tensor([[5, 6, 0, 0], [7, 0, 0, 0], [8, 9, 4, 0]])
+    p = source_packing(src, 0, multiple_of=4)
+    assert (p.tokens, p.length) == (6, 8)
+    assert p.pack(src).tolist() == [5, 6, 7, 8, 9, 4, 5, 5]  # fillers repeat the first real position
+    assert p.pack(src, fill=0).tolist() == [5, 6, 7, 8, 9, 4, 0, 0]  # targets: the loss ignores pad
+    y = torch.arange(8.0)[:, None]
+    back = p.unpack(y)  # fillers are dropped: only the real rows land, in place
+    assert back[..., 0].tolist() == [[0, 1, 0, 0], [2, 0, 0, 0], [3, 4, 5, 0]]
+    exact = source_packing(src, 0, multiple_of=3)
+    assert exact.tokens == exact.length == 6  # already a multiple: no filler
+
+
 def test_target_packing_keeps_every_position_up_to_the_last_scored_one():
     tgt_out = torch.tensor([[4, 5, 3, 0], [6, 0, 7, 3], [3, 0, 0, 0]])  # row 1 has an interior pad
     p = target_packing(tgt_out, 0)
@@ -89,6 +102,19 @@ def test_the_reference_models_packed_logits_are_its_padded_logits():
     assert check.padded_positions > 0 and check.max_logit_diff < 1e-5
 
 
+def test_filler_rows_leave_the_real_rows_logits_as_they_were():
+    model = reference().eval()
+    src, tgt = padded(n=16)
+    u, r = UnpadBatch.of(src, tgt, 0, multiple_of=32), UnpadBatch.of(src, tgt, 0)
+    assert u.target.length % 32 == 0 and u.target.length > u.target.tokens == r.target.tokens
+    with torch.no_grad():
+        rounded, plain = model(src, tgt[:, :-1], unpad=u), model(src, tgt[:, :-1], unpad=r)
+    assert rounded.shape == (u.target.length, 23)
+    assert rel_diff(rounded[: r.target.tokens], plain) < 1e-6
+    assert u.targets(tgt, 0)[u.target.tokens :].eq(0).all()  # the fillers' targets are padding
+    assert verify_unpad(model, (src, tgt), multiple_of=32).max_logit_diff < 1e-5
+
+
 # ---------------------------------------------------------------------------- parity with the padded loop
 def test_training_equals_the_padded_loop_with_sgd():
     """Two epochs, dropout off, SGD: per-epoch losses within 1e-6, every weight within 1e-4 (relative)."""
@@ -102,6 +128,41 @@ def test_training_equals_the_padded_loop_with_sgd():
     assert weight_diffs(ours, ref) < 1e-4
     assert weight_diffs(ours, base) > 1e-3  # the weights moved
     assert [r.tokens for r in h] == [r.tokens for r in h_ref]
+
+
+def test_training_with_filler_rows_equals_the_padded_loop():
+    """Rounded up to 16 packed rows: the fillers get no gradient, so SGD moves the same weights."""
+    data = padded()
+    base = reference()
+    ours, ref = clone(base), clone(base)
+    kw = dict(seed=3, progress=False, batch_size=8)
+    seen = []
+    ours.encoder_layers[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[0]) if o.dim() == 2 else None)  # packed runs only
+    h = FastTrainer(ours, strategies=[Unpad(multiple_of=16)], optimizer=torch.optim.SGD(ours.parameters(), lr=0.3), **kw).fit(data, 2)
+    h_ref = FastTrainer(ref, optimizer=torch.optim.SGD(ref.parameters(), lr=0.3), **kw).fit(data, 2)
+    assert seen and all(n % 16 == 0 for n in seen)
+    assert h.losses == pytest.approx(h_ref.losses, rel=1e-6)
+    assert weight_diffs(ours, ref) < 1e-4
+    assert [r.tokens for r in h] == [r.tokens for r in h_ref]
+
+
+def test_rows_are_rounded_up_to_32_under_cpu_autocast_only():
+    u = Unpad()
+    cpu = torch.device("cpu")
+    assert u.rows_multiple(cpu) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert u.rows_multiple(cpu) == 32
+        assert Unpad(multiple_of=4).rows_multiple(cpu) == 4  # an explicit multiple wins
+    assert Unpad(multiple_of=4).rows_multiple(cpu) == 4
+
+
+@pytest.mark.filterwarnings("ignore:MixedPrecision\\('bf16'\\) on a CPU without native bf16")
+def test_bf16_training_packs_rows_in_multiples_of_32():
+    model = reference()
+    seen = []
+    model.decoder_layers[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[0]) if o.dim() == 2 else None)  # packed runs only
+    FastTrainer(model, strategies=[Unpad(), MixedPrecision("bf16")], seed=1, progress=False, batch_size=8).fit(padded(), 1)
+    assert seen and all(n % 32 == 0 for n in seen)
 
 
 def test_training_equals_the_padded_loop_with_adam():
@@ -214,6 +275,10 @@ def test_a_trainer_that_computes_its_own_loss_is_refused_with_unpad():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="Unpad\\(check='no'\\)"):
         Unpad(check="no")
+    with pytest.raises(ValueError, match="Unpad\\(multiple_of=0\\): multiple_of must be an integer >= 1"):
+        Unpad(multiple_of=0)
+    with pytest.raises(ValueError, match="source_packing\\(multiple_of=2.5\\)"):
+        source_packing(torch.ones(2, 3, dtype=torch.long), 0, multiple_of=2.5)
 
 
 # ---------------------------------------------------------------------------- the preset

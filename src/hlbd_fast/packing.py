@@ -6,6 +6,11 @@ projections, feed-forward, layer norms, the output head, the loss) runs on the p
 ``[N, D]`` rows; attention unpacks to ``[B, L, D]`` (zeros at padded positions, which a
 key mask or causality keeps out of every real position) and packs its output again.
 
+A packing may round its row count up to a multiple (``multiple_of``): the packed tensors
+then end with filler rows (copies of the first real position) that attention never reads
+and the loss ignores (their targets are padding). A few distinct shapes let kernels that
+are compiled per shape (oneDNN's bf16 matrix products on CPUs) stay cached.
+
 This is the protocol of :class:`~hlbd_fast.strategies.Unpad`: a model opts in by
 accepting ``unpad=UnpadBatch(...)`` in its ``forward`` and returning logits for the
 packed target positions only (see :class:`~hlbd_fast.models.Seq2SeqTransformer`).
@@ -17,61 +22,86 @@ from dataclasses import dataclass
 
 import torch
 
+from ._validation import check_positive_int
+
 __all__ = ["Packing", "UnpadBatch", "source_packing", "target_packing"]
 
 
 @dataclass(frozen=True)
 class Packing:
-    """The real positions of a ``[B, L]`` token batch, row-major."""
+    """The real positions of a ``[B, L]`` token batch, row-major, then any filler rows."""
 
     rows: int  # B
     width: int  # L: the padded width the packing was made for
-    index: torch.Tensor  # [N] int64: flat positions b * L + i of the real tokens, in order
-    positions: torch.Tensor  # [N] int64: i, each real token's column (its position id)
+    index: torch.Tensor  # [length] int64: flat positions b * L + i of the real tokens, in order, then fillers
+    positions: torch.Tensor  # [length] int64: i, each packed row's column (its position id)
     key_mask: torch.Tensor  # [B, 1, 1, L] bool: True at real positions (an attention key mask)
+    tokens: int = -1  # N, the real positions (the first N packed rows); -1: all of ``index``
+
+    def __post_init__(self) -> None:
+        if self.tokens < 0:
+            object.__setattr__(self, "tokens", int(self.index.shape[0]))
 
     @property
-    def tokens(self) -> int:
-        """N, the number of real positions."""
+    def length(self) -> int:
+        """Rows of a packed tensor: ``tokens`` real rows, then filler rows up to the packing's multiple."""
         return int(self.index.shape[0])
 
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, L, ...]`` -> ``[N, ...]``: the rows of the real positions."""
-        return x.reshape(self.rows * self.width, *x.shape[2:]).index_select(0, self.index)
+    def pack(self, x: torch.Tensor, fill: float | None = None) -> torch.Tensor:
+        """``[B, L, ...]`` -> ``[length, ...]``: the rows of the real positions, then the filler rows.
+
+        Filler rows repeat the first real position; ``fill`` (for example ``pad_id`` for
+        targets, so that the loss ignores them) overwrites them.
+        """
+        out = x.reshape(self.rows * self.width, *x.shape[2:]).index_select(0, self.index)
+        if fill is not None and self.length > self.tokens:
+            out[self.tokens :] = fill
+        return out
 
     def unpack(self, y: torch.Tensor) -> torch.Tensor:
-        """``[N, ...]`` -> ``[B, L, ...]`` with zeros at the padded positions."""
+        """``[length, ...]`` -> ``[B, L, ...]``: real rows in place, zeros at padded positions, fillers dropped."""
+        index, n = self.index, self.tokens
+        if n < self.length:
+            index, y = index[:n], y[:n]
         out = y.new_zeros(self.rows * self.width, *y.shape[1:])
-        out = out.index_copy(0, self.index, y)
+        out = out.index_copy(0, index, y)
         return out.view(self.rows, self.width, *y.shape[1:])
 
 
-def _packing(keep: torch.Tensor) -> Packing:
+def _packing(keep: torch.Tensor, multiple_of: int) -> Packing:
     rows, width = keep.shape
     index = keep.reshape(-1).nonzero().squeeze(1)  # data-dependent size: a host sync on a GPU
-    return Packing(rows, width, index, index % width, keep[:, None, None, :])
+    n = int(index.shape[0])
+    fillers = -n % multiple_of if n else 0
+    if fillers:
+        index = torch.cat([index, index[:1].expand(fillers)])
+    return Packing(rows, width, index, index % width, keep[:, None, None, :], n)
 
 
-def source_packing(src: torch.Tensor, pad_id: int) -> Packing:
+def source_packing(src: torch.Tensor, pad_id: int, multiple_of: int = 1) -> Packing:
     """The non-pad source tokens; a row that is all padding keeps its first position.
 
     That is what a model that masks source padding attends to: its real keys (and, for an
-    all-padding row, position 0, so attention stays defined).
+    all-padding row, position 0, so attention stays defined). ``multiple_of`` rounds the
+    packed rows up with filler rows.
     """
+    check_positive_int("multiple_of", multiple_of, "source_packing")
     keep = src.ne(pad_id)
     keep[:, 0] |= ~keep.any(dim=1)
-    return _packing(keep)
+    return _packing(keep, multiple_of)
 
 
-def target_packing(tgt_out: torch.Tensor, pad_id: int) -> Packing:
+def target_packing(tgt_out: torch.Tensor, pad_id: int, multiple_of: int = 1) -> Packing:
     """The decoder positions whose output is scored: up to each row's last non-pad target.
 
     With right padding and causal self-attention these positions see only each other, so
     running the decoder on them alone gives their logits exactly (up to float rounding).
+    ``multiple_of`` rounds the packed rows up with filler rows.
     """
+    check_positive_int("multiple_of", multiple_of, "target_packing")
     pos = torch.arange(1, tgt_out.shape[1] + 1, device=tgt_out.device)
     length = (tgt_out.ne(pad_id) * pos).amax(dim=1, keepdim=True)
-    return _packing(torch.arange(tgt_out.shape[1], device=tgt_out.device) < length)
+    return _packing(torch.arange(tgt_out.shape[1], device=tgt_out.device) < length, multiple_of)
 
 
 @dataclass(frozen=True)
@@ -82,6 +112,10 @@ class UnpadBatch:
     target: Packing  # of ``tgt_in`` (the decoder inputs whose outputs are scored)
 
     @classmethod
-    def of(cls, src: torch.Tensor, tgt: torch.Tensor, pad_id: int) -> "UnpadBatch":
-        """The packings of a ``(src, tgt)`` batch (``tgt`` = ``BOS ... EOS PAD...``)."""
-        return cls(source_packing(src, pad_id), target_packing(tgt[:, 1:], pad_id))
+    def of(cls, src: torch.Tensor, tgt: torch.Tensor, pad_id: int, multiple_of: int = 1) -> "UnpadBatch":
+        """The packings of a ``(src, tgt)`` batch (``tgt`` = ``BOS ... EOS PAD...``), rows rounded up to ``multiple_of``."""
+        return cls(source_packing(src, pad_id, multiple_of), target_packing(tgt[:, 1:], pad_id, multiple_of))
+
+    def targets(self, tgt: torch.Tensor, pad_id: int) -> torch.Tensor:
+        """The packed targets ``[length]`` of ``tgt`` (``tgt[:, 1:]``, filler rows set to ``pad_id``)."""
+        return self.target.pack(tgt[:, 1:], fill=pad_id)

@@ -64,13 +64,12 @@ class Preset:
     def for_model(self, model: nn.Module) -> "Preset":
         """This preset for ``model``: without :class:`Unpad` when the model does not follow its protocol.
 
-        In ``fastest`` (CPU) the padded fallback then uses ``MixedPrecision("auto")``, which
-        pays on padded batches on CPUs with native bf16 (and keeps fp32 elsewhere).
+        The rest of the preset stays (in ``fastest`` on CPU, the model then trains padded and
+        trimmed, with the same ``MixedPrecision("auto")``).
         """
         if supports_unpad(model) or not any(isinstance(s, Unpad) for s in self.strategies):
             return self
-        fallback = (MixedPrecision("auto"),) if self.name == "fastest" else ()
-        kept = tuple(x for s in self.strategies for x in ((s,) if not isinstance(s, Unpad) else fallback))
+        kept = tuple(s for s in self.strategies if not isinstance(s, Unpad))
         log.info("preset %s: %s does not run unpadded, so Unpad is left out", self.name, type(model).__name__)
         return dataclasses.replace(self, strategies=kept)
 
@@ -120,9 +119,9 @@ def fastest(device: str | torch.device | None = None) -> Preset:
     read once per epoch, each batch trimmed to its longest row and run on its real tokens
     only (:class:`~hlbd_fast.strategies.Unpad`, for models that follow its protocol), fused
     AdamW, dropout masks from half the random draws (:class:`~hlbd_fast.strategies.FastDropout`:
-    the same distribution, another random stream), in fp32. For a model without Unpad's
-    protocol, :meth:`Preset.for_model` trains padded with ``MixedPrecision("auto")`` instead
-    (bf16 on CPUs with native bf16, fp32 elsewhere).
+    the same distribution, another random stream), and ``MixedPrecision("auto")``: bf16
+    autocast on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 elsewhere. For a model
+    without Unpad's protocol, :meth:`Preset.for_model` trains it padded and trimmed instead.
     Batch 32 (the plan's effective batch) and lr 5e-5 in both.
     """
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -137,10 +136,9 @@ def fastest(device: str | torch.device | None = None) -> Preset:
         )
         description = "GPU preload + length buckets + deferred sync + fused AdamW + TF32 + whole-step CUDA graphs"
     else:
-        # multiple_of=1: rounding lengths up helps GPU tensor cores, not CPU kernels
-        # no bf16 autocast with Unpad: on a CPU with native bf16 (AMX) it measured slower than fp32 on
-        # the small packed matrices (4.07 against 3.04 s/epoch); Preset.for_model adds it back for
-        # models that train padded, where it measured faster (3.28 against 4.12)
+        # multiple_of=1: rounding lengths up helps GPU tensor cores, not CPU kernels. bf16 autocast
+        # pays with Unpad once its packed rows come in a few sizes (Unpad rounds them to 32 under CPU
+        # autocast: oneDNN builds a kernel per shape); padded and trimmed batches have few shapes anyway
         strategies = (
             DevicePreload(),
             TrimPadding(multiple_of=1),
@@ -148,10 +146,11 @@ def fastest(device: str | torch.device | None = None) -> Preset:
             DeferredLossSync(),
             FusedAdamW(),
             FastDropout(),
+            MixedPrecision("auto"),
         )
         description = (
             "preloaded tensors + trimmed padding + real tokens only (Unpad) + deferred sync + fused AdamW "
-            "+ fast dropout masks"
+            "+ fast dropout masks + bf16 autocast where the CPU has native bf16"
         )
     return Preset(name="fastest", strategies=strategies, batch_size=32, description=description)
 
