@@ -106,6 +106,27 @@ def test_fast_masks_have_dropouts_distribution(p):
 
 
 @serial_only
+@pytest.mark.parametrize("exact", [False, True])
+def test_masks_are_written_into_any_dtype_and_layout(exact):
+    """bernoulli_ on float (dropout's noise), bf16, int, bool and transposed tensors: the same 0/1 draws."""
+    masks = []
+    for dtype in (torch.float32, torch.bfloat16, torch.int64, torch.bool):
+        for transposed in (False, True):
+            t = torch.empty(9, 14, dtype=dtype)
+            t = t.t().contiguous().t() if transposed else t  # same shape, column-major memory
+            torch.manual_seed(11)
+            with fast_dropout(exact=exact) as mode:
+                t.bernoulli_(0.6)
+            assert mode.calls == 1 and t.dtype == dtype
+            masks.append((transposed, t.to(torch.bool)))
+    # fast draws fill the elements in logical order, exact ones in memory order (as torch does)
+    for transposed, m in masks:
+        same_layout = [x for tr, x in masks if tr == transposed or not exact]
+        assert all(torch.equal(m, x) for x in same_layout)
+    assert 0 < int(masks[0][1].sum()) < masks[0][1].numel()
+
+
+@serial_only
 def test_fast_masks_follow_manual_seed_and_differ_from_torchs():
     x = torch.ones(64, 64)
     torch.manual_seed(5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import TinySeq2Seq, clone, ragged_pairs
@@ -288,3 +289,42 @@ def test_cpu_fastest_unpads_models_that_support_it():
     assert isinstance(t.roles.forward, Unpad)
     t = FastTrainer.from_preset(TinySeq2Seq(), "fastest", device="cpu", progress=False)  # no protocol: left out
     assert not any(isinstance(s, Unpad) for s in t.strategies)
+
+
+# ---------------------------------------------------------------------------- attention with dropout on CPU
+@pytest.mark.parametrize("kind", ["key mask", "causal", "cross"])
+def test_dropout_attention_is_sdpa_with_dropout_for_the_same_draws(kind):
+    """The packed model's CPU attention with dropout: SDPA's computation, the same masks for the same seed."""
+    from hlbd_fast.models.transformer import dropout_attention
+
+    b, h, l, d = 5, 2, 7, 8
+    s = 4 if kind == "cross" else l
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for n in (l, s, s))
+    keep = torch.rand(b, 1, 1, s) > 0.4
+    keep[..., 0] = True
+    mask = None if kind == "causal" else keep
+    grad = torch.randn(b, h, l, d)
+    outs = []
+    for fn in (F.scaled_dot_product_attention, dropout_attention):
+        torch.manual_seed(9)
+        if fn is dropout_attention:
+            y = fn(q, k, v, mask, kind == "causal", 0.3)
+        else:
+            y = fn(q, k, v, attn_mask=mask, dropout_p=0.3, is_causal=kind == "causal")
+        y.backward(grad)
+        outs.append([y.detach()] + [t.grad.clone() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    for a, c in zip(*outs):
+        assert rel_diff(c, a) < 1e-5
+    undropped = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=kind == "causal").detach()
+    assert rel_diff(outs[1][0], undropped) > 1e-2  # dropout did act
+
+
+def test_dropout_attention_keeps_the_input_dtype_under_autocast():
+    from hlbd_fast.models.transformer import dropout_attention
+
+    q = torch.randn(2, 2, 3, 4, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dropout_attention(q, q, q, None, True, 0.1)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()

@@ -66,21 +66,25 @@ _lock = threading.Lock()
 _registered = 0  # kernels of ours registered now (the probe must not run under one)
 
 
-def _keep_mask(like: torch.Tensor, p: float, generator: torch.Generator | None, exact: bool) -> torch.Tensor:
-    """Boolean mask shaped like ``like``: True with probability ``p``, drawn from ``generator`` (default CPU)."""
+def _keep_mask(like: torch.Tensor, p: float, generator: torch.Generator | None, exact: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask shaped like ``like``: 1 (True) with probability ``p``, drawn from ``generator`` (default CPU).
+
+    Written into ``out`` (any dtype, ``like``'s shape) when given, else a new bool tensor.
+    """
     if exact:
         # torch's default kernel keeps element i iff (draw_i & (2**53-1)) * 2**-53 < p, one 64-bit
         # draw per element in memory order; random_() on int64 makes the same draws (their low 63
         # bits), and empty_like keeps ``like``'s strides, hence its memory order
         words = torch.empty_like(like, dtype=torch.int64).random_(generator=generator)
-        return words.bitwise_and_(_LOW_53) < math.ceil(p * 2.0**53)  # p * 2**53 is exact in double
+        return torch.lt(words.bitwise_and_(_LOW_53), math.ceil(p * 2.0**53), out=out)  # p * 2**53 is exact in double
     threshold = math.ceil(p * 2.0**32) - 2**31  # keep iff u32 < ceil(p * 2**32), compared as signed int32
     if threshold >= 2**31:  # p above 1 - 2**-32: every element is kept
-        return torch.ones(like.shape, dtype=torch.bool)
+        return out.fill_(1) if out is not None else torch.ones(like.shape, dtype=torch.bool)
     n = like.numel()
     # one full-range 64-bit draw gives two 32-bit numbers: half the draws of torch's kernel
     words = torch.empty((n + 1) // 2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
-    return words.view(torch.int32)[:n].view(like.shape) < threshold
+    # the comparison writes the mask straight into ``out`` (dropout's float noise): no bool mask, no copy
+    return torch.lt(words.view(torch.int32)[:n].view(like.shape), threshold, out=out)
 
 
 class _BernoulliKernel:
@@ -97,7 +101,7 @@ class _BernoulliKernel:
         self.calls += 1
         if tensor.numel() == 0:
             return tensor
-        return tensor.copy_(_keep_mask(tensor, p, generator, self.exact))
+        return _keep_mask(tensor, p, generator, self.exact, out=tensor)
 
     def __enter__(self) -> "_BernoulliKernel":
         global _registered
