@@ -328,3 +328,127 @@ def test_dropout_attention_keeps_the_input_dtype_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = dropout_attention(q, q, q, None, True, 0.1)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+# ---------------------------------------------------------------------------- models built from torch's layers
+class TorchSeq2Seq(nn.Module):
+    """An encoder-decoder on nn.Transformer that passes key padding masks, as tutorials write it."""
+
+    def __init__(self, dropout: float = 0.0, batch_first: bool = True, norm_first: bool = False,
+                 memory_mask: bool = True, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.batch_first, self.memory_mask, self.vocab_size = batch_first, memory_mask, 23
+        self.embed, self.pos = nn.Embedding(23, 16), nn.Embedding(32, 16)
+        self.transformer = nn.Transformer(16, 2, 2, 2, 32, dropout, batch_first=batch_first, norm_first=norm_first,
+                                          activation="gelu")
+        self.head = nn.Linear(16, 23)
+
+    def _emb(self, x):
+        e = self.embed(x) + self.pos(torch.arange(x.shape[1]))
+        return e if self.batch_first else e.transpose(0, 1)
+
+    def forward(self, src, tgt_in):
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt_in.shape[1])
+        h = self.transformer(self._emb(src), self._emb(tgt_in), tgt_mask=causal, src_key_padding_mask=src.eq(0),
+                             tgt_key_padding_mask=tgt_in.eq(0), tgt_is_causal=True,
+                             memory_key_padding_mask=src.eq(0) if self.memory_mask else None)
+        return self.head(h if self.batch_first else h.transpose(0, 1))
+
+
+TORCH_KEY_BIASES = {"in_proj_bias": slice(16, 32)}  # nn.MultiheadAttention's packed q, k, v biases
+
+
+def torch_weight_diffs(a: nn.Module, b: nn.Module) -> float:
+    worst = 0.0
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        if name.endswith("in_proj_bias"):  # the key biases: zero gradient in exact arithmetic (see the Adam test)
+            keep = torch.ones(p.shape[0], dtype=torch.bool)
+            keep[TORCH_KEY_BIASES["in_proj_bias"]] = False
+            p, q = p[keep], q[keep]
+        worst = max(worst, rel_diff(p.detach(), q.detach()))
+    return worst
+
+
+pytestmark_torch_layers = pytest.mark.filterwarnings(
+    "ignore:enable_nested_tensor is True", "ignore:Support for mismatched", "ignore:The PyTorch API of nested tensors"
+)
+
+
+@pytestmark_torch_layers
+@pytest.mark.parametrize("batch_first, norm_first", [(True, False), (False, True)])
+def test_a_torch_transformer_trains_packed_as_the_padded_loop(batch_first, norm_first):
+    """nn.Transformer with key padding masks: its layers run on real rows; SGD losses within 1e-6, weights 1e-4."""
+    data = padded()
+    base = TorchSeq2Seq(batch_first=batch_first, norm_first=norm_first)
+    ours, ref = clone(base), clone(base)
+    rows = []
+    ours.transformer.decoder.layers[1].linear1.register_forward_hook(lambda m, i, o: rows.append(i[0].dim()))
+    kw = dict(seed=3, progress=False, batch_size=8)
+    t = FastTrainer(ours, strategies=[Unpad()], optimizer=torch.optim.SGD(ours.parameters(), lr=0.3), **kw)
+    h = t.fit(data, 2)
+    h_ref = FastTrainer(ref, optimizer=torch.optim.SGD(ref.parameters(), lr=0.3), **kw).fit(data, 2)
+    assert t.roles.forward.mode == "layers"
+    assert rows.count(2) == 1 + 2 * 5 and rows.count(3) == 1  # the proof (padded, packed), then every step packed
+    assert h.losses == pytest.approx(h_ref.losses, rel=1e-6)
+    assert weight_diffs(ours, ref) < 1e-4 and weight_diffs(ours, base) > 1e-3
+    assert all("forward" not in vars(m) for m in ours.modules())  # the surgery is gone after fit
+
+
+@pytestmark_torch_layers
+def test_a_torch_transformer_with_adam_evaluation_and_filler_rows():
+    data = padded()
+    base = TorchSeq2Seq()
+    ours, ref = clone(base), clone(base)
+    kw = dict(seed=5, progress=False, batch_size=8, lr=1e-3)
+    t = FastTrainer(ours, strategies=[Unpad(multiple_of=16)], **kw)
+    h = t.fit(data, 2)
+    plain = FastTrainer(ref, **kw)
+    h_ref = plain.fit(data, 2)
+    assert h.losses == pytest.approx(h_ref.losses, rel=1e-6)
+    assert torch_weight_diffs(ours, ref) < 1e-4
+    a, b = t.evaluate(data), plain.evaluate(data)
+    assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+@pytestmark_torch_layers
+def test_a_torch_transformer_with_dropout_and_bf16_stays_close():
+    data = padded()
+    base = TorchSeq2Seq(dropout=0.1)
+    rows = []
+    ours, ref = clone(base), clone(base)
+    ours.transformer.encoder.layers[0].linear1.register_forward_hook(lambda m, i, o: rows.append(i[0].shape))
+    kw = dict(seed=5, progress=False, batch_size=8, lr=3e-3)
+    h = FastTrainer(ours, strategies=[Unpad(), MixedPrecision("bf16")], **kw).fit(data, 3)
+    h_ref = FastTrainer(ref, **kw).fit(data, 3)
+    assert all(len(s) == 2 and s[0] % 32 == 0 for s in rows[1:])  # packed, rows rounded up to 32 under autocast
+    assert h.losses[-1] == pytest.approx(h_ref.losses[-1], rel=0.03)
+
+
+@pytestmark_torch_layers
+def test_a_torch_transformer_that_lets_padding_leak_is_refused():
+    """Without memory_key_padding_mask the decoder reads padded memory: packing would change real outputs."""
+    model = TorchSeq2Seq(memory_mask=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    t = FastTrainer(model, strategies=[Unpad()], progress=False)
+    with pytest.raises(ValueError, match="Unpad refused this model on its first batch.*padding reach real positions"):
+        t.fit(padded(), 1, batch_size=8)
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    assert all("forward" not in vars(m) for m in model.modules())  # restored on the error too
+
+
+@pytestmark_torch_layers
+def test_torch_layers_that_packing_cannot_reproduce_are_refused_when_the_trainer_is_built():
+    from hlbd_fast import GradientCheckpointing
+
+    model = TorchSeq2Seq()
+    model.transformer.encoder.layers[1].self_attn = nn.MultiheadAttention(16, 2, add_bias_kv=True, batch_first=True)
+    with pytest.raises(ValueError, match="cannot pack layer 'transformer.encoder.layers.1'.*add_bias_kv=True"):
+        FastTrainer(model, strategies=[Unpad()], progress=False)
+    with pytest.raises(StrategyConflictError, match="both replace those layers' forward"):
+        FastTrainer(TorchSeq2Seq(), strategies=[Unpad(), GradientCheckpointing()], progress=False)
+
+
+def test_the_preset_keeps_unpad_for_torch_transformers():
+    t = FastTrainer.from_preset(TorchSeq2Seq(), "fastest", device="cpu", progress=False)
+    assert isinstance(t.roles.forward, Unpad) and t.roles.forward.mode == "layers"

@@ -64,7 +64,7 @@ from torch import nn
 from ._validation import check_positive_int, infer_vocab_size
 from .strategies.base import StepRunner, Strategy
 from .strategies.precision import cpu_has_native_bf16
-from .strategies.unpad import supports_unpad
+from .strategies.unpad import unpad_mode
 from .trainer import FastTrainer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -951,7 +951,7 @@ def _assemble(trainer: FastTrainer, probe: _Probe, m: _Measured, steps: int, dyn
         notes=m.notes + _caveats(trainer, probe),
         run_info=_run_info(trainer),
     )
-    diag.recommendations = _recommend(diag, m.kernels, supports_unpad(trainer.model))
+    diag.recommendations = _recommend(diag, m.kernels, unpad_mode(trainer.model) is not None)
     return diag
 
 

@@ -24,7 +24,7 @@ import torch
 
 from ._validation import check_positive_int
 
-__all__ = ["Packing", "UnpadBatch", "source_packing", "target_packing"]
+__all__ = ["Packing", "UnpadBatch", "mask_packing", "source_packing", "target_packing"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,12 @@ class Packing:
         out = y.new_zeros(self.rows * self.width, *y.shape[1:])
         out = out.index_copy(0, index, y)
         return out.view(self.rows, self.width, *y.shape[1:])
+
+
+def mask_packing(keep: torch.Tensor, multiple_of: int = 1) -> Packing:
+    """The packing of the True positions of a ``[B, L]`` bool mask, rows rounded up to ``multiple_of``."""
+    check_positive_int("multiple_of", multiple_of, "mask_packing")
+    return _packing(keep, multiple_of)
 
 
 def _packing(keep: torch.Tensor, multiple_of: int) -> Packing:

@@ -25,7 +25,7 @@ from .strategies.optim import FusedAdamW
 from .strategies.padding import TrimPadding
 from .strategies.precision import MixedPrecision
 from .strategies.tf32 import AllowTF32
-from .strategies.unpad import Unpad, supports_unpad
+from .strategies.unpad import Unpad, unpad_mode
 
 log = logging.getLogger("hlbd_fast")
 
@@ -62,12 +62,12 @@ class Preset:
         return kwargs
 
     def for_model(self, model: nn.Module) -> "Preset":
-        """This preset for ``model``: without :class:`Unpad` when the model does not follow its protocol.
+        """This preset for ``model``: without :class:`Unpad` when the model cannot run unpadded (see ``unpad_mode``).
 
         The rest of the preset stays (in ``fastest`` on CPU, the model then trains padded and
         trimmed, with the same ``MixedPrecision("auto")``).
         """
-        if supports_unpad(model) or not any(isinstance(s, Unpad) for s in self.strategies):
+        if unpad_mode(model) is not None or not any(isinstance(s, Unpad) for s in self.strategies):
             return self
         kept = tuple(s for s in self.strategies if not isinstance(s, Unpad))
         log.info("preset %s: %s does not run unpadded, so Unpad is left out", self.name, type(model).__name__)
@@ -117,11 +117,12 @@ def fastest(device: str | torch.device | None = None) -> Preset:
     CUDA: data preloaded on the GPU, loss read once per epoch, fused AdamW, the whole step
     captured as a CUDA graph per length bucket, TF32 matmuls. CPU: data preloaded, loss
     read once per epoch, each batch trimmed to its longest row and run on its real tokens
-    only (:class:`~hlbd_fast.strategies.Unpad`, for models that follow its protocol), fused
+    only (:class:`~hlbd_fast.strategies.Unpad`, for models that follow its protocol or are built
+    from torch's transformer layers), fused
     AdamW, dropout masks from half the random draws (:class:`~hlbd_fast.strategies.FastDropout`:
     the same distribution, another random stream), and ``MixedPrecision("auto")``: bf16
     autocast on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 elsewhere. For a model
-    without Unpad's protocol, :meth:`Preset.for_model` trains it padded and trimmed instead.
+    that cannot run unpadded, :meth:`Preset.for_model` trains it padded and trimmed instead.
     Batch 32 (the plan's effective batch) and lr 5e-5 in both.
     """
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -108,21 +108,20 @@ def dropout_attention(
     On a CPU, SDPA with dropout takes torch's generic math path (its fused kernel has no
     dropout); these few operations are the same computation (the softmax weights dropped
     by ``F.dropout``, so the same random draws as SDPA's for the same generator state) and
-    measured faster on the packed HLBD attention. ``mask``: boolean, True where attention
-    is allowed, broadcastable to ``[B, H, L, S]``. The result has ``q``'s dtype.
+    measured faster on the packed HLBD attention. ``mask``: boolean (True where attention
+    is allowed) or additive float, broadcastable to ``[B, H, L, S]``, as SDPA takes it.
+    The result has ``q``'s dtype.
     """
     dtype = q.dtype
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = q.float(), k.float(), v.float()
         scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
         if is_causal:
-            blocked = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu_(1)
+            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril_()
+        if mask is not None and mask.dtype == torch.bool:
+            scores = scores + torch.zeros(mask.shape, device=q.device).masked_fill_(~mask, float("-inf"))
         elif mask is not None:
-            blocked = ~mask
-        else:
-            blocked = None
-        if blocked is not None:
-            scores = scores + torch.zeros(blocked.shape, device=q.device).masked_fill_(blocked, float("-inf"))
+            scores = scores + mask.float()
         weights = F.dropout(torch.softmax(scores, dim=-1), dropout_p, training=True)
         return torch.matmul(weights, v).to(dtype)
 

@@ -6,14 +6,20 @@ but a batch of 32 still carries the padding of its short rows up to its longest 
 projections, feed-forward, layer norms, the output head and the loss see real positions
 only, and attention runs per sequence (unpacked to ``[B, L]`` inside attention, padded
 keys masked). See :mod:`hlbd_fast.packing` for the protocol a model follows.
+
+Models built from torch's ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``
+(``nn.Transformer`` among them) with key padding masks run their layers packed instead, by
+module surgery (:mod:`hlbd_fast.strategies.unpad_layers`); their embeddings and output
+head keep the padded batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -21,18 +27,21 @@ from torch import nn
 from .._validation import check_bool, check_positive_int, token_loss_sum, token_pair
 from ..packing import UnpadBatch
 from .base import Forward, StrategyConflictError
+from .unpad_layers import check_layers, packable_layers, packed_layers
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import FastTrainer
 
-__all__ = ["Unpad", "UnpadCheck", "verify_unpad", "supports_unpad"]
+__all__ = ["Unpad", "UnpadCheck", "verify_unpad", "supports_unpad", "unpad_mode"]
 
 #: Packed rows are rounded up to these multiples under autocast (see :class:`Unpad`).
 _AUTOCAST_MULTIPLE = {"cpu": 32, "cuda": 8}
 
 _PROTOCOL = (
     "the model's forward must accept unpad=UnpadBatch (hlbd_fast.packing) and return logits [N, V] for the packed "
-    "target positions unpad.target, as hlbd_fast.models.Seq2SeqTransformer does (README: 'Padding-free models')"
+    "target positions unpad.target, as hlbd_fast.models.Seq2SeqTransformer does, or the model must be built from "
+    "nn.TransformerEncoderLayer / nn.TransformerDecoderLayer (nn.Transformer) with key padding masks "
+    "(README: 'Padding-free models')"
 )
 
 
@@ -42,6 +51,14 @@ def supports_unpad(model: nn.Module) -> bool:
         return "unpad" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins
         return False
+
+
+def unpad_mode(model: nn.Module) -> str | None:
+    """How :class:`Unpad` runs ``model``: ``"protocol"`` (its forward takes ``unpad``), ``"layers"``
+    (its torch transformer layers run packed) or ``None`` (it cannot)."""
+    if supports_unpad(model):
+        return "protocol"
+    return "layers" if packable_layers(model) else None
 
 
 @dataclass(frozen=True)
@@ -56,36 +73,67 @@ class UnpadCheck:
 def verify_unpad(model: nn.Module, batch: Any, pad_id: int = 0, tol: float = 1e-5, multiple_of: int = 1) -> UnpadCheck:
     """Check that running ``model`` on the real tokens only gives its padded logits and loss.
 
-    Runs ``model(src, tgt[:, :-1])`` and ``model(src, tgt[:, :-1], unpad=...)`` on the batch
-    in fp32, eval mode (the mode is restored) and without gradients, and compares the
-    logits at the scored positions and the mean token loss. ``multiple_of`` packs with
-    filler rows as :class:`Unpad` does, so that the proof covers them.
+    Runs the model on the batch padded and packed (``model(src, tgt[:, :-1], unpad=...)``
+    for the protocol; its torch transformer layers packed, see :func:`unpad_mode`) in fp32
+    and eval mode (the mode is restored), and compares the logits at the scored positions
+    and the mean token loss. ``multiple_of`` packs with filler rows as :class:`Unpad` does,
+    so that the proof covers them.
 
     Raises:
-        ValueError: the model does not take ``unpad``, returns the wrong shape, or its
-            packed logits differ beyond ``tol`` (it lets padding reach real positions).
+        ValueError: the model cannot run unpadded, returns the wrong shape, or its packed
+            logits differ beyond ``tol`` (it lets padding reach real positions).
     """
-    if not supports_unpad(model):
+    mode = unpad_mode(model)
+    if mode is None:
         raise ValueError(f"verify_unpad: {type(model).__name__} does not run unpadded: {_PROTOCOL}")
     src, tgt = token_pair(batch, "verify_unpad")
     net = copy.deepcopy(model).float() if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()) else model
-    unpad = UnpadBatch.of(src, tgt, pad_id, multiple_of)
     was_training = net.training
     net.eval()
     try:
-        with torch.no_grad(), torch.autocast(src.device.type, enabled=False):
-            full = net(src, tgt[:, :-1])
-            packed = net(src, tgt[:, :-1], unpad=unpad)
+        with torch.autocast(src.device.type, enabled=False):
+            run = _runs_protocol if mode == "protocol" else _runs_layers
+            ref, packed, targets, skipped = run(net, src, tgt, pad_id, multiple_of)
     finally:
         net.train(was_training)
+    return _compare(ref.float(), packed.float(), targets, pad_id, skipped, tol)
+
+
+def _runs_protocol(net: nn.Module, src: torch.Tensor, tgt: torch.Tensor, pad_id: int, multiple_of: int) -> tuple[torch.Tensor, ...]:
+    """(padded logits at the packed rows, packed logits, their targets, positions skipped)."""
+    unpad = UnpadBatch.of(src, tgt, pad_id, multiple_of)
+    with torch.no_grad():
+        full = net(src, tgt[:, :-1])
+        packed = net(src, tgt[:, :-1], unpad=unpad)
     _check_packed_shape(packed, unpad, full.shape[-1], "verify_unpad")
-    ref = unpad.target.pack(full).float()
-    targets = unpad.targets(tgt, pad_id)
-    logit_diff = float((ref - packed.float()).abs().max() / ref.abs().max().clamp(min=1.0)) if ref.numel() else 0.0
+    skipped = src.numel() + tgt[:, 1:].numel() - unpad.source.tokens - unpad.target.tokens
+    return unpad.target.pack(full), packed, unpad.targets(tgt, pad_id), skipped
+
+
+def _runs_layers(net: nn.Module, src: torch.Tensor, tgt: torch.Tensor, pad_id: int, multiple_of: int) -> tuple[torch.Tensor, ...]:
+    """The same for packed torch layers: both runs padded logits, compared where targets are real."""
+    # with grad enabled: nn.TransformerEncoder would otherwise take torch's own nested-tensor path
+    with torch.enable_grad(), packed_layers(net) as packer:
+        saved = packer.enabled, packer.multiple
+        packer.multiple = lambda device: multiple_of
+        try:
+            packer.enabled = False
+            full = net(src, tgt[:, :-1]).detach()
+            packer.enabled = True
+            packed = net(src, tgt[:, :-1]).detach()
+        finally:
+            packer.enabled, packer.multiple = saved
+    targets = tgt[:, 1:]
+    real = targets.ne(pad_id)
+    skipped = int(src.eq(pad_id).sum()) + int(tgt[:, :-1].eq(pad_id).sum())
+    return full[real], packed[real], targets[real], skipped
+
+
+def _compare(ref: torch.Tensor, packed: torch.Tensor, targets: torch.Tensor, pad_id: int, skipped: int, tol: float) -> UnpadCheck:
+    logit_diff = float((ref - packed).abs().max() / ref.abs().max().clamp(min=1.0)) if ref.numel() else 0.0
     n = max(int(targets.ne(pad_id).sum()), 1)
-    la, lb = float(token_loss_sum(ref, targets, pad_id)) / n, float(token_loss_sum(packed.float(), targets, pad_id)) / n
+    la, lb = float(token_loss_sum(ref, targets, pad_id)) / n, float(token_loss_sum(packed, targets, pad_id)) / n
     loss_diff = abs(la - lb) / max(1.0, abs(la))
-    result = UnpadCheck(src.numel() + tgt[:, 1:].numel() - unpad.source.tokens - unpad.target.tokens, logit_diff, loss_diff)
     if not (logit_diff <= tol and loss_diff <= tol):  # also catches NaN
         raise ValueError(
             f"verify_unpad: running only the real tokens changed the model's logits at scored positions by "
@@ -93,7 +141,7 @@ def verify_unpad(model: nn.Module, batch: Any, pad_id: int = 0, tol: float = 1e-
             "reach real positions (for example it does not mask padded source keys), or its packed forward differs "
             "from its padded one"
         )
-    return result
+    return UnpadCheck(skipped, logit_diff, loss_diff)
 
 
 def _check_packed_shape(out: Any, unpad: UnpadBatch, vocab: int | None, who: str) -> torch.Tensor:
@@ -116,10 +164,14 @@ class Unpad(Forward):
     element: the same distribution, another random stream.
 
     The model opts in through its ``forward(src, tgt_in, unpad=None)``
-    (:class:`~hlbd_fast.models.Seq2SeqTransformer` does); any other model is refused when
-    the trainer is built. ``check=True`` (the default, and in every preset) proves the model
-    on the first batch (:func:`verify_unpad`: packed against padded logits, once) and
-    refuses it when padding reaches its real positions.
+    (:class:`~hlbd_fast.models.Seq2SeqTransformer` does). A model built from torch's
+    ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (``nn.Transformer``)
+    that passes key padding masks runs those layers packed instead (module surgery, for
+    each ``fit``, ``train_epoch`` and ``evaluate``, removed at their end; its embeddings
+    and output head stay padded). Any other model is refused when the trainer is built.
+    ``check=True`` (the default, and in every preset) proves the model on the first batch
+    (:func:`verify_unpad`: packed against padded logits, once) and refuses it when
+    padding reaches its real positions.
 
     The packed rows are rounded up to ``multiple_of`` with filler rows that attention
     never reads and the loss ignores. Under autocast on a CPU, the default rounds to 32:
@@ -142,14 +194,31 @@ class Unpad(Forward):
         if multiple_of is not None:
             check_positive_int("multiple_of", multiple_of, "Unpad", hint=" (1: no filler rows; None: by precision)")
         self.multiple_of = multiple_of
+        self._mode: str | None = None
         self._verify: Callable[["FastTrainer", Any, int], None] = self._verify_batch
+
+    @property
+    def mode(self) -> str | None:
+        """How the model runs unpadded: ``"protocol"`` or ``"layers"`` (see :func:`unpad_mode`); set when the trainer is built."""
+        return self._mode
 
     def setup(self, trainer: "FastTrainer") -> None:
         from .compile import Compile
         from .cuda_graph import CUDAGraphStep
 
-        if not supports_unpad(trainer.model):
+        from .checkpointing import GradientCheckpointing
+
+        self._mode = unpad_mode(trainer.model)
+        if self._mode is None:
             raise ValueError(f"Unpad cannot run {type(trainer.model).__name__} on its real tokens: {_PROTOCOL}")
+        if self._mode == "layers":
+            check_layers(trainer.model)
+            checkpointing = trainer.strategy(GradientCheckpointing)
+            if checkpointing is not None:
+                raise StrategyConflictError(
+                    f"Unpad cannot pack the torch transformer layers of {type(trainer.model).__name__} together with "
+                    f"{checkpointing!r}: both replace those layers' forward. Keep one of them"
+                )
         other = trainer.strategy(Compile) or (trainer.roles.step if isinstance(trainer.roles.step, CUDAGraphStep) else None)
         if other is not None:
             raise StrategyConflictError(
@@ -166,11 +235,22 @@ class Unpad(Forward):
             return 1
         return _AUTOCAST_MULTIPLE.get(device.type, 1)
 
+    def run_scope(self, trainer: "FastTrainer") -> ContextManager[Any]:
+        """Torch transformer layers (mode ``"layers"``) run packed for the whole call, and are restored after."""
+        return packed_layers(trainer.model, self.rows_multiple) if self.mode == "layers" else contextlib.nullcontext()
+
+    def eval_scope(self, trainer: "FastTrainer") -> ContextManager[Any]:
+        """The same around ``evaluate``."""
+        return self.run_scope(trainer)
+
     def logits(self, trainer: "FastTrainer", model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``[length, V]`` at the packed target positions and their targets ``[length]`` (fillers: padding)."""
+        """Protocol: logits ``[length, V]`` at the packed target positions and their targets ``[length]``
+        (fillers: padding). Layers: the padded logits and targets, the layers packed inside."""
         src, tgt = token_pair(batch, "Unpad")
         multiple = self.rows_multiple(src.device)
         self._verify(trainer, batch, multiple)
+        if self.mode == "layers":
+            return super().logits(trainer, model, batch)
         unpad = UnpadBatch.of(src, tgt, trainer.pad_id, multiple)  # on CUDA: reads the lengths back (one sync)
         out = _check_packed_shape(model(src, tgt[:, :-1], unpad=unpad), unpad, trainer.vocab_size, "Unpad")
         return out, unpad.targets(tgt, trainer.pad_id)
