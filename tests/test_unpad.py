@@ -452,3 +452,19 @@ def test_torch_layers_that_packing_cannot_reproduce_are_refused_when_the_trainer
 def test_the_preset_keeps_unpad_for_torch_transformers():
     t = FastTrainer.from_preset(TorchSeq2Seq(), "fastest", device="cpu", progress=False)
     assert isinstance(t.roles.forward, Unpad) and t.roles.forward.mode == "layers"
+
+
+def test_low_precision_attention_without_dropout_runs_in_fp32_on_cpu():
+    """torch's CPU flash kernel is slow in bf16: the model attends in fp32 and casts back."""
+    from hlbd_fast.models.transformer import attention
+
+    q, k, v = (torch.randn(3, 2, 5, 8) for _ in range(3))
+    keep = torch.rand(3, 1, 1, 5) > 0.3
+    keep[..., 0] = True
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    got = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), keep)
+    assert got.dtype == torch.bfloat16
+    exact_inputs = F.scaled_dot_product_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), attn_mask=keep)
+    assert torch.equal(got, exact_inputs.bfloat16())  # fp32 arithmetic on the bf16 inputs, rounded once
+    assert rel_diff(got.float(), want) < 2e-2
+    assert torch.equal(attention(q, k, v, keep), want)  # fp32: SDPA itself

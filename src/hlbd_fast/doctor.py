@@ -1062,7 +1062,7 @@ class _Facts:
     kernels_per_step: float  # CUDA kernels per step (profiler)
     syncs_by_module: dict[str, list[SyncSource]]
     mentioned: set[str]  # module labels a class recommendation already covers
-    unpad_capable: bool = False  # the model follows Unpad's protocol (forward(..., unpad=...))
+    unpad_capable: bool = False  # Unpad can run the model (its protocol, or torch transformer layers)
 
     @property
     def compute(self) -> float:

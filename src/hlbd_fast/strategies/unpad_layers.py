@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.transformer import attention
 from ..packing import Packing, mask_packing
 
 __all__ = ["LayerPacker", "packable_layers", "check_layers", "packed_layers"]
@@ -129,13 +130,7 @@ def _packed_attention(
     b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
     heads = [t.reshape(b, t.shape[1], h, d // h).transpose(1, 2) for t in (q, k, v)]
     mask = _attention_mask(attn_mask, key_padding_mask, is_causal, b, h, lq, lk, heads[0].dtype)
-    dropout_p = attn.dropout if attn.training else 0.0
-    if dropout_p > 0.0 and query.device.type == "cpu":
-        from ..models.transformer import dropout_attention
-
-        y = dropout_attention(*heads, mask, False, dropout_p)
-    else:
-        y = F.scaled_dot_product_attention(*heads, attn_mask=mask, dropout_p=dropout_p)
+    y = attention(*heads, mask, False, attn.dropout if attn.training else 0.0)
     y = pq.pack(y.transpose(1, 2).reshape(b, lq, d))
     return attn.out_proj(y), None
 
