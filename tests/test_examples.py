@@ -152,3 +152,16 @@ def test_masked_trainer_checks_token_ids_of_dict_batches(custom):
     trainer = custom["MaskedTrainer"](model, batch_size=8, progress=False)
     with pytest.raises(ValueError, match="vocabulary has 10 ids"):
         trainer.fit(custom["dataset"], epochs=1)
+
+
+# ---------------------------------------------------------------------------- torch_transformer.py
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True", "ignore:The PyTorch API of nested tensors")
+def test_torch_transformer_trains_packed_with_the_padded_losses(capsys):
+    main = load_example("torch_transformer")["main"]
+    assert main(["--tiny", "--epochs", "2", "--compare", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Unpad mode layers" in out and "Unpad mode None" in out  # packed, then padded
+    with_unpad = [float(x) for x in re.search(r"^with Unpad:\s+(.*?)\s+\(", out, flags=re.M).group(1).split(", ")]
+    padded = [float(x) for x in re.search(r"^without Unpad:\s+(.*?)\s+\(", out, flags=re.M).group(1).split(", ")]
+    assert len(with_unpad) == len(padded) == 2 and with_unpad[1] < with_unpad[0]  # it learns
+    assert with_unpad == pytest.approx(padded, rel=1e-6)
