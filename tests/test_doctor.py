@@ -412,3 +412,19 @@ def test_unpad_recommended_for_a_model_that_runs_padding_free(one_thread):
     assert any("Unpad" in r.strategies for r in d.recommendations), [r.text for r in d.recommendations]
     d2 = diagnose(TinySeq2Seq(), (src, tgt), strategies=[DevicePreload(), TrimPadding(multiple_of=1)], steps=2, warmup=1, batch_size=8)
     assert not any("Unpad" in r.strategies for r in d2.recommendations)  # no padding-free forward: not suggested
+
+
+def test_unpads_own_length_reads_are_a_note_not_a_recommendation(one_thread):
+    """Unpad sizes its packed tensors by reading the lengths back: the doctor says so, and does not advise the
+    user to keep a value of the library's on the device."""
+    from hlbd_fast import Unpad
+    from hlbd_fast.models import Seq2SeqTransformer
+
+    src, tgt = ragged_pairs(n=32)
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32,
+                               dropout=0.0, max_length=16)
+    d = diagnose(model, (src, tgt), strategies=[DevicePreload(), Unpad()], steps=2, warmup=1, batch_size=8)
+    note = next(n for n in d.notes if n.startswith("Unpad reads each packing's size back"))
+    assert "2 per step" in note  # the sources' packing and the targets'
+    assert not any("packing.py" in r.text for r in d.recommendations), [r.text for r in d.recommendations]

@@ -1166,9 +1166,22 @@ def _loss_readback(d: Diagnosis, f: _Facts) -> Recommendation | None:
     )
 
 
+def _unpads_own_sync(d: Diagnosis, where: str) -> bool:
+    """Whether a sync is Unpad's read-back of a packing's size (hlbd_fast/packing.py), by design."""
+    return any(s.startswith("Unpad(") for s in d.strategies) and "packing.py:" in where and " in _packing" in where
+
+
 def _module_syncs(d: Diagnosis, f: _Facts, module: str) -> Recommendation | None:
-    """Syncs in a module (or phase) that no class recommendation covers."""
+    """Syncs in a module (or phase) that no class recommendation covers (Unpad's own get a note instead)."""
     syncs = f.syncs_by_module.get(module, [])
+    own = [s for s in syncs if _unpads_own_sync(d, d.sync_locations.get(f"{s.module} | {s.op}", ""))]
+    if own and not any(n.startswith("Unpad reads") for n in d.notes):
+        d.notes.append(
+            f"Unpad reads each packing's size back ({sum(s.per_step for s in own):g} per step, aten::nonzero in "
+            "hlbd_fast/packing.py): on a GPU each one makes the host wait for the device; it is how Unpad sizes the "
+            "packed tensors, and why CUDAGraphStep cannot be combined with it"
+        )
+    syncs = [s for s in syncs if s not in own]
     n_sync = sum(s.per_step for s in syncs)
     if module in f.mentioned or module == _READ_LABEL or n_sync < 1:
         return None
