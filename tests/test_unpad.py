@@ -468,3 +468,22 @@ def test_low_precision_attention_without_dropout_runs_in_fp32_on_cpu():
     assert torch.equal(got, exact_inputs.bfloat16())  # fp32 arithmetic on the bf16 inputs, rounded once
     assert rel_diff(got.float(), want) < 2e-2
     assert torch.equal(attention(q, k, v, keep), want)  # fp32: SDPA itself
+
+
+@pytestmark_torch_layers
+def test_packed_layers_in_a_hand_written_loop():
+    from hlbd_fast.strategies.unpad_layers import packed_layers
+
+    model = TorchSeq2Seq(batch_first=False).eval()
+    src, tgt = padded(n=8)
+    real = tgt[:, 1:].ne(0)
+    with torch.enable_grad():
+        full = model(src, tgt[:, :-1])
+        with packed_layers(model) as packer:
+            assert len(packer.layers) == 4 and packer.enabled
+            packed = model(src, tgt[:, :-1])
+            with packed_layers(model) as inner:  # re-entrant: the packer in force
+                assert inner is packer
+            assert "forward" in vars(model.transformer.encoder.layers[0])  # still packed after the inner exit
+    assert rel_diff(packed[real].detach(), full[real].detach()) < 1e-5
+    assert all("forward" not in vars(m) for m in model.modules())
