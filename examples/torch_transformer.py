@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import time
 
 import torch
@@ -66,12 +65,6 @@ def train(model: nn.Module, preset: presets.Preset, data: tuple[torch.Tensor, to
     return trainer.history.losses, sum(later) / len(later)
 
 
-def without(preset: presets.Preset, *kinds: type) -> presets.Preset:
-    """``preset`` less the strategies of the given classes."""
-    kept = tuple(s for s in preset.strategies if not isinstance(s, kinds))
-    return dataclasses.replace(preset, name=f"{preset.name} without {', '.join(k.__name__ for k in kinds)}", strategies=kept)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=5)
@@ -91,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         losses, s_per_epoch = train(model, fastest, data, args.epochs, not args.no_progress)
         print(f"losses: {', '.join(f'{x:.4f}' for x in losses)}; {s_per_epoch:.2f} s/epoch")
         return 0
-    unpadded = without(fastest, MixedPrecision)  # fp32 on both sides: equal up to rounding
+    unpadded = fastest.without(MixedPrecision)  # fp32 on both sides: equal up to rounding
     a, sa = train(copy.deepcopy(model), unpadded, data, args.epochs, not args.no_progress)
-    b, sb = train(copy.deepcopy(model), without(unpadded, Unpad), data, args.epochs, not args.no_progress)
+    b, sb = train(copy.deepcopy(model), unpadded.without(Unpad), data, args.epochs, not args.no_progress)
     diff = max(abs(x - y) / abs(y) for x, y in zip(a, b))
     print(f"with Unpad:    {', '.join(f'{x:.6f}' for x in a)}  ({sa:.2f} s/epoch)")
     print(f"without Unpad: {', '.join(f'{x:.6f}' for x in b)}  ({sb:.2f} s/epoch)")

@@ -237,3 +237,15 @@ def test_quick_runs_on_cpu_with_workers_and_bf16(hlbd_tensors, plain_run):
     assert math.isfinite(r.loss)
     assert abs(r.loss - plain.losses[0]) / plain.losses[0] < 0.02
     assert abs(r.loss - plain.losses[0]) / plain.losses[0] < 2e-4, f"quick {r.loss} vs plain {plain.losses[0]}"
+
+
+def test_without_leaves_strategies_out_and_names_what_it_cannot():
+    from hlbd_fast import Unpad
+
+    p = presets.fastest("cpu")
+    fp32 = p.without(MixedPrecision)
+    assert names(fp32) == [n for n in names(p) if n != "MixedPrecision"] and fp32.name == "fastest without MixedPrecision"
+    assert names(p.without(MixedPrecision, Unpad)) == ["DevicePreload", "TrimPadding", "DeferredLossSync", "FusedAdamW", "FastDropout"]
+    assert (fp32.batch_size, fp32.lr) == (p.batch_size, p.lr)
+    with pytest.raises(ValueError, match=r"Preset 'baseline' holds no MixedPrecision to leave out; it holds \['GradientAccumulation', 'EagerLossSync'\]"):
+        presets.baseline().without(MixedPrecision)

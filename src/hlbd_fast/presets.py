@@ -61,6 +61,22 @@ class Preset:
         kwargs["strategies"] = tuple(self.strategies) + extra
         return kwargs
 
+    def without(self, *kinds: type[Strategy]) -> "Preset":
+        """This preset less its strategies of the given classes, e.g. ``fastest("cpu").without(MixedPrecision)``
+        for the CPU ``fastest`` in fp32 (exact up to rounding, dropout streams aside).
+
+        Raises:
+            ValueError: a class the preset does not hold (nothing would change).
+        """
+        missing = [k.__name__ if isinstance(k, type) else repr(k) for k in kinds
+                   if not (isinstance(k, type) and any(isinstance(s, k) for s in self.strategies))]
+        if missing:
+            held = [type(s).__name__ for s in self.strategies]
+            raise ValueError(f"Preset {self.name!r} holds no {', '.join(missing)} to leave out; it holds {held}")
+        kept = tuple(s for s in self.strategies if not isinstance(s, kinds))
+        names = ", ".join(k.__name__ for k in kinds)
+        return dataclasses.replace(self, name=f"{self.name} without {names}", strategies=kept)
+
     def for_model(self, model: nn.Module) -> "Preset":
         """This preset for ``model``: without :class:`Unpad` when the model cannot run unpadded (see ``unpad_mode``).
 
