@@ -452,6 +452,22 @@ def test_unpad_under_torchrun_is_the_one_process_unpad(world_of_one, pairs):
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True", "ignore:Support for mismatched")
+def test_unpad_of_torch_layers_under_torchrun_is_the_one_process_unpad(world_of_one, pairs):
+    """The packed nn.Transformer layers run inside torch's DDP wrapper as they do alone."""
+    from conftest import TorchSeq2Seq
+    from hlbd_fast import Unpad
+
+    base = TorchSeq2Seq()
+    a, b = clone(base), clone(base)
+    ta = FastTrainer(a, strategies=[DistributedTraining(), Unpad()], seed=3, optimizer=_sgd(a), progress=False)
+    ha = ta.fit(pairs, 2, batch_size=8)
+    hb = FastTrainer(b, strategies=[Unpad()], seed=3, optimizer=_sgd(b), progress=False).fit(pairs, 2, batch_size=8)
+    assert ta.roles.forward.mode == "layers"
+    assert ha.losses == hb.losses and [r.tokens for r in ha] == [r.tokens for r in hb]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
 def test_a_model_already_in_ddp_is_refused(world_of_one, tiny_model):
     FastTrainer(clone(tiny_model), strategies=[DistributedDataParallel()], progress=False)  # starts the group
     wrapped = torch.nn.parallel.DistributedDataParallel(clone(tiny_model))

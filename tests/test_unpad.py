@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TinySeq2Seq, clone, ragged_pairs
+from conftest import TinySeq2Seq, TorchSeq2Seq, clone, ragged_pairs
 from hlbd_fast import (
     Compile,
     DeferredLossSync,
@@ -331,31 +331,6 @@ def test_dropout_attention_keeps_the_input_dtype_under_autocast():
 
 
 # ---------------------------------------------------------------------------- models built from torch's layers
-class TorchSeq2Seq(nn.Module):
-    """An encoder-decoder on nn.Transformer that passes key padding masks, as tutorials write it."""
-
-    def __init__(self, dropout: float = 0.0, batch_first: bool = True, norm_first: bool = False,
-                 memory_mask: bool = True, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.batch_first, self.memory_mask, self.vocab_size = batch_first, memory_mask, 23
-        self.embed, self.pos = nn.Embedding(23, 16), nn.Embedding(32, 16)
-        self.transformer = nn.Transformer(16, 2, 2, 2, 32, dropout, batch_first=batch_first, norm_first=norm_first,
-                                          activation="gelu")
-        self.head = nn.Linear(16, 23)
-
-    def _emb(self, x):
-        e = self.embed(x) + self.pos(torch.arange(x.shape[1]))
-        return e if self.batch_first else e.transpose(0, 1)
-
-    def forward(self, src, tgt_in):
-        causal = nn.Transformer.generate_square_subsequent_mask(tgt_in.shape[1])
-        h = self.transformer(self._emb(src), self._emb(tgt_in), tgt_mask=causal, src_key_padding_mask=src.eq(0),
-                             tgt_key_padding_mask=tgt_in.eq(0), tgt_is_causal=True,
-                             memory_key_padding_mask=src.eq(0) if self.memory_mask else None)
-        return self.head(h if self.batch_first else h.transpose(0, 1))
-
-
 TORCH_KEY_BIASES = {"in_proj_bias": slice(16, 32)}  # nn.MultiheadAttention's packed q, k, v biases
 
 
@@ -409,6 +384,22 @@ def test_a_torch_transformer_with_adam_evaluation_and_filler_rows():
     assert torch_weight_diffs(ours, ref) < 1e-4
     a, b = t.evaluate(data), plain.evaluate(data)
     assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+@pytestmark_torch_layers
+@pytest.mark.parametrize("strategies, reference_strategies", [
+    ([GradientAccumulation(2), DeferredLossSync()], [GradientAccumulation(2)]),
+    ([DevicePreload(), TrimPadding(multiple_of=1), FusedAdamW()], [FusedAdamW()]),
+], ids=["accumulation + deferred sync", "preload + trim + fused adamw"])
+def test_a_torch_transformer_combines_with_the_other_exact_strategies(strategies, reference_strategies):
+    data = padded()
+    base = TorchSeq2Seq(norm_first=True)
+    ours, ref = clone(base), clone(base)
+    kw = dict(seed=5, progress=False, batch_size=4, lr=1e-3)
+    h = FastTrainer(ours, strategies=[Unpad(), *strategies], **kw).fit(data, 2)
+    h_ref = FastTrainer(ref, strategies=reference_strategies, **kw).fit(data, 2)
+    assert h.losses == pytest.approx(h_ref.losses, rel=1e-6)
+    assert torch_weight_diffs(ours, ref) < 1e-4
 
 
 @pytestmark_torch_layers
