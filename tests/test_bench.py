@@ -158,6 +158,16 @@ def test_time_budget_skips_later_rows(one_thread):
     assert second["error"].startswith("skipped: the time budget") and second["speedup"] is None
 
 
+def test_fastest_fp32_row_is_the_preset_without_autocast():
+    from hlbd_fast.presets import fastest
+
+    spec = ROWS["fastest fp32"](torch.device("cpu"))
+    names = [type(s).__name__ for s in spec.preset.strategies]
+    assert names == [type(s).__name__ for s in fastest("cpu").strategies if type(s).__name__ != "MixedPrecision"]
+    assert spec.note.startswith("without MixedPrecision(dtype='auto'") and spec.preset.name == "fastest fp32"
+    assert resolve_rows("fastest-fp32", torch.device("cpu")) == ["fastest fp32"]  # loose spelling, as the others
+
+
 def test_fastest_plus_compile_row_is_the_preset_with_compile():
     from hlbd_fast.presets import fastest
 

@@ -150,6 +150,20 @@ def _plus_preset(name: str, strategy: Callable[[torch.device], Strategy], withou
     return build
 
 
+def _fp32_preset(name: str) -> Callable[[torch.device], RowSpec]:
+    """A named preset without its ``MixedPrecision``: the fp32 variant, exact up to rounding."""
+
+    def build(device: torch.device) -> RowSpec:
+        from .strategies.precision import MixedPrecision
+
+        preset = resolve_preset(name, device)
+        dropped = [repr(s) for s in preset.strategies if isinstance(s, MixedPrecision)]
+        kept = preset.without(MixedPrecision) if dropped else preset
+        return RowSpec(dataclasses.replace(kept, name=f"{name} fp32"), f"without {', '.join(dropped)}" if dropped else "")
+
+    return build
+
+
 def _accumulation(steps: int) -> Callable[[torch.device], Strategy]:
     def build(device: torch.device) -> Strategy:
         from .strategies.accumulation import GradientAccumulation
@@ -182,6 +196,7 @@ ROWS: dict[str, Callable[[torch.device], RowSpec]] = {
     "quick": _named_preset("quick"),
     "extreme": _named_preset("extreme"),
     "fastest": _named_preset("fastest"),
+    "fastest fp32": _fp32_preset("fastest"),  # the CPU fastest without bf16 autocast: exact up to rounding
     # the compiled model draws its own dropout masks, and Unpad's shapes change every batch: neither combines with Compile
     "fastest+compile": _plus_preset("fastest", _strategy("compile", "Compile", dynamic=True), without=("FastDropout", "Unpad")),
 }
