@@ -9,7 +9,9 @@ samples in the same order (the same trainer seed):
   GradientAccumulation(8), Adam 5e-5, the loss read back every micro-batch);
 * ``+<speed-up>``: baseline plus that one speed-up (a baseline strategy filling the same
   role is replaced: ``+deferred sync`` drops the per-micro-batch read);
-* ``quick``, ``extreme``, ``fastest``: the presets of those names.
+* ``quick``, ``extreme``, ``fastest``: the presets of those names; ``fastest fp32``: ``fastest``
+  without its ``MixedPrecision``; ``fastest+compile``: with ``Compile``; ``careful loop``: batch
+  32 trimmed, Adam, the loss read every step (a hand-written loop's work).
 
 A row whose strategy is missing or fails is reported with its error; the others run.
 
