@@ -231,7 +231,7 @@ class Unpad(Forward):
         """The multiple the packed rows are rounded up to now: ``multiple_of``, or chosen by the autocast in force."""
         if self.multiple_of is not None:
             return self.multiple_of
-        if not torch.is_autocast_enabled(device.type):
+        if not _autocast_on(device.type):
             return 1
         return _AUTOCAST_MULTIPLE.get(device.type, 1)
 
@@ -264,6 +264,14 @@ class Unpad(Forward):
                 "for a model you have checked yourself)"
             ) from None
         self._verify = _no_check  # proven once
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` here (torch < 2.4 has one function per device)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # pragma: no cover - torch < 2.4
+        return bool(torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled())
 
 
 def _no_check(trainer: Any, batch: Any, multiple_of: int) -> None:
