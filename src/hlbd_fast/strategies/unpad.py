@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager
 import torch
 from torch import nn
 
-from .._validation import check_bool, check_positive_int, token_loss_sum, token_pair
+from .._validation import check_bool, check_positive_int, extract_logits, token_loss_sum, token_pair
 from ..packing import UnpadBatch
 from .base import Forward, StrategyConflictError
 from .unpad_layers import check_layers, packable_layers, packed_layers
@@ -117,10 +117,11 @@ def _runs_layers(net: nn.Module, src: torch.Tensor, tgt: torch.Tensor, pad_id: i
         saved = packer.enabled, packer.multiple
         packer.multiple = lambda device: multiple_of
         try:
+            rows, length = tgt.shape[0], tgt.shape[1] - 1
             packer.enabled = False
-            full = net(src, tgt[:, :-1]).detach()
+            full = extract_logits(net(src, tgt[:, :-1]), rows, length, None).detach()
             packer.enabled = True
-            packed = net(src, tgt[:, :-1]).detach()
+            packed = extract_logits(net(src, tgt[:, :-1]), rows, length, None).detach()
         finally:
             packer.enabled, packer.multiple = saved
     targets = tgt[:, 1:]
