@@ -7,7 +7,8 @@ Three things the built-in loop does not know about, and where each one goes:
 
 * a model whose forward takes ``(src, tgt_in, src_mask)`` and a Dataset that yields dicts
   ``{"src", "tgt", "src_mask"}``: subclass :class:`FastTrainer` and override
-  ``forward_loss`` (and ``count_tokens``, which the loss is normalised by);
+  ``forward_logits`` (and ``count_tokens``, which the loss is normalised by); training and
+  evaluation both go through it;
 * a gradient-norm log that costs no host sync per step: a :class:`Strategy` that keeps
   the norms on the device in ``before_clip`` and reads them once per epoch;
 * a linear learning-rate warm-up: a :class:`Strategy` that sets the lr in ``on_step_end``.
@@ -26,7 +27,6 @@ import sys
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -83,14 +83,11 @@ class MaskedTrainer(FastTrainer):
         self.validate_tensors(batch["src"], batch["tgt"])
         return super().to_device(batch)
 
-    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        # return the SUMMED token loss and the token count: the trainer normalises them
+    def forward_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # the logits and their targets: training, evaluate and fit(eval_data=...) all call this;
+        # `model` is what to call (wrapped by the strategies in training, the plain model in evaluation)
         tgt_in, tgt_out = batch["tgt"][:, :-1], batch["tgt"][:, 1:]
-        logits = self.train_model(batch["src"], tgt_in, batch["src_mask"])  # train_model: the model as strategies wrapped it
-        loss_sum = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=self.pad_id, reduction="sum"
-        )
-        return loss_sum, self.count_tokens(batch)
+        return model(batch["src"], tgt_in, batch["src_mask"]), tgt_out
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (batch["tgt"][:, 1:] != self.pad_id).sum()
@@ -204,10 +201,14 @@ def main(argv: list[str] | None = None) -> int:
 
     history = trainer.fit(dataset, epochs=args.epochs)  # a Dataset of dicts: batched by the default collate
     print(history)
+    metrics = trainer.evaluate(dataset)  # the same forward_logits, in eval mode
+    print(f"evaluation: loss {metrics['loss']:.4f}, token accuracy {metrics['token_accuracy']:.3f}")
     print(f"lr now: {trainer.optimizer.param_groups[0]['lr']:.3g} (target {args.lr:.3g}, warm-up {args.warmup} steps)")
     print("gradient norm before clipping:")
     for step, norm in grad_log.log:
         print(f"  step {step:>4}: {norm:.4f}")
+
+    trainer.close()  # its strategies may now serve another trainer
 
     # two strategies for one role are refused when the trainer is built
     try:

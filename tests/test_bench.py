@@ -11,8 +11,8 @@ import weakref
 import pytest
 import torch
 
-from hlbd_fast import FastTrainer, bench
-from hlbd_fast.bench import ROWS, BenchError, RowSpec, compare_rows, format_table, resolve_rows, run_bench
+from hlbd_fast import FastTrainer, bench, cli
+from hlbd_fast.bench import ROWS, BenchError, RowRecipe, RowResult, RowSpec, compare_rows, format_table, resolve_rows, run_bench
 from hlbd_fast.presets import Preset
 from hlbd_fast.strategies import DeferredLossSync, Strategy
 from hlbd_fast.strategies.cuda_graph import CUDAGraphStep
@@ -103,6 +103,85 @@ def test_json_schema(report):
     assert "| 1 epoch |" in table
 
 
+
+def test_json_rows_are_row_results(report):
+    """Each JSON row is a RowResult's to_dict(): the keys in the report's order, and it reads back unchanged."""
+    rep, out = report
+    saved = json.loads((out / "bench.json").read_text())
+    for r in saved["rows"]:
+        assert list(RowResult.from_dict(r).to_dict().items()) == list(r.items())
+    assert list(saved["rows"][1]) == [
+        "name", "epochs", "error", "note", "warnings", "wall_s", "s_per_epoch", "epoch_seconds", "epoch_rounds", "compile_s",
+        "final_loss", "losses", "peak_mem_mb", "mem_before_mb", "syncs_per_step", "micro_batch", "accumulation", "strategies",
+        "info", "eval_token_accuracy", "speedup", "speedup_rounds", "speedup_epochs", "loss_rel_diff", "loss_compared_at_epoch"]
+    assert list(saved["rows"][-1]) == [  # the failed row: no figures, no eval column
+        "name", "epochs", "error", "note", "warnings", "wall_s", "s_per_epoch", "speedup", "speedup_rounds", "speedup_epochs",
+        "final_loss", "loss_rel_diff", "compile_s", "peak_mem_mb", "syncs_per_step", "losses"]
+    assert not RowResult.from_dict(saved["rows"][-1]).trained and RowResult.from_dict(saved["rows"][0]).trained
+
+
+def test_row_recipes_build_fresh_strategies_and_keep_the_row_names():
+    from hlbd_fast.presets import baseline
+
+    cpu = torch.device("cpu")
+    assert list(ROWS) == [
+        "baseline", "+mixed precision", "+bigger batch", "+batch 32", "+workers", "+compile", "+fused adamw", "+deferred sync",
+        "+device preload", "+grad checkpointing", "+trim padding", "+fast dropout", "+unpad", "careful loop", "quick",
+        "extreme", "fastest", "fastest fp32", "fastest+compile"]
+    assert all(isinstance(recipe, RowRecipe) and recipe.name == name for name, recipe in ROWS.items())
+    first, second = ROWS["+deferred sync"](cpu), ROWS["+deferred sync"](cpu)
+    assert first == RowSpec(first.preset, "replaces EagerLossSync()")
+    assert first.preset.strategies[-1] is not second.preset.strategies[-1]  # a trainer owns its strategies
+    recipe = RowRecipe("mine", baseline, add=(DeferredLossSync,), replace_role=True, batch_size=8, note="mine")
+    spec = recipe(cpu)
+    assert [type(s).__name__ for s in spec.preset.strategies] == ["GradientAccumulation", "DeferredLossSync"]
+    assert spec.note == "mine; replaces EagerLossSync()" and spec.preset.batch_size == 8
+    careful = ROWS["careful loop"](cpu)
+    assert (careful.preset.name, careful.preset.batch_size) == ("careful loop", 32)
+    assert careful.note.startswith("batch 32, each batch trimmed to its longest row")
+
+
+def _refuse_work(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started although an argument is bad")
+
+    monkeypatch.setattr(bench, "run_bench", refuse)
+    monkeypatch.setattr(bench, "reference_data", refuse)
+
+
+@pytest.mark.parametrize("bad, option", [
+    (["--rows", "nope"], "--rows"),
+    (["--rows", ","], "--rows"),
+    (["--epochs", "0"], "--epochs"),
+    (["--baseline-epochs", "0"], "--baseline-epochs"),
+    (["--threads", "0"], "--threads"),
+    (["--device", "tpu"], "--device"),
+])
+def test_a_rejected_bench_call_creates_no_out_folder(bad, option, tmp_path, capsys, monkeypatch):
+    """Every argument is checked before the --out folder is created: a rejected call leaves nothing behind."""
+    _refuse_work(monkeypatch)
+    threads = torch.get_num_threads()
+    out = tmp_path / "results" / "bench"
+    assert cli.main(["bench", "--tiny", "--threads", "1", "--out", str(out), *bad]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith(f"hlbd-fast bench: error: {option}") and "\n" not in err and captured.out == ""
+    assert not (tmp_path / "results").exists()
+    assert torch.get_num_threads() == threads  # --threads is applied only once the run goes ahead
+
+
+def test_a_bench_call_rejected_by_the_parser_or_run_bench_creates_no_out_folder(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--epochs", "x", "--out", str(tmp_path / "cli")])
+    assert exit_.value.code == 2 and "--epochs" in capsys.readouterr().err
+    with pytest.raises(BenchError, match="unknown row 'nope'"):
+        run_bench(rows="nope", device="cpu", out=tmp_path / "api", data=ragged_pairs(n=8), model_factory=TinySeq2Seq)
+    with pytest.raises(BenchError, match=r"row_epochs\['baseline'\] 0 must be"):
+        run_bench(rows="baseline", device="cpu", out=tmp_path / "api", row_epochs={"baseline": 0}, data=ragged_pairs(n=8),
+                  model_factory=TinySeq2Seq)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_row_names_and_bad_arguments():
     cpu = torch.device("cpu")
     assert resolve_rows("Compile, +fused-adamw,grad_checkpointing", cpu) == ["+compile", "+fused adamw", "+grad checkpointing"]
@@ -116,7 +195,9 @@ def test_row_names_and_bad_arguments():
 
 def test_rows_name_device_preload_and_replace_by_role():
     cpu = torch.device("cpu")
-    assert resolve_rows("gpu-preload,+device preload", cpu) == ["+device preload"]  # the 0.1 name still resolves
+    assert resolve_rows("device-preload,+device preload", cpu) == ["+device preload"]
+    with pytest.raises(BenchError, match="unknown row 'gpu-preload'"):  # the row name of 0.1's GPUPreload is gone
+        resolve_rows("gpu-preload", cpu)
     spec = ROWS["+device preload"](cpu)
     assert [type(s).__name__ for s in spec.preset.strategies] == ["GradientAccumulation", "EagerLossSync", "DevicePreload"]
     assert spec.note == "" and "GPUPreload" not in repr(spec.preset.strategies)
@@ -245,8 +326,8 @@ def test_time_budget_decides_each_round_from_the_last_one(one_thread):
 
 
 def _row(name, seconds, rounds=None, s_per_epoch=None):
-    return {"name": name, "error": None, "epoch_seconds": seconds, "epoch_rounds": rounds, "losses": [1.0] * len(seconds),
-            "s_per_epoch": s_per_epoch if s_per_epoch is not None else seconds[-1]}
+    return RowResult(name=name, epochs=len(seconds), epoch_seconds=seconds, epoch_rounds=rounds, losses=[1.0] * len(seconds),
+                     s_per_epoch=s_per_epoch if s_per_epoch is not None else seconds[-1])
 
 
 def test_ratios_come_only_from_rounds_both_rows_completed():
@@ -256,16 +337,16 @@ def test_ratios_come_only_from_rounds_both_rows_completed():
     late = _row("from round 3", [2.0, 4.0], [3, 4])  # paired rounds 3 and 4: round 4 only (the first is left out)
     plain = _row("no rounds given", [5.0, 2.0, 2.0])  # epoch i ran in round i
     compare_rows([base, three, one, late, plain], paired=True)
-    assert (three["speedup"], three["speedup_rounds"], three["paired_rounds"]) == (2.5, 2, [1, 2, 3])
-    assert three["speedup_per_round"] == [2.0, 2.0, 3.0]
-    assert (one["speedup"], one["speedup_rounds"]) == (2.5, 1)
-    assert (late["speedup"], late["speedup_rounds"]) == (2.0, 1)
-    assert (plain["speedup"], plain["speedup_rounds"]) == (2.5, 2)
-    assert (base["speedup"], base["speedup_rounds"]) == (1.0, 3)
+    assert (three.speedup, three.speedup_rounds, three.paired_rounds) == (2.5, 2, [1, 2, 3])
+    assert three.speedup_per_round == [2.0, 2.0, 3.0]
+    assert (one.speedup, one.speedup_rounds) == (2.5, 1)
+    assert (late.speedup, late.speedup_rounds) == (2.0, 1)
+    assert (plain.speedup, plain.speedup_rounds) == (2.5, 2)
+    assert (base.speedup, base.speedup_rounds) == (1.0, 3)
     # sequential: the ratio of the s/epoch figures; the thinner of the two rests on (epochs - 1) epochs
     seq = [_row("baseline", [10.0, 4.0, 6.0], s_per_epoch=5.0), _row("x", [3.0, 2.0], s_per_epoch=2.0)]
     compare_rows(seq)
-    assert (seq[1]["speedup"], seq[1]["speedup_epochs"], seq[1]["speedup_rounds"]) == (2.5, 1, None)
+    assert (seq[1].speedup, seq[1].speedup_epochs, seq[1].speedup_rounds) == (2.5, 1, None)
 
 
 class _CountingGraphStep(CUDAGraphStep):

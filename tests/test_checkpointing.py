@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from hlbd_fast import FastTrainer
+from hlbd_fast import FastTrainer, StrategyConflictError
 from hlbd_fast.models import DecoderLayer, EncoderLayer, Seq2SeqTransformer
 from hlbd_fast.strategies.checkpointing import GradientCheckpointing, checkpoint_modules, is_checkpointed
 from conftest import TinySeq2Seq, clone, ragged_pairs
@@ -124,8 +124,11 @@ def test_no_double_wrapping():
     assert m.encoder_layers[0]._hlbd_checkpoint_inner is not None
     assert m.encoder_layers[0]._hlbd_checkpoint_inner == inner  # still the layer's own forward
     assert inner.__func__ is EncoderLayer.forward
-    # and through two trainers / strategies on one model
-    FastTrainer(m, strategies=[GradientCheckpointing(), GradientCheckpointing()], progress=False)
+    # and through two trainers on one model (two in one trainer replace the same layers' forward: refused)
+    FastTrainer(m, strategies=[GradientCheckpointing()], progress=False)
+    FastTrainer(m, strategies=[GradientCheckpointing()], progress=False)
+    with pytest.raises(StrategyConflictError, match="GradientCheckpointing.*cannot run with GradientCheckpointing"):
+        FastTrainer(m, strategies=[GradientCheckpointing(), GradientCheckpointing()], progress=False)
     assert m.encoder_layers[0]._hlbd_checkpoint_inner.__func__ is EncoderLayer.forward
 
 

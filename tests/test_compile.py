@@ -65,9 +65,9 @@ def test_compiled_training_equals_eager(data, backend):
     assert hb.losses == pytest.approx(ha.losses, rel=1e-5)
     assert max_rel_diff(a, b) < 1e-5
     assert max_rel_diff(b, base) > 1e-3  # trained
-    info = tb.history.info
-    assert info["compile_seconds"] > 0 and info["graph_breaks"] == [] and info["recompiles"] == []
-    assert info["input_shapes"] == 1 and info["compile_fallback"] is None
+    info = tb.reports()["Compile"]
+    assert info.compile_seconds > 0 and info.graph_breaks == [] and info.recompiles == []
+    assert info.input_shapes == 1 and info.compile_fallback is None
     assert tb.train_model.compiling_calls == 1  # compiled once, then reused for 5 more steps
 
 
@@ -78,10 +78,10 @@ def test_inductor_default_within_1e_5_of_eager(data):
     a, b = clone(base), clone(base)
     _, ha = fit(a, data)
     tb, hb = fit(b, data, [Compile("default")])
-    assert tb.history.info["compile_fallback"] is None
+    assert tb.reports()["Compile"].compile_fallback is None
     assert hb.losses == pytest.approx(ha.losses, rel=1e-5)
     assert max_rel_diff(a, b) < 1e-5
-    assert tb.history.info["compile_seconds"] > 0
+    assert tb.reports()["Compile"].compile_seconds > 0
 
 
 def test_with_gradient_checkpointing_and_dropout(data):
@@ -129,7 +129,7 @@ def test_failed_compilation_falls_back_to_eager_with_one_warning(data):
     assert hb.losses == ha.losses
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
-    assert "no C compiler found (test)" in tb.history.info["compile_fallback"]
+    assert "no C compiler found (test)" in tb.reports()["Compile"].compile_fallback
 
 
 class DropoutItemModel(TinySeq2Seq):
@@ -173,7 +173,7 @@ def test_torch_compile_refusing_the_model_falls_back(data, monkeypatch):
     monkeypatch.setattr(torch, "compile", refuse)
     with pytest.warns(RuntimeWarning, match=r"torch.compile failed \(RuntimeError: torch.compile is not supported"):
         t, h = fit(tiny_transformer(), data, [Compile()])
-    assert len(h) == 1 and t.history.info["compile_fallback"].startswith("RuntimeError")
+    assert len(h) == 1 and t.reports()["Compile"].compile_fallback.startswith("RuntimeError")
     with pytest.raises(CompilationError, match="not supported on this Python"):
         fit(tiny_transformer(), data, [Compile(strict=True)])
 
@@ -197,7 +197,7 @@ def test_the_models_own_errors_are_not_a_fallback(data):
 def test_fullgraph_with_a_graph_break_falls_back(data):
     with pytest.warns(RuntimeWarning, match="torch.compile failed.*Unsupported"):
         t, h = fit(ItemModel(), data, [Compile(backend="eager", fullgraph=True)])
-    assert len(h) == 1 and t.history.info["compile_fallback"].startswith("Unsupported")
+    assert len(h) == 1 and t.reports()["Compile"].compile_fallback.startswith("Unsupported")
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -219,12 +219,12 @@ def test_graph_breaks_are_reported_once(data):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t, h = fit(ItemModel(), data, [Compile(backend="eager")], epochs=3)
-    breaks = t.history.info["graph_breaks"]
+    breaks = t.reports()["Compile"].graph_breaks
     assert breaks and any("item()" in b["reason"] for b in breaks)
     assert any(b["where"].startswith(__file__) for b in breaks)
     ours = [str(w.message) for w in caught if "graph break" in str(w.message)]
     assert len(ours) == 1 and "item()" in ours[0] and "test_compile.py" in ours[0]
-    assert t.history.info["compile_fallback"] is None and len(h) == 3
+    assert t.reports()["Compile"].compile_fallback is None and len(h) == 3
 
 
 def test_recompiles_are_counted_with_their_reason():
@@ -232,9 +232,9 @@ def test_recompiles_are_counted_with_their_reason():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t, _ = fit(tiny_transformer(), (src, tgt), [Compile(backend="eager")], epochs=2)
-    rec = t.history.info["recompiles"]
+    rec = t.reports()["Compile"].recompiles
     assert len(rec) == 1 and rec[0]["count"] == 1 and "size mismatch at index 0" in rec[0]["reason"]
-    assert t.history.info["input_shapes"] == 2
+    assert t.reports()["Compile"].input_shapes == 2
     ours = [str(w.message) for w in caught if "recompiled" in str(w.message)]
     assert len(ours) == 1 and "size mismatch" in ours[0]
 
@@ -302,6 +302,6 @@ def test_cuda_inductor_within_1e_5_of_eager(data):
     a, b = clone(base), clone(base)
     _, ha = fit(a, data)
     tb, hb = fit(b, data, [Compile("default")])
-    assert tb.history.info["compile_fallback"] is None
+    assert tb.reports()["Compile"].compile_fallback is None
     assert hb.losses == pytest.approx(ha.losses, rel=1e-5)
     assert max_rel_diff(a, b) < 1e-5

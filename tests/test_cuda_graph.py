@@ -19,9 +19,9 @@ from torch import nn
 from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 from cuda_standin import StandInBackend
 from hlbd_fast import DeferredLossSync, EagerLossSync, FastTrainer, GradientAccumulation, GradientCheckpointing, StrategyConflictError
-from hlbd_fast.strategies import Precision, precision
+from hlbd_fast.strategies import Capability, Declaration, Need, Precision, Strategy, precision
 from hlbd_fast.strategies.cuda_graph import CUDAGraphStep, GraphBackend, SyncFinding, _fill, _make_capturable, _step_key, first_sync, others
-from hlbd_fast.strategies.data import GPUPreload
+from hlbd_fast.strategies.data import DevicePreload
 from hlbd_fast.strategies.padding import TrimPadding
 
 needs_cuda = [
@@ -53,9 +53,18 @@ def identical(a: nn.Module, b: nn.Module) -> bool:
 class HostDecidesTheStep(Precision):
     """Stands in for MixedPrecision('fp16'), whose GradScaler decides on the host whether to step."""
 
-    @property
-    def graph_safe(self) -> bool:
-        return False
+    def declare(self, context):
+        return Declaration(provides=(Need(Capability.HOST_STEP_DECISION, "it reads the gradients back; use MixedPrecision('bf16')"),))
+
+
+class CountsSteps(Strategy):
+    """Host work in a step hook: a Python counter, as examples/custom_strategy.py's GradNormLog keeps."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def before_clip(self, trainer):
+        self.seen += 1
 
 
 # ---------------------------------------------------------------------------- CPU: fallback and refusals
@@ -67,29 +76,31 @@ def test_on_cpu_one_warning_and_exactly_the_eager_loop(accumulation):
     step = CUDAGraphStep()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        t = FastTrainer(a, strategies=[GPUPreload(), DeferredLossSync(), GradientAccumulation(accumulation), step],
+        t = FastTrainer(a, strategies=[DevicePreload(), DeferredLossSync(), GradientAccumulation(accumulation), step],
                         seed=2, progress=False, lr=1e-3)
         h = t.fit(ragged_pairs(n=42), 2, batch_size=4)
     assert graph_warnings(record) == [
         "CUDAGraphStep: running the eager step instead of a CUDA graph: the trainer's device is cpu; "
         "CUDA graphs need a CUDA device"
     ]
-    assert not step.graphing and "device is cpu" in h.info["cuda_graph_fallback"]
-    h_ref = FastTrainer(b, strategies=[GPUPreload(), DeferredLossSync(), GradientAccumulation(accumulation)],
+    assert not step.graphing and "device is cpu" in step.report().fallback
+    h_ref = FastTrainer(b, strategies=[DevicePreload(), DeferredLossSync(), GradientAccumulation(accumulation)],
                         seed=2, progress=False, lr=1e-3).fit(ragged_pairs(n=42), 2, batch_size=4)
     assert h.losses == h_ref.losses
     assert identical(a, b)
 
 
 @pytest.mark.parametrize("strategies, error, match", [
-    ([DeferredLossSync()], ValueError, "CUDAGraphStep needs DevicePreload.*add DevicePreload"),
-    ([GPUPreload(), EagerLossSync()], StrategyConflictError, "EagerLossSync.*use DeferredLossSync"),
-    ([GPUPreload(), HostDecidesTheStep()], StrategyConflictError, r"cannot capture HostDecidesTheStep.*MixedPrecision\('bf16'\)"),
-    ([GPUPreload(), "fp16"], StrategyConflictError, r"cannot capture MixedPrecision\(dtype='fp16'.*MixedPrecision\('bf16'\)"),
-    ([GPUPreload(), GradientCheckpointing()], StrategyConflictError, "GradientCheckpointing cannot be combined with CUDAGraphStep"),
+    ([DeferredLossSync()], ValueError, r"CUDAGraphStep.*needs batches already on the device.*add DevicePreload\(\)"),
+    ([DevicePreload(), EagerLossSync()], StrategyConflictError, r"cannot run with EagerLossSync\(\).*use DeferredLossSync"),
+    ([DevicePreload(), HostDecidesTheStep()], StrategyConflictError, r"cannot run with HostDecidesTheStep.*MixedPrecision\('bf16'\)"),
+    ([DevicePreload(), "fp16"], StrategyConflictError, r"cannot run with MixedPrecision\(dtype='fp16'.*MixedPrecision\('bf16'\)"),
+    ([DevicePreload(), GradientCheckpointing()], StrategyConflictError, r"cannot run with GradientCheckpointing.*generator's state"),
+    ([DevicePreload(), CountsSteps()], StrategyConflictError, r"cannot run with CountsSteps.*CountsSteps.before_clip runs Python at every step.*step_hook_work"),
 ])
 @pytest.mark.filterwarnings("ignore:CUDAGraphStep. running the eager step")
 def test_refused_combinations(strategies, error, match, monkeypatch):
+    """Each combination the step's declaration forbids is refused when the trainer is built, naming the fix."""
     extra = []
     if "fp16" in strategies:  # fp16 is publicly refused on the CPU: let it resolve here to reach CUDAGraphStep's check
         monkeypatch.setattr(precision, "resolve_dtype", lambda dtype, device: "fp16")
@@ -153,18 +164,18 @@ def graph_step(warmup_steps, **kw):
 def test_graph_path_replays_exactly_the_eager_steps(accumulation):
     """Warm-up, capture per step shape (the epoch's partial last step too), replays: the eager loop, bit for bit."""
     step, backend = graph_step(2)
-    ours, t = make([GPUPreload(), DeferredLossSync(), GradientAccumulation(accumulation), step])
+    ours, t = make([DevicePreload(), DeferredLossSync(), GradientAccumulation(accumulation), step])
     graphs = backend.graphs
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback, no re-capture
         h = t.fit(ragged_pairs(n=42), 3, batch_size=4)
-    ref, t_ref = make([GPUPreload(), DeferredLossSync(), GradientAccumulation(accumulation)])
+    ref, t_ref = make([DevicePreload(), DeferredLossSync(), GradientAccumulation(accumulation)])
     h_ref = t_ref.fit(ragged_pairs(n=42), 3, batch_size=4)
     assert h.losses == h_ref.losses
     assert identical(ours, ref)
     assert [(r.micro_batches, r.optimizer_steps, r.tokens) for r in h] == [(r.micro_batches, r.optimizer_steps, r.tokens) for r in h_ref]
-    assert step.graphing and h.info["cuda_graphs"] == len(graphs) == 2  # full steps, and the partial last step
-    assert h.info["capture_seconds"] > 0
+    assert step.graphing and step.report().graphs == len(graphs) == 2  # full steps, and the partial last step
+    assert step.report().capture_seconds > 0
     steps = sum(r.optimizer_steps for r in h)
     assert sum(g.replays for g in graphs) == steps - 2 * step.warmup_steps
     assert t.global_step == steps
@@ -176,10 +187,10 @@ def test_graph_path_with_buckets_pads_micro_batches_to_the_step_shape():
     buckets = (4, 8, 12)
     for accumulation in (1, 2):
         step, backend = graph_step(1)
-        ours, t = make([GPUPreload(), TrimPadding(buckets=buckets), GradientAccumulation(accumulation), step], dropout=0.0)
+        ours, t = make([DevicePreload(), TrimPadding(buckets=buckets), GradientAccumulation(accumulation), step], dropout=0.0)
         graphs = backend.graphs
         h = t.fit(data, 3, batch_size=4)
-        ref, t_ref = make([GPUPreload(), TrimPadding(buckets=buckets), GradientAccumulation(accumulation)], dropout=0.0)
+        ref, t_ref = make([DevicePreload(), TrimPadding(buckets=buckets), GradientAccumulation(accumulation)], dropout=0.0)
         h_ref = t_ref.fit(data, 3, batch_size=4)
         assert len(graphs) >= 2
         assert {k[2] for k in step.shapes()} <= set(buckets) and {k[3] for k in step.shapes()} <= set(buckets)
@@ -193,7 +204,7 @@ def test_graph_path_with_buckets_pads_micro_batches_to_the_step_shape():
 
 def test_a_failed_capture_falls_back_with_one_warning_and_changes_nothing():
     step, _ = graph_step(1, fail="operation not permitted when stream is capturing")
-    ours, t = make([GPUPreload(), GradientAccumulation(2), step])
+    ours, t = make([DevicePreload(), GradientAccumulation(2), step])
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         h = t.fit(ragged_pairs(n=42), 2, batch_size=4)
@@ -201,8 +212,8 @@ def test_a_failed_capture_falls_back_with_one_warning_and_changes_nothing():
         "CUDAGraphStep: running the eager step instead of a CUDA graph: capturing the step failed "
         "(RuntimeError: operation not permitted when stream is capturing)"
     ]
-    assert not step.graphing and "capturing the step failed" in h.info["cuda_graph_fallback"]
-    ref, t_ref = make([GPUPreload(), GradientAccumulation(2)])
+    assert not step.graphing and "capturing the step failed" in step.report().fallback
+    ref, t_ref = make([DevicePreload(), GradientAccumulation(2)])
     h_ref = t_ref.fit(ragged_pairs(n=42), 2, batch_size=4)
     assert h.losses == h_ref.losses and identical(ours, ref)
     assert [r.micro_batches for r in h] == [r.micro_batches for r in h_ref]
@@ -212,7 +223,7 @@ def test_a_failed_capture_that_broke_the_process_stops_the_run_loudly():
     """Older torch leaves the generator capturing after a failed capture: no silent eager run in a broken process."""
     step, _ = graph_step(1, fail="operation failed due to a previous error during capture",
                          broken="RuntimeError: Offset increment outside graph capture encountered unexpectedly.")
-    ours, t = make([GPUPreload(), step])
+    ours, t = make([DevicePreload(), step])
     with pytest.raises(RuntimeError, match=r"capturing the step failed.*left this process unable to run CUDA work eagerly "
                                            r"\(RuntimeError: Offset increment.*Restart, and train without CUDAGraphStep"):
         t.fit(ragged_pairs(n=42), 1, batch_size=4)
@@ -235,14 +246,14 @@ def test_torchs_one_time_debug_mode_notice_is_not_a_sync():
 
 def test_a_host_sync_seen_in_warm_up_falls_back_before_any_capture():
     step, _ = graph_step(2, fail="must not be reached", syncs=[None, "called a synchronizing CUDA operation at model.py:3"])
-    ours, t = make([GPUPreload(), step])
+    ours, t = make([DevicePreload(), step])
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         h = t.fit(ragged_pairs(n=42), 2, batch_size=4)
     messages = graph_warnings(record)
     assert len(messages) == 1 and "host-device sync (called a synchronizing CUDA operation at model.py:3)" in messages[0]
     assert ".item()" in messages[0]
-    ref, t_ref = make([GPUPreload()])
+    ref, t_ref = make([DevicePreload()])
     h_ref = t_ref.fit(ragged_pairs(n=42), 2, batch_size=4)
     assert h.losses == h_ref.losses and identical(ours, ref)
 
@@ -250,7 +261,7 @@ def test_a_host_sync_seen_in_warm_up_falls_back_before_any_capture():
 def test_a_changed_learning_rate_is_captured_again():
     """A Python lr is frozen into a graph: changing it drops the graphs (one warning) and training follows the new lr."""
     step, backend = graph_step(1)
-    ours, t = make([GPUPreload(), step])
+    ours, t = make([DevicePreload(), step])
     graphs = backend.graphs
     t.fit(ragged_pairs(n=42), 1, batch_size=4)
     captured = len(graphs)
@@ -258,7 +269,7 @@ def test_a_changed_learning_rate_is_captured_again():
     with pytest.warns(UserWarning, match="the optimizer changed.*captured again"):
         h = t.fit(ragged_pairs(n=42), 2, batch_size=4)
     assert len(graphs) > captured
-    ref, t_ref = make([GPUPreload()])
+    ref, t_ref = make([DevicePreload()])
     t_ref.fit(ragged_pairs(n=42), 1, batch_size=4)
     t_ref.optimizer.param_groups[0]["lr"] = 3e-3
     h_ref = t_ref.fit(ragged_pairs(n=42), 2, batch_size=4)
@@ -273,14 +284,14 @@ def test_a_schedule_changes_the_lr_without_a_new_capture():
     torch.manual_seed(0)
     ours = TinySeq2Seq(dropout=0.0)
     ref = clone(ours)
-    t = FastTrainer(ours, strategies=[GPUPreload(), step], seed=6, progress=False, lr=1e-3, scheduler=warmup_cosine(4, 40))
+    t = FastTrainer(ours, strategies=[DevicePreload(), step], seed=6, progress=False, lr=1e-3, scheduler=warmup_cosine(4, 40))
     backend.trainer = t
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no re-capture warning
         h = t.fit(ragged_pairs(n=42), 3, batch_size=4)
     assert isinstance(t.optimizer.param_groups[0]["lr"], torch.Tensor) and step.graphing
     assert len(backend.graphs) == 2  # the full steps and the partial last step: captured once each
-    h_ref = FastTrainer(ref, strategies=[GPUPreload()], seed=6, progress=False, lr=1e-3,
+    h_ref = FastTrainer(ref, strategies=[DevicePreload()], seed=6, progress=False, lr=1e-3,
                         scheduler=warmup_cosine(4, 40)).fit(ragged_pairs(n=42), 3, batch_size=4)
     assert h.losses == pytest.approx(h_ref.losses, rel=1e-6) and max_rel_diff(ours, ref) < 1e-6
     assert [r.lr for r in h] == pytest.approx([r.lr for r in h_ref])
@@ -350,12 +361,12 @@ def test_cuda_graph_equals_eager(fp32_only, recwarn, accumulation, dropout):
     base = reference(dropout)
 
     def strategies():
-        return [GPUPreload(), DeferredLossSync(), GradientAccumulation(accumulation)]
+        return [DevicePreload(), DeferredLossSync(), GradientAccumulation(accumulation)]
 
     step = CUDAGraphStep(warmup_steps=1)
     ours, h = train_cuda(base, strategies() + [step], capturable=False)  # switched to capturable by the strategy
     assert graph_warnings(recwarn) == [] and step.graphing
-    assert h.info["cuda_graphs"] == 2 and h.info["capture_seconds"] > 0  # full steps and the partial last step
+    assert step.report().graphs == 2 and step.report().capture_seconds > 0  # full steps and the partial last step
     compare(ours, h, base, strategies)
     # against the default (non-capturable) eager Adam: float rounding of the bias corrections only
     default, h_default = train_cuda(base, strategies(), capturable=False)
@@ -371,11 +382,11 @@ def test_cuda_graph_with_trim_buckets(fp32_only, recwarn, accumulation):
     buckets = (8, 12, 16)
 
     def strategies():
-        return [GPUPreload(), TrimPadding(buckets=buckets), DeferredLossSync(), GradientAccumulation(accumulation)]
+        return [DevicePreload(), TrimPadding(buckets=buckets), DeferredLossSync(), GradientAccumulation(accumulation)]
 
     step = CUDAGraphStep(warmup_steps=1)
     ours, h = train_cuda(base, strategies() + [step], capturable=True)
-    assert graph_warnings(recwarn) == [] and step.graphing and h.info["cuda_graphs"] >= 2
+    assert graph_warnings(recwarn) == [] and step.graphing and step.report().graphs >= 2
     assert {k[2] for k in step.shapes()} <= set(buckets) and {k[3] for k in step.shapes()} <= set(buckets)
     if accumulation == 1:
         compare(ours, h, base, strategies)
@@ -415,7 +426,7 @@ def test_cuda_unsafe_forward_falls_back_with_one_warning(fp32_only, wrapper, mat
     base = wrapper(reference(dropout=0.1))
 
     def strategies():
-        return [GPUPreload(), DeferredLossSync()]
+        return [DevicePreload(), DeferredLossSync()]
 
     step = CUDAGraphStep(warmup_steps=1)
     with warnings.catch_warnings(record=True) as record:
@@ -434,7 +445,7 @@ def test_cuda_graph_under_bf16_autocast(recwarn):
     base = reference()
 
     def strategies():
-        return [GPUPreload(), DeferredLossSync(), MixedPrecision("bf16")]
+        return [DevicePreload(), DeferredLossSync(), MixedPrecision("bf16")]
 
     step = CUDAGraphStep(warmup_steps=1)
     ours, h = train_cuda(base, strategies() + [step], capturable=True)
@@ -455,7 +466,25 @@ def test_cuda_graph_with_fused_adamw(fp32_only, recwarn):
         return model, h
 
     step = CUDAGraphStep(warmup_steps=1)
-    ours, h = run([GPUPreload(), DeferredLossSync(), FusedAdamW(lr=1e-3, eps=EPS), step])
-    assert graph_warnings(recwarn) == [] and step.graphing and h.info["cuda_graphs"] == 2
-    eager = [run([GPUPreload(), DeferredLossSync(), FusedAdamW(lr=1e-3, eps=EPS, capturable=True)]) for _ in range(2)]
+    ours, h = run([DevicePreload(), DeferredLossSync(), FusedAdamW(lr=1e-3, eps=EPS), step])
+    assert graph_warnings(recwarn) == [] and step.graphing and step.report().graphs == 2
+    eager = [run([DevicePreload(), DeferredLossSync(), FusedAdamW(lr=1e-3, eps=EPS, capturable=True)]) for _ in range(2)]
     assert_same_training(ours, h, eager[0], eager[1], 1e-6, 1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:CUDAGraphStep. running the eager step")
+def test_every_violation_is_listed_in_one_error():
+    """One error names each violation: the missing device batches, the eager read-back, the host step hook."""
+    with pytest.raises(StrategyConflictError) as e:
+        FastTrainer(TinySeq2Seq(), strategies=[EagerLossSync(), CountsSteps(), CUDAGraphStep()], progress=False)
+    lines = str(e.value).splitlines()
+    assert lines[0] == "these strategies cannot train together:" and len(lines) == 4
+    assert "needs batches already on the device" in lines[1]
+    assert "EagerLossSync" in lines[2] and "CountsSteps" in lines[3]
+
+
+def test_a_device_only_step_hook_is_accepted_under_capture():
+    class Counts(CountsSteps):
+        step_hook_work = "device"
+
+    FastTrainer(TinySeq2Seq(), strategies=[DevicePreload(), Counts(), CUDAGraphStep(backend=StandInBackend())], progress=False)

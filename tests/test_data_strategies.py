@@ -1,4 +1,4 @@
-"""GPUPreload and DataLoaderWorkers: the plain loop's batches, in the plain loop's order."""
+"""DevicePreload and DataLoaderWorkers: the plain loop's batches, in the plain loop's order."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, Tenso
 
 from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 from hlbd_fast import DeferredLossSync, FastTrainer, GradientAccumulation, Strategy, StrategyConflictError
-from hlbd_fast.strategies.data import DataLoaderWorkers, GPUPreload
+from hlbd_fast.strategies.data import DataLoaderWorkers, DevicePreload
 from hlbd_fast.strategies.padding import row_lengths
 
 
@@ -68,10 +68,10 @@ def assert_identical(ref, ours, h_ref, h):
         assert torch.equal(p, q)
 
 
-# ---------------------------------------------------------------------------- GPUPreload: same as the plain loop
+# ---------------------------------------------------------------------------- DevicePreload: same as the plain loop
 def test_gpu_preload_tensors_trains_exactly_like_the_plain_loop():
     """42 pairs, batch 4 (a last batch of 2), accumulation 2, dropout on: bit-identical losses and weights."""
-    ref, ours, h_ref, h = fit_pair(ragged_pairs(n=42), [GPUPreload(), DeferredLossSync()])
+    ref, ours, h_ref, h = fit_pair(ragged_pairs(n=42), [DevicePreload(), DeferredLossSync()])
     assert_identical(ref, ours, h_ref, h)
     assert [r.micro_batches for r in h] == [11, 11]
 
@@ -79,7 +79,7 @@ def test_gpu_preload_tensors_trains_exactly_like_the_plain_loop():
 def test_gpu_preload_dataset_trains_exactly_like_the_plain_loop():
     src, tgt = ragged_pairs(n=42)
     ds = Pairs(src, tgt)
-    ref, ours, h_ref, h = fit_pair(ds, [GPUPreload()])
+    ref, ours, h_ref, h = fit_pair(ds, [DevicePreload()])
     assert_identical(ref, ours, h_ref, h)
 
 
@@ -98,7 +98,7 @@ def test_gpu_preload_pair_dataset_and_reference_model_train_exactly_like_the_pla
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # truncation notices of the tokenizer
         h_ref = FastTrainer(ref, seed=3, progress=False, lr=1e-3).fit(ds, 2, batch_size=8)
-        h = FastTrainer(ours, strategies=[GPUPreload(), DeferredLossSync()], seed=3, progress=False, lr=1e-3).fit(ds, 2, batch_size=8)
+        h = FastTrainer(ours, strategies=[DevicePreload(), DeferredLossSync()], seed=3, progress=False, lr=1e-3).fit(ds, 2, batch_size=8)
     assert_identical(ref, ours, h_ref, h)
 
 
@@ -108,7 +108,7 @@ def test_gpu_preload_dataloader_uses_its_dataset_and_batch_size():
     ds = Pairs(src, tgt)
     loader = DataLoader(ds, batch_size=4, shuffle=True)
     with pytest.warns(UserWarning, match="order from trainer.epoch_order.*shuffle=True"):
-        ref, ours, h_ref, h = fit_pair(loader, [GPUPreload()], plain_data=ds, batch_size=7, plain_batch_size=4)
+        ref, ours, h_ref, h = fit_pair(loader, [DevicePreload()], plain_data=ds, batch_size=7, plain_batch_size=4)
     assert_identical(ref, ours, h_ref, h)
 
 
@@ -118,12 +118,12 @@ def test_gpu_preload_yields_the_plain_loops_batches():
     source = trainer.make_source((src, tgt), 4)
     for epoch in range(2):
         plain = list(trainer.host_batches(source, epoch))
-        ours = list(GPUPreload().batches(trainer, source, epoch))
+        ours = list(DevicePreload().batches(trainer, source, epoch))
         assert len(plain) == len(ours) == 3
         for (a, b), (c, d) in zip(plain, ours):
             assert torch.equal(a, c) and torch.equal(b, d)
     # shuffle=False keeps the data order
-    ours = list(GPUPreload().batches(trainer, trainer.make_source((src, tgt), 4, shuffle=False), 0))
+    ours = list(DevicePreload().batches(trainer, trainer.make_source((src, tgt), 4, shuffle=False), 0))
     assert torch.equal(ours[0][0], src[:4]) and torch.equal(ours[2][1], tgt[8:])
 
 
@@ -131,10 +131,10 @@ def test_gpu_preload_drop_and_pad():
     src, tgt = ragged_pairs(n=10)
     trainer = FastTrainer(TinySeq2Seq(), seed=9, progress=False)
     source = trainer.make_source((src, tgt), 4)
-    keep = list(GPUPreload().batches(trainer, source, 1))
-    drop = list(GPUPreload(last_batch="drop").batches(trainer, source, 1))
+    keep = list(DevicePreload().batches(trainer, source, 1))
+    drop = list(DevicePreload(last_batch="drop").batches(trainer, source, 1))
     assert len(drop) == 2 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(drop, keep))
-    pad = list(GPUPreload(last_batch="pad").batches(trainer, source, 1))
+    pad = list(DevicePreload(last_batch="pad").batches(trainer, source, 1))
     assert [b[0].shape[0] for b in pad] == [4, 4, 4]
     s, t = pad[2]
     real_s, real_t = keep[2]
@@ -152,8 +152,8 @@ def test_gpu_preload_pad_trains_like_keep(normalization):
     base = TinySeq2Seq()
     a, b = clone(base), clone(base)
     kw = dict(seed=3, progress=False, lr=1e-3, loss_normalization=normalization)
-    ha = FastTrainer(a, strategies=[GPUPreload()], **kw).fit(ragged_pairs(n=42), 2, batch_size=4)
-    hb = FastTrainer(b, strategies=[GPUPreload(last_batch="pad")], **kw).fit(ragged_pairs(n=42), 2, batch_size=4)
+    ha = FastTrainer(a, strategies=[DevicePreload()], **kw).fit(ragged_pairs(n=42), 2, batch_size=4)
+    hb = FastTrainer(b, strategies=[DevicePreload(last_batch="pad")], **kw).fit(ragged_pairs(n=42), 2, batch_size=4)
     assert hb.losses == pytest.approx(ha.losses, rel=1e-6)
     assert [r.tokens for r in hb] == [r.tokens for r in ha]
     assert max_rel_diff(a, b) < 1e-5
@@ -165,27 +165,29 @@ def test_gpu_preload_pad_rows_keep_the_reference_model_finite():
     torch.manual_seed(0)
     model = Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32,
                                dropout=0.1, max_length=16)
-    h = FastTrainer(model, strategies=[GPUPreload(last_batch="pad")], seed=0, progress=False).fit(ragged_pairs(n=10), 2, batch_size=4)
+    h = FastTrainer(model, strategies=[DevicePreload(last_batch="pad")], seed=0, progress=False).fit(ragged_pairs(n=10), 2, batch_size=4)
     assert all(torch.isfinite(torch.tensor(h.losses)))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_gpu_preload_host_lengths():
+    """Each batch's longest rows are known on the host (trainer.known_lengths) for the very tensors yielded."""
     src, tgt = ragged_pairs(n=10)
     trainer = FastTrainer(TinySeq2Seq(), seed=2, progress=False)
     source = trainer.make_source((src, tgt), 4)
+    known = trainer.known_lengths
     for last_batch in ("keep", "pad"):
-        g = GPUPreload(last_batch=last_batch)
+        g = DevicePreload(last_batch=last_batch)
         for s, t in g.batches(trainer, source, 0):
-            assert g.host_lengths((s, t)) == (int(row_lengths(s, 0).max()), int(row_lengths(t, 0).max()))
-            assert g.host_lengths((s.clone(), t)) is None  # not the batch it yielded
-            assert g.host_lengths(s) is None
+            assert known.lookup((s, t)) == (int(row_lengths(s, 0).max()), int(row_lengths(t, 0).max()))
+            assert known.lookup((s.clone(), t)) is None  # not the batch it yielded
+            assert known.lookup(s) is None
 
 
 def test_gpu_preload_reads_data_once_and_again_after_in_place_changes():
     src, tgt = ragged_pairs(n=12)
     ds = Pairs(src, tgt)
-    g = GPUPreload()
+    g = DevicePreload()
     trainer = FastTrainer(TinySeq2Seq(), strategies=[g], seed=1, progress=False)
     trainer.fit(ds, 2, batch_size=4)
     trainer.fit(ds, 3, batch_size=4)
@@ -203,7 +205,7 @@ def test_gpu_preload_reuses_the_data_of_a_new_loader_over_the_same_dataset():
     """The original loop's habit: a new DataLoader every epoch. The dataset is read (and the warning given) once."""
     src, tgt = ragged_pairs(n=12)
     ds = Pairs(src, tgt)
-    trainer = FastTrainer(TinySeq2Seq(), strategies=[GPUPreload()], seed=1, progress=False)
+    trainer = FastTrainer(TinySeq2Seq(), strategies=[DevicePreload()], seed=1, progress=False)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         for _ in range(3):
@@ -212,7 +214,7 @@ def test_gpu_preload_reuses_the_data_of_a_new_loader_over_the_same_dataset():
     assert sum("DevicePreload reads the DataLoader" in str(w.message) for w in record) == 1
 
 
-# ---------------------------------------------------------------------------- GPUPreload: bad inputs
+# ---------------------------------------------------------------------------- DevicePreload: bad inputs
 class Stream(IterableDataset):
     def __iter__(self):
         yield from zip(*ragged_pairs(n=4))
@@ -241,22 +243,22 @@ class Triples(Dataset):
     (Pairs(torch.full((4, 3), 99), torch.full((4, 3), 2)), "token id 99.*vocabulary"),
 ])
 def test_gpu_preload_refuses_data_it_cannot_preload(data, match):
-    trainer = FastTrainer(TinySeq2Seq(), strategies=[GPUPreload()], progress=False)
+    trainer = FastTrainer(TinySeq2Seq(), strategies=[DevicePreload()], progress=False)
     with pytest.raises((ValueError, TypeError), match=match):
         trainer.fit(data, 1, batch_size=2)
 
 
 def test_gpu_preload_bad_arguments():
     with pytest.raises(ValueError, match="last_batch='bogus'.*'keep', 'drop', 'pad'"):
-        GPUPreload(last_batch="bogus")
-    trainer = FastTrainer(TinySeq2Seq(), strategies=[GPUPreload(last_batch="drop")], progress=False)
+        DevicePreload(last_batch="bogus")
+    trainer = FastTrainer(TinySeq2Seq(), strategies=[DevicePreload(last_batch="drop")], progress=False)
     with pytest.raises(ValueError, match="fewer than batch_size=8.*last_batch='keep'"):
         trainer.fit(ragged_pairs(n=5), 1, batch_size=8)
     loader = DataLoader(Pairs(*ragged_pairs(n=8)), batch_sampler=[[0, 1], [2, 3]])
     with pytest.raises(ValueError, match="batch_sampler"):
-        FastTrainer(TinySeq2Seq(), strategies=[GPUPreload()], progress=False).fit(loader, 1)
+        FastTrainer(TinySeq2Seq(), strategies=[DevicePreload()], progress=False).fit(loader, 1)
     with pytest.raises(StrategyConflictError, match="DevicePreload.*DataLoaderWorkers.*'batches'"):
-        FastTrainer(TinySeq2Seq(), strategies=[GPUPreload(), DataLoaderWorkers()], progress=False)
+        FastTrainer(TinySeq2Seq(), strategies=[DevicePreload(), DataLoaderWorkers()], progress=False)
 
 
 # ---------------------------------------------------------------------------- DataLoaderWorkers
@@ -303,7 +305,9 @@ def test_workers_are_reused_by_the_next_fit_and_stopped_by_an_error():
     spy.fit((src, tgt), 1, batch_size=4)
     spy.fit((src, tgt), 2, batch_size=4)
     assert len(set(pids)) == 1 and pids[0]  # the same worker process in both fits
-    spy.roles.batches.close()
+    spy.close()  # stops the worker processes
+    assert not any(p.pid in pids[0] for p in multiprocessing.active_children())
+    trainer.close()  # w may serve another trainer now
 
     class Boom(Strategy):
         def on_step_end(self, trainer):

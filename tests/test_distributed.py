@@ -1,4 +1,4 @@
-"""DistributedDataParallel: 2 processes at micro-batch 8 compute what 1 process at 16 computes.
+"""DistributedTraining: 2 processes at micro-batch 8 compute what 1 process at 16 computes.
 
 The 2-process runs use gloo on CPU, started with torch.multiprocessing with the variables
 torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); each child writes its
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from hlbd_fast import DeferredLossSync, FastTrainer, GradientAccumulation, NonFiniteLossError, Strategy, StrategyConflictError
 from hlbd_fast.strategies import DataLoaderWorkers, DevicePreload, Distribution
-from hlbd_fast.strategies.distributed import DistributedDataParallel, DistributedTraining, shard_batches
+from hlbd_fast.strategies.distributed import DistributedTraining, shard_batches
 from hlbd_fast.checkpoint import read_checkpoint
 from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 
@@ -67,7 +67,7 @@ class NanModel(TinySeq2Seq):
         return out * float("nan") if self.poison else out
 
 
-class LocalTokens(DistributedDataParallel):
+class LocalTokens(DistributedTraining):
     """The naive DDP loop: each process divides by its own token count."""
 
     def global_tokens(self, trainer, local):
@@ -113,28 +113,28 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         return t
 
     # rank 1 is given another seed: the strategy must make it use rank 0's
-    ddp = DistributedDataParallel()
+    ddp = DistributedTraining()
     t = run("plain", data45, [ddp], seed=SEED + 100 * rank, checkpoint_dir=os.path.join(out_dir, f"ckpt{rank}"))
     results["num_batches"] = t.roles.batches.num_batches(t, t.make_source(data45, 8))
-    run("accum", data45, [DistributedDataParallel(), GradientAccumulation(2)])
-    run("stand_in", TensorDataset(*data33), [DistributedDataParallel(), GradientAccumulation(2)])
+    run("accum", data45, [DistributedTraining(), GradientAccumulation(2)])
+    run("stand_in", TensorDataset(*data33), [DistributedTraining(), GradientAccumulation(2)])
     run("local_tokens", data45, [LocalTokens()])
     # every batch source shards under DDP: the same run as "plain"
     run("preload", data45, [DistributedTraining(), DevicePreload()])
     run("workers", data45, [DataLoaderWorkers(num_workers=0), DistributedTraining()])
     run("preload_stand_in", TensorDataset(*data33), [DistributedTraining(), DevicePreload(), GradientAccumulation(2)])
-    run("micro_batch", data45, [DistributedDataParallel()], loss_normalization="micro_batch")
+    run("micro_batch", data45, [DistributedTraining()], loss_normalization="micro_batch")
     loader = DataLoader(TensorDataset(*data45), batch_size=8, sampler=DistributedSampler(TensorDataset(*data45), seed=3))
-    run("loader", loader, [DistributedDataParallel()])
-    run("one_token_tail", _one_token_tail(), [DistributedDataParallel()], shuffle=False, max_grad_norm=None)
-    run("bar", data45, [DistributedDataParallel(), DeferredLossSync(every=1)], progress=True)
-    run("no_bar", data45, [DistributedDataParallel()], progress=True)
+    run("loader", loader, [DistributedTraining()])
+    run("one_token_tail", _one_token_tail(), [DistributedTraining()], shuffle=False, max_grad_norm=None)
+    run("bar", data45, [DistributedTraining(), DeferredLossSync(every=1)], progress=True)
+    run("no_bar", data45, [DistributedTraining()], progress=True)
     try:  # rank 1's loss turns NaN in step 2; rank 0's only in step 3, through the averaged gradients
-        run("nan", data45, [DistributedDataParallel(), PoisonOn(rank=1, step=1)], model_cls=NanModel)
+        run("nan", data45, [DistributedTraining(), PoisonOn(rank=1, step=1)], model_cls=NanModel)
     except NonFiniteLossError as e:
         results["nan_step"] = e.step
     try:
-        run("plain_loader", DataLoader(TensorDataset(*data45), batch_size=8), [DistributedDataParallel()])
+        run("plain_loader", DataLoader(TensorDataset(*data45), batch_size=8), [DistributedTraining()])
     except ValueError as e:
         results["plain_loader_error"] = str(e)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -374,7 +374,7 @@ def test_half_set_torchrun_variables_are_refused(no_env, monkeypatch, env, match
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(ValueError, match=match) as e:
-        DistributedDataParallel()
+        DistributedTraining()
     assert "torchrun" in str(e.value)
 
 
@@ -383,7 +383,7 @@ def test_no_rendezvous_is_refused(no_env, monkeypatch, tiny_model):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_PORT", "29500")
     with pytest.raises(ValueError, match="MASTER_ADDR is not.*torchrun"):
-        FastTrainer(tiny_model, strategies=[DistributedDataParallel()], progress=False)
+        FastTrainer(tiny_model, strategies=[DistributedTraining()], progress=False)
     assert not dist.is_initialized()
 
 
@@ -393,13 +393,13 @@ def test_nccl_without_cuda_is_refused(no_env, monkeypatch, tiny_model):
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(ValueError, match="backend 'nccl' needs CUDA.*backend='gloo'"):
-        FastTrainer(tiny_model, strategies=[DistributedDataParallel(backend="nccl")], progress=False)
+        FastTrainer(tiny_model, strategies=[DistributedTraining(backend="nccl")], progress=False)
     assert not dist.is_initialized()
 
 
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match=r"backend='mpi'.*\('nccl', 'gloo'\)"):
-        DistributedDataParallel(backend="mpi")
+        DistributedTraining(backend="mpi")
 
 
 # ---------------------------------------------------------------- one process, group initialised
@@ -416,7 +416,7 @@ def world_of_one(no_env, monkeypatch):
 
 def test_world_of_one_is_the_plain_loop_exactly(world_of_one, tiny_model, pairs):
     a, b = clone(tiny_model), clone(tiny_model)
-    s = DistributedDataParallel()
+    s = DistributedTraining()
     ta = FastTrainer(a, strategies=[s, GradientAccumulation(2)], seed=3, lr=LR, progress=False)
     assert s.active and dist.get_backend() == "gloo" and ta.roles.distribution is s
     assert isinstance(ta.train_model, torch.nn.parallel.DistributedDataParallel)
@@ -469,12 +469,12 @@ def test_unpad_of_torch_layers_under_torchrun_is_the_one_process_unpad(world_of_
 
 
 def test_a_model_already_in_ddp_is_refused(world_of_one, tiny_model):
-    FastTrainer(clone(tiny_model), strategies=[DistributedDataParallel()], progress=False)  # starts the group
+    FastTrainer(clone(tiny_model), strategies=[DistributedTraining()], progress=False)  # starts the group
     wrapped = torch.nn.parallel.DistributedDataParallel(clone(tiny_model))
     with pytest.raises(ValueError, match="already wrapped in torch's DistributedDataParallel.*model.module"):
-        FastTrainer(wrapped, strategies=[DistributedDataParallel()], progress=False)
+        FastTrainer(wrapped, strategies=[DistributedTraining()], progress=False)
     with pytest.raises(ValueError, match="already wrapped"):
-        DistributedDataParallel().wrap_model(None, wrapped)
+        DistributedTraining().wrap_model(None, wrapped)
 
 
 def test_gradients_are_all_reduced_once_per_optimizer_step(world_of_one, tiny_model, pairs):
@@ -487,14 +487,14 @@ def test_gradients_are_all_reduced_once_per_optimizer_step(world_of_one, tiny_mo
         fut.set_result(bucket.buffer())  # one process: the average is the gradient itself
         return fut
 
-    t = FastTrainer(tiny_model, strategies=[DistributedDataParallel(), GradientAccumulation(2)], progress=False)
+    t = FastTrainer(tiny_model, strategies=[DistributedTraining(), GradientAccumulation(2)], progress=False)
     t.train_model.register_comm_hook(None, counting_hook)
     t.fit(pairs, 2, batch_size=8)
     assert len(calls) == 6  # one bucket (a tiny model) per step; 10 without no_sync
 
 
 def test_a_group_started_after_the_strategy_is_refused(no_env, tiny_model):
-    s = DistributedDataParallel()
+    s = DistributedTraining()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         with pytest.raises(ValueError, match="after DistributedTraining"):

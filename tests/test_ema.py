@@ -11,7 +11,7 @@ import torch
 
 from conftest import TinySeq2Seq, ragged_pairs
 from cuda_standin import StandInBackend
-from hlbd_fast import CheckpointError, DeferredLossSync, FastTrainer, GPUPreload, Strategy, load_weights
+from hlbd_fast import CheckpointError, DeferredLossSync, FastTrainer, DevicePreload, Strategy, load_weights
 from hlbd_fast.strategies.cuda_graph import CUDAGraphStep
 from hlbd_fast.strategies.ema import EMA
 
@@ -168,7 +168,7 @@ def test_a_fit_with_ema_trains_the_weights_of_one_without_and_best_pt_holds_the_
     assert [r.eval for r in h] != [r.eval for r in h_ref]  # evaluated with the average
     best = TinySeq2Seq()
     load_weights(best, tmp_path / "best.pt")
-    assert same(weights(best), spy.by_epoch[h.info["best"]["epoch"]])
+    assert same(weights(best), spy.by_epoch[h.best.epoch])
     last = TinySeq2Seq()
     load_weights(last, tmp_path / "last.pt")
     assert same(weights(last), weights(t.model))  # last.pt: the training weights
@@ -226,14 +226,14 @@ def test_under_cuda_graph_replays_the_average_is_the_eager_one():
     backend = StandInBackend(extra_state=lambda: list(ema.state_dict()["averaged"].values()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t = make(GPUPreload(), DeferredLossSync(), CUDAGraphStep(warmup_steps=1, backend=backend), ema)
+        t = make(DevicePreload(), DeferredLossSync(), CUDAGraphStep(warmup_steps=1, backend=backend), ema)
     backend.trainer = t
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback
         t.fit(data, 2, batch_size=8)
     assert len(backend.graphs) == 1
     eager_ema = EMA(decay=DECAY)
-    eager = make(GPUPreload(), DeferredLossSync(), eager_ema)
+    eager = make(DevicePreload(), DeferredLossSync(), eager_ema)
     eager.fit(data, 2, batch_size=8)
     assert same(weights(t.model), weights(eager.model))
     assert same(ema.averaged_state_dict(), eager_ema.averaged_state_dict())

@@ -146,7 +146,7 @@ def test_fit_with_evaluation_trains_bit_identical_weights(tmp_path):
 def test_eval_every_and_the_last_epoch():
     h = make().fit(ragged_pairs(n=16), 5, batch_size=8, eval_data=ragged_pairs(n=8), eval_every=2)
     assert [r.eval is not None for r in h] == [False, True, False, True, True]
-    assert h.info["eval_seconds"] > 0 and sum(h.seconds) > 0  # evaluation time is kept out of the epochs' seconds
+    assert h.eval_seconds > 0 and sum(h.seconds) > 0  # evaluation time is kept out of the epochs' seconds
 
 
 class Snapshots(Strategy):
@@ -167,7 +167,8 @@ def test_keep_best_writes_the_best_epochs_weights(tmp_path):
     t.fit(train, 8, batch_size=8, eval_data=held_out, keep_best="eval_loss", checkpoint_dir=tmp_path)
     best = min(range(8), key=lambda i: snaps.eval_losses[i])
     assert best < 7, snaps.eval_losses  # the test needs a best epoch that is not the last
-    assert t.history.info["best"] == {"metric": "eval_loss", "value": snaps.eval_losses[best], "epoch": best + 1}
+    b = t.history.best
+    assert (b.metric, b.value, b.epoch, b.path) == ("eval_loss", snaps.eval_losses[best], best + 1, str(tmp_path / "best.pt"))
     model = TinySeq2Seq()
     load_weights(model, tmp_path / "best.pt")
     assert all(torch.equal(v, snaps.weights[best][k]) for k, v in model.state_dict().items())
@@ -179,7 +180,7 @@ def test_keep_best_accuracy_is_best_high(tmp_path):
     t = make()
     t.fit(data, 3, batch_size=8, eval_data=data, keep_best="eval_token_accuracy", checkpoint_dir=tmp_path)
     accs = [r.eval["token_accuracy"] for r in t.history]
-    assert t.history.info["best"]["value"] == max(accs)
+    assert t.history.best.value == max(accs)
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 from hlbd_fast import DeferredLossSync, FastTrainer, GradientAccumulation, Strategy
-from hlbd_fast.strategies.data import DataLoaderWorkers, GPUPreload
+from hlbd_fast.strategies.data import DataLoaderWorkers, DevicePreload
 from hlbd_fast.strategies.padding import TrimCheck, TrimPadding, row_lengths, verify_trim
 
 
@@ -160,8 +160,8 @@ PARITY = {
     "multiple_of_8": lambda: [TrimPadding()],
     "buckets": lambda: [TrimPadding(buckets=(4, 8, 16))],
     "accumulation": lambda: [GradientAccumulation(3), TrimPadding(multiple_of=1)],
-    "gpu_preload": lambda: [GPUPreload(), TrimPadding(multiple_of=2), DeferredLossSync()],
-    "gpu_preload_pad": lambda: [GPUPreload(last_batch="pad"), TrimPadding(buckets=(8, 16, 32))],
+    "gpu_preload": lambda: [DevicePreload(), TrimPadding(multiple_of=2), DeferredLossSync()],
+    "gpu_preload_pad": lambda: [DevicePreload(last_batch="pad"), TrimPadding(buckets=(8, 16, 32))],
     "workers": lambda: [DataLoaderWorkers(num_workers=1), TrimPadding(multiple_of=4)],
 }
 
@@ -190,8 +190,8 @@ def _untrimmed(strategies):
     for s in strategies:
         if isinstance(s, GradientAccumulation):
             out.append(GradientAccumulation(s.steps))
-        elif isinstance(s, GPUPreload):
-            out.append(GPUPreload(last_batch=s.last_batch))
+        elif isinstance(s, DevicePreload):
+            out.append(DevicePreload(last_batch=s.last_batch))
     return out
 
 
@@ -209,7 +209,7 @@ def test_trimmed_training_of_the_reference_model_equals_untrimmed():
     t_ref = FastTrainer(ref, optimizer=torch.optim.SGD(ref.parameters(), lr=0.5), strategies=[GradientAccumulation(2)],
                         seed=2, progress=False)
     t = FastTrainer(ours, optimizer=torch.optim.SGD(ours.parameters(), lr=0.5),
-                    strategies=[GradientAccumulation(2), GPUPreload(), TrimPadding(multiple_of=1, check=True)], seed=2, progress=False)
+                    strategies=[GradientAccumulation(2), DevicePreload(), TrimPadding(multiple_of=1, check=True)], seed=2, progress=False)
     h_ref, h = t_ref.fit((src, tgt), 2, batch_size=4), t.fit((src, tgt), 2, batch_size=4)
     assert max_rel_diff(ref, ours) < 1e-5
     assert h.losses == pytest.approx(h_ref.losses, rel=1e-5)
@@ -218,14 +218,14 @@ def test_trimmed_training_of_the_reference_model_equals_untrimmed():
 
 @pytest.mark.parametrize("last_batch", ["keep", "pad", "drop"])
 def test_with_gpu_preload_the_cut_needs_no_read_back(monkeypatch, last_batch):
-    """Every batch's lengths come from GPUPreload's host-side lengths: the sync path is never taken."""
+    """Every batch's lengths come from DevicePreload's host-side lengths: the sync path is never taken."""
 
     def no_sync(self, src, tgt):
         raise AssertionError("TrimPadding read lengths back from the batch")
 
     monkeypatch.setattr(TrimPadding, "_device_lengths", no_sync)
     shapes = Shapes()
-    h = FastTrainer(TinySeq2Seq(), strategies=[GPUPreload(last_batch=last_batch), TrimPadding(multiple_of=1), shapes],
+    h = FastTrainer(TinySeq2Seq(), strategies=[DevicePreload(last_batch=last_batch), TrimPadding(multiple_of=1), shapes],
                     seed=1, progress=False).fit(padded_pairs(), 2, batch_size=4)
     assert len(h) == 2 and max(w for w, _ in shapes.widths) <= 10
 

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from hlbd_fast.strategies import Capability, Computes, Context
 from hlbd_fast import FastTrainer, Strategy, StrategyConflictError
 from hlbd_fast.history import EpochRecord
 from hlbd_fast.models import Seq2SeqTransformer
@@ -81,7 +82,7 @@ def test_bf16_on_cpu_final_loss_within_2_percent_of_fp32(data):
         t16, h16 = run([mp, probe], data)
     assert [r.optimizer_steps for r in h16] == [15, 15]
     assert mp.dtype == "bf16" and mp.resolved == "bf16"
-    assert t16.history.info["precision"] == "bf16"
+    assert t16.reports()["MixedPrecision"].precision == "bf16"
     assert probe.dtypes == {torch.bfloat16}  # autocast was really on
     assert h32.losses[-1] < 0.9 * h32.losses[0]  # the run moved enough for the comparison to mean something
     assert h16.losses[-1] == pytest.approx(h32.losses[-1], rel=0.02)
@@ -93,7 +94,9 @@ def test_bf16_fills_the_precision_role_without_a_scaler():
     mp = MixedPrecision("bf16")
     t = FastTrainer(tiny_transformer(), strategies=[mp], progress=False)
     assert t.roles.precision is mp and mp.role == "precision"
-    assert mp.scaler is None and mp.state_dict() == {} and mp.graph_safe
+    assert mp.scaler is None and mp.state_dict() == {}
+    declared = mp.declare(Context(t.model, t.device))
+    assert declared.provides == () and declared.computes == Computes.PRECISION  # no host decision to step
 
 
 # ---------------------------------------------------------------------------- resolution and validation
@@ -131,7 +134,9 @@ def test_one_precision_per_trainer_and_fp16_is_not_graph_safe(fp16_on_cpu):
         FastTrainer(tiny_transformer(), strategies=[MixedPrecision("bf16"), OwnStep()], progress=False)
     mp = MixedPrecision("fp16")
     FastTrainer(tiny_transformer(), strategies=[mp], progress=False)
-    assert mp.resolved == "fp16" and not mp.graph_safe  # the GradScaler decides on the host
+    t = FastTrainer(tiny_transformer(), strategies=[MixedPrecision("fp16")], progress=False)
+    assert mp.resolved == "fp16"
+    assert Capability.HOST_STEP_DECISION in mp.declare(Context(t.model, t.device)).provided()  # the GradScaler decides on the host
 
 
 def test_forward_context_before_setup_is_an_error():
@@ -154,7 +159,7 @@ def test_fp16_one_scaler_for_the_whole_run(fp16_on_cpu, data):
     mp = MixedPrecision("fp16", init_scale=2.0**8, growth_interval=5)
     probe = ScalerProbe(mp)
     trainer, h = run([mp, probe], data, epochs=3)
-    assert mp.resolved == "fp16" and trainer.history.info["precision"] == "fp16"
+    assert mp.resolved == "fp16" and trainer.reports()["MixedPrecision"].precision == "fp16"
     assert isinstance(mp.scaler, torch.amp.GradScaler)
     assert len(probe.seen) == 3 and all(s is mp.scaler for s in probe.seen)
     assert sum(r.skipped_steps for r in h) == 0
@@ -306,7 +311,7 @@ def test_auto_on_a_cpu_without_native_bf16_keeps_fp32_and_bf16_warns(monkeypatch
     mp = MixedPrecision("auto")
     with caplog.at_level("INFO", logger="hlbd_fast"):
         t = FastTrainer(tiny_transformer(), strategies=[mp], progress=False)
-    assert mp.resolved == "fp32" and t.history.info["precision"] == "fp32"
+    assert mp.resolved == "fp32" and t.reports()["MixedPrecision"].precision == "fp32"
     assert "no native bf16" in caplog.text
     a, b = torch.randn(4, 4), torch.randn(4, 4)
     with mp.forward_context(t):

@@ -127,7 +127,7 @@ def test_fastest_default_device_follows_cuda_availability():
 def test_from_preset_name_builds_the_preset_for_the_given_device():
     trainer = FastTrainer.from_preset(TinySeq2Seq(), "fastest", device="cpu", progress=False)
     assert [type(s).__name__ for s in trainer.strategies] == names(presets.fastest("cpu").for_model(TinySeq2Seq()))
-    assert trainer.strategy(MixedPrecision).resolved == CPU_AUTO
+    assert trainer.reports()["MixedPrecision"].precision == CPU_AUTO
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the warning a CPU-only machine gives")
@@ -194,7 +194,7 @@ def test_fastest_on_cpu_stays_within_2_percent_of_the_plain_loop(hlbd_tensors, p
     # trimming drops no token and preloading no sample: the same steps over the same tokens
     assert [r.tokens for r in fast] == [r.tokens for r in plain]
     assert [r.optimizer_steps for r in fast] == [r.optimizer_steps for r in plain] == [3] * 5
-    assert fast.info.get("precision") == (CPU_AUTO if precision == "auto" else "bf16")
+    assert trainer.reports()["MixedPrecision"].precision == (CPU_AUTO if precision == "auto" else "bf16")
 
 
 def test_fastest_on_cpu_with_dropout_on_stays_within_2_percent(hlbd_tensors):
@@ -209,7 +209,7 @@ def test_fastest_on_cpu_with_dropout_on_stays_within_2_percent(hlbd_tensors):
     trainer = FastTrainer.from_preset(copy.deepcopy(initial), "fastest", device="cpu", lr=3e-3, seed=7, progress=False)
     fast = trainer.fit((src, tgt), epochs=5)
     assert plain.losses[-1] < 0.8 * plain.losses[0], f"the loss barely moved: {plain.losses}"
-    if trainer.strategy(FastDropout).active:
+    if trainer.reports()["FastDropout"].active:
         assert fast.losses != plain.losses  # another dropout stream
     for a, b in zip(fast.losses, plain.losses):
         assert abs(a - b) / b < 0.02, f"fastest {fast.losses} vs plain {plain.losses}"
@@ -233,7 +233,7 @@ def test_quick_runs_on_cpu_with_workers_and_bf16(hlbd_tensors, plain_run):
     history = trainer.fit((src, tgt), epochs=1)
     r = history[0]
     assert (r.micro_batches, r.optimizer_steps, r.tokens) == (6, 3, plain[0].tokens)
-    assert history.info.get("precision") == CPU_AUTO
+    assert precision.report().precision == CPU_AUTO
     assert math.isfinite(r.loss)
     assert abs(r.loss - plain.losses[0]) / plain.losses[0] < 0.02
     assert abs(r.loss - plain.losses[0]) / plain.losses[0] < 2e-4, f"quick {r.loss} vs plain {plain.losses[0]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import textwrap
 
@@ -11,7 +12,7 @@ import torch
 from conftest import TinySeq2Seq, ragged_pairs
 from hlbd_fast import FastTrainer, Strategy
 from hlbd_fast.checkpoint import read_checkpoint
-from hlbd_fast.strategies.stopping import EarlyStopping
+from hlbd_fast.strategies.stopping import EarlyStopping, StopReport
 
 DATA = ragged_pairs(n=8)
 VAL = ragged_pairs(n=4, seed=3)
@@ -41,7 +42,8 @@ def run(values, name="loss", epochs=None, **kw):
     stop = EarlyStopping(**kw)
     t = make(Scripted(values, name), stop)
     h = t.fit(DATA, epochs or len(values), batch_size=4)
-    return len(h), h.info.get("early_stopping"), stop
+    report = stop.report()
+    return len(h), None if report is None else dataclasses.asdict(report), stop
 
 
 # ---------------------------------------------------------------------------- when it stops
@@ -83,7 +85,7 @@ def test_epochs_without_evaluation_do_not_count():
     stop = EarlyStopping(patience=2)
     t = make(Scripted(values, only_when_evaluated=True), stop)
     h = t.fit(DATA, 8, batch_size=4, eval_data=VAL, eval_every=2)
-    assert len(h) == 6 and h.info["early_stopping"]["epoch"] == 6
+    assert len(h) == 6 and stop.report().epoch == 6
     assert [r.eval is not None for r in h] == [False, True] * 3
 
 
@@ -102,7 +104,7 @@ def test_the_last_checkpoint_is_written_at_the_epoch_it_stops(tmp_path):
     assert len(h) == 4
     state = read_checkpoint(tmp_path / "last.pt")
     assert state["epoch"] == 4
-    assert state["history"]["info"]["early_stopping"]["epoch"] == 4
+    assert stop.report().epoch == 4
 
 
 def test_a_resumed_run_goes_on_counting(tmp_path):
@@ -112,7 +114,7 @@ def test_a_resumed_run_goes_on_counting(tmp_path):
     assert first.wait == 2 and first.best == 0.9
     resumed = EarlyStopping(patience=3)
     h = make(Scripted(values), resumed).fit(DATA, 6, batch_size=4, checkpoint_dir=tmp_path, resume=True)
-    assert len(h) == 5 and h.info["early_stopping"] == {"epoch": 5, "metric": "eval_loss", "best": 0.9, "best_epoch": 2}
+    assert len(h) == 5 and resumed.report() == StopReport(epoch=5, metric="eval_loss", best=0.9, best_epoch=2)
     assert read_checkpoint(tmp_path / "last.pt")["epoch"] == 5
 
 
@@ -165,4 +167,4 @@ def test_the_docstring_example_runs(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     code = EarlyStopping.__doc__.split("Example::\n", 1)[1].split("\n    Args:", 1)[0]
     exec(compile(textwrap.dedent(code), "EarlyStopping example", "exec"), {})
-    assert "'metric': 'eval_loss'" in capsys.readouterr().out  # it stopped before the 50 epochs
+    assert "StopReport(epoch=" in capsys.readouterr().out  # it stopped before the 50 epochs

@@ -75,43 +75,89 @@ def test_two_strategies_for_one_role_name_both():
         make(strategies=[DeferredLossSync(), DeferredLossSync(every=3)])
 
 
-# ---------------------------------------------------------------------------- hooks of 0.1 fail loudly
-@pytest.mark.parametrize("hook, fix", [
-    ("teardown", "run_scope"),
-    ("should_sync_loss", "LossReadback"),
-    ("make_batches", "BatchSource"),
-    ("owned_hooks", "role"),
-    ("backward", "Precision"),
-])
-def test_a_retired_hook_is_refused_when_the_class_is_defined(hook, fix):
-    with pytest.raises(TypeError, match=f"{hook}: this hook was retired in hlbd_fast 0.2.*{fix}"):
-        type("Old", (Strategy,), {hook: lambda self, *a: None})
+# ---------------------------------------------------------------------------- ownership and lifecycle
+class Closing(Strategy):
+    """Counts its close() calls."""
+
+    def __init__(self):
+        self.closed = 0
+
+    def close(self):
+        self.closed += 1
 
 
-def test_a_hook_with_the_old_arguments_is_refused():
-    with pytest.raises(TypeError, match=r"Old.before_clip\(self, optimizer\).*receives the trainer.*trainer.optimizer"):
-        class Old(Strategy):
-            def before_clip(self, optimizer):
-                pass
+class ClosingSource(BatchSource):
+    """A role object that counts its close() calls."""
 
-    with pytest.raises(TypeError, match=r"Old1.on_step_end takes 1 positional arguments.*on_step_end\(self, trainer\)"):
-        class Old1(Strategy):
-            def on_step_end(self):
-                pass
+    def __init__(self):
+        self.closed = 0
 
-    with pytest.raises(TypeError, match=r"prepare_batch takes 2 positional"):
-        class Old2(Strategy):
-            def prepare_batch(self, batch):
-                return batch
-
-    class Fine(Strategy):  # extra optional arguments are fine
-        def prepare_batch(self, trainer, batch, note=None):
-            return batch
+    def close(self):
+        self.closed += 1
 
 
-def test_exclusive_hooks_is_gone_with_a_pointer():
-    with pytest.raises(ImportError, match="retired in hlbd_fast 0.2.*ROLES"):
-        from hlbd_fast.strategies import EXCLUSIVE_HOOKS  # noqa: F401
+@pytest.mark.parametrize("kind", ["EMA", "EarlyStopping"])
+def test_one_instance_serves_one_trainer(kind):
+    from hlbd_fast import EMA, EarlyStopping
+
+    s = EMA() if kind == "EMA" else EarlyStopping()
+    first = make(strategies=[s])
+    with pytest.raises(ValueError, match=f"{kind}.*already belongs to another FastTrainer.*Build a fresh instance"):
+        make(strategies=[s])
+    first.close()
+    make(strategies=[s])  # free again once its trainer is closed
+
+
+def test_a_trainer_that_failed_to_build_owns_nothing():
+    s = Closing()
+    with pytest.raises(StrategyConflictError):
+        make(strategies=[s, DeferredLossSync(), DeferredLossSync(every=3)])
+    assert s.closed == 1
+    make(strategies=[s])  # not held by the trainer that failed
+
+
+def test_close_is_idempotent_reaches_every_strategy_and_ends_the_trainer(pairs):
+    plain, source = Closing(), ClosingSource()
+    t = make(strategies=[plain, source])
+    t.fit(pairs, 1, batch_size=8)
+    t.close()
+    t.close()
+    assert (plain.closed, source.closed) == (1, 1)
+    for call in (lambda: t.fit(pairs, 2), lambda: t.train_epoch(pairs), lambda: t.evaluate(pairs)):
+        with pytest.raises(RuntimeError, match="this trainer was closed; build a new FastTrainer"):
+            call()
+
+
+def test_with_closes_on_every_exit_path(pairs):
+    s = Closing()
+    with make(strategies=[s]) as t:
+        t.fit(pairs, 1, batch_size=8)
+    assert s.closed == 1
+
+    class Boom(Strategy):
+        def on_step_end(self, trainer):
+            raise RuntimeError("boom")
+
+    s2 = Closing()
+    with pytest.raises(RuntimeError, match="boom"):
+        with make(strategies=[s2, Boom()]) as t:
+            t.fit(pairs, 1, batch_size=8)
+    assert s2.closed == 1
+
+
+def test_reports_gather_what_strategies_report(pairs):
+    from hlbd_fast import EarlyStopping
+    from hlbd_fast.strategies.stopping import StopReport
+
+    class Scripted(Strategy):
+        def on_epoch_end(self, trainer, record):
+            record.eval = {"loss": float(record.epoch), "tokens": 1.0}  # worse every epoch
+
+    stop = EarlyStopping(patience=1)
+    t = make(strategies=[Scripted(), stop])
+    assert t.reports() == {}
+    t.fit(pairs, 5, batch_size=8, eval_data=pairs)
+    assert t.reports() == {"EarlyStopping": StopReport(epoch=2, metric="eval_loss", best=1.0, best_epoch=1)}
 
 
 # ---------------------------------------------------------------------------- scopes

@@ -219,7 +219,7 @@ class DictPairs(torch.utils.data.Dataset):
 
 
 def test_dict_batches_without_a_forward_loss_for_them_are_explained():
-    with pytest.raises(TypeError, match=r"a dict with keys \['src', 'tgt'\].*override forward_loss and count_tokens"):
+    with pytest.raises(TypeError, match=r"a dict with keys \['src', 'tgt'\].*override forward_logits and count_tokens"):
         make().fit(DictPairs(), 1, batch_size=2)
 
 
@@ -357,18 +357,17 @@ def test_load_errors(tmp_path):
         make().fit(ragged_pairs(), 1, resume=True)
 
 
-def test_custom_batch_format_by_subclassing(tiny_model):
-    """A model taking a dict batch: override forward_loss and count_tokens."""
+def test_custom_batch_format_by_subclassing(tiny_model, tmp_path):
+    """A model taking a dict batch: override forward_logits and count_tokens; it trains, evaluates and keeps its best."""
     src, tgt = ragged_pairs(n=16)
-    data = [{"src": src[i], "tgt": tgt[i], "weight": torch.tensor(1.0)} for i in range(16)]
+    data = [{"src": src[i], "tgt": tgt[i]} for i in range(16)]
+    calls = []
 
     class DictTrainer(FastTrainer):
-        def forward_loss(self, batch):
+        def forward_logits(self, model, batch):
+            calls.append(model is self.model)
             tgt = batch["tgt"]
-            logits = self.train_model(batch["src"], tgt[:, :-1])
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt[:, 1:].reshape(-1),
-                                               ignore_index=self.pad_id, reduction="sum")
-            return loss * batch["weight"].mean(), self.count_tokens(batch)
+            return model(batch["src"], tgt[:, :-1]), tgt[:, 1:]
 
         def count_tokens(self, batch):
             return (batch["tgt"][:, 1:] != self.pad_id).sum()
@@ -381,9 +380,23 @@ def test_custom_batch_format_by_subclassing(tiny_model):
             return data[i]
 
     a, b = clone(tiny_model), clone(tiny_model)
-    ha = DictTrainer(a, seed=2, progress=False).fit(ListDataset(), 2, batch_size=4)
-    hb = FastTrainer(b, seed=2, progress=False).fit((src, tgt), 2, batch_size=4)
+    ta, tb = DictTrainer(a, seed=2, progress=False), FastTrainer(b, seed=2, progress=False)
+    ha = ta.fit(ListDataset(), 2, batch_size=4, eval_data=ListDataset(), keep_best="eval_loss", checkpoint_dir=tmp_path)
+    hb = tb.fit((src, tgt), 2, batch_size=4, eval_data=(src, tgt))
     assert ha.losses == pytest.approx(hb.losses, rel=1e-6)
+    assert [r.eval["loss"] for r in ha] == pytest.approx([r.eval["loss"] for r in hb], rel=1e-6)
+    assert ta.evaluate(ListDataset()) == pytest.approx(tb.evaluate((src, tgt)), rel=1e-6)
+    assert calls and all(calls)  # no strategy wraps the model here: training and evaluation call it as it is
+    assert ha.best.metric == "eval_loss" and (tmp_path / "best.pt").is_file()
+
+
+def test_overriding_forward_loss_points_to_forward_logits(tiny_model):
+    class Old(FastTrainer):
+        def forward_loss(self, batch):
+            return super().forward_loss(batch)
+
+    with pytest.raises(TypeError, match=r"Old overrides forward_loss; override forward_logits\(self, model, batch\)"):
+        Old(tiny_model, progress=False)
 
 
 def test_load_weights_for_inference(pairs, tmp_path):

@@ -7,9 +7,9 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, Sequence
 
-__all__ = ["atomic_write", "check_writable_dir", "check_writable_file", "ctrl_c_requests_stop"]
+__all__ = ["atomic_write", "check_writable_dir", "check_writable_file", "check_checkpoint_files", "ctrl_c_requests_stop"]
 
 _TMP_MARK = ".tmp-"
 
@@ -51,6 +51,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     Returns ``path`` as a :class:`~pathlib.Path`.
     """
     path = Path(path)
+    if path.is_dir():  # os.replace would fail only after the whole write, with a bare IsADirectoryError
+        raise IsADirectoryError(f"cannot write {str(path)!r}: it is a directory; give a file path (or move the directory away)")
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
     tmp = _temp_name(path, os.getpid())
@@ -97,6 +99,34 @@ def check_writable_file(path: str | os.PathLike[str], what: str) -> Path:
     if path.exists() and not os.access(path, os.W_OK):
         raise ValueError(f"{what} {str(path)!r} exists and is read-only; choose another path")
     return path
+
+
+def _kind(path: Path) -> str:
+    if path.is_dir():
+        return "a directory" + (" (through a symbolic link)" if path.is_symlink() else "")
+    return "not a regular file (a device, pipe or socket)"
+
+
+def check_checkpoint_files(directory: str | os.PathLike[str], names: Sequence[str], what: str = "checkpoint_dir") -> Path:
+    """Refuse when one of the checkpoint files ``names`` inside ``directory`` exists and is not a regular file.
+
+    Run before training: a directory named ``last.pt`` passes :func:`check_writable_dir`'s probe,
+    and writing the checkpoint over it would fail only after the first epoch has trained.
+    Missing files are fine (they are written later); so is a symbolic link to a regular file.
+    Returns ``directory`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: naming ``what``, the offending path and the fix.
+    """
+    directory = Path(directory)
+    for name in names:
+        path = directory / name
+        if path.exists() and not path.is_file():
+            raise ValueError(
+                f"{what} {str(directory)!r} holds {str(path)!r}, which is {_kind(path)}: the checkpoint file {name} "
+                f"is written there. Move or remove it, or choose another {what}"
+            )
+    return directory
 
 
 @contextlib.contextmanager

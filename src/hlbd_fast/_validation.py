@@ -13,7 +13,7 @@ from torch import nn
 NORMALISATIONS = ("tokens", "micro_batch")
 
 __all__ = [
-    "check_strategies",
+    "check_strategy_list",
     "check_trainer_arguments",
     "check_pad_id",
     "check_positive_int",
@@ -93,7 +93,7 @@ def token_pair(batch: Any, who: str) -> tuple[torch.Tensor, torch.Tensor]:
         kind = f"a {kind} of {len(batch)} items"
     raise TypeError(
         f"{who} needs batches that are (src, tgt, ...) tuples of 2-D token tensors; got {kind}. "
-        "For other batch formats subclass FastTrainer and override forward_loss and count_tokens "
+        "For other batch formats subclass FastTrainer and override forward_logits and count_tokens "
         "(examples/custom_strategy.py), or drop the strategy"
     )
 
@@ -158,7 +158,7 @@ def token_loss_sum(logits: torch.Tensor, tgt_out: torch.Tensor, pad_id: int) -> 
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=pad_id, reduction="sum")
 
 
-def check_strategies(strategies: Any) -> tuple[Strategy, ...]:
+def check_strategy_list(strategies: Any) -> tuple[Strategy, ...]:
     """The trainer's strategies as a tuple: ``None`` is none; classes, non-strategies and repeats are refused."""
     from .strategies.base import Strategy
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .strategies.base import Distribution
     from .trainer import FastTrainer
 
-__all__ = ["DataSource", "make_source", "epoch_order", "host_batches", "validate_tensors", "check_batch", "move", "chunks", "blank_targets"]
+__all__ = ["DataSource", "KnownLengths", "make_source", "epoch_order", "host_batches", "validate_tensors", "check_batch", "move", "chunks", "blank_targets"]
 
 
 @dataclass
@@ -171,3 +171,34 @@ def blank_targets(batch: Any, pad_id: int) -> Any:
     tgt = tgt.clone()
     tgt[:, 1:] = pad_id
     return replace_pair(batch, src, tgt)
+
+
+class KnownLengths:
+    """The host-known longest ``(src, tgt)`` row of the batch in hand, so trimming it needs no sync.
+
+    Whoever makes a batch and already knows its lengths on the host (``DevicePreload``
+    from preload time, evaluation from its host tensors) :meth:`remember` s them; a
+    strategy that needs them (``TrimPadding``) asks :meth:`lookup`, which answers only for
+    the very tensors remembered (a batch changed since, or another batch, gets ``None``:
+    its lengths must be read from the device).
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
+
+    def remember(self, src: torch.Tensor, tgt: torch.Tensor, src_len: int, tgt_len: int) -> None:
+        """Record the longest rows of the batch ``(src, tgt)`` about to be used."""
+        self._last = (src, tgt, int(src_len), int(tgt_len))
+
+    def lookup(self, batch: Any) -> tuple[int, int] | None:
+        """``(src, tgt)`` lengths of ``batch`` when it holds the very tensors remembered last, else ``None``."""
+        last = self._last
+        if last is None or not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            return None
+        if batch[0] is last[0] and batch[1] is last[1]:
+            return last[2], last[3]
+        return None
+
+    def forget(self) -> None:
+        """Drop the remembered batch (its tensors are no longer referenced from here)."""
+        self._last = None

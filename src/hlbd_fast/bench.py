@@ -67,24 +67,37 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ._io import atomic_write, check_writable_dir, check_writable_file
+from .checkpoint import rng_state, set_rng_state
 from .cli import resolve_device
 from .history import EpochRecord, History
-from .presets import Preset, resolve_preset
-from .strategies.base import Strategy
+from .presets import Preset, baseline, extreme, fastest, quick
+from .strategies import (
+    Compile,
+    DataLoaderWorkers,
+    DeferredLossSync,
+    DevicePreload,
+    FastDropout,
+    FusedAdamW,
+    GradientAccumulation,
+    GradientCheckpointing,
+    MixedPrecision,
+    Strategy,
+    TrimPadding,
+    Unpad,
+)
 from .strategies.cuda_graph import CUDAGraphStep
-from .strategies.data import DataLoaderWorkers
-from .checkpoint import rng_state, set_rng_state
 from .trainer import FastTrainer
 
-__all__ = ["ROWS", "CPU_DEFAULT_ROWS", "CPU_TIME_BUDGET_S", "resolve_rows", "reference_data", "machine_info", "BenchError", "RowSpec", "compare_rows", "run_bench", "format_table", "main"]
+__all__ = ["ROWS", "CPU_DEFAULT_ROWS", "CPU_TIME_BUDGET_S", "resolve_rows", "reference_data", "machine_info", "BenchError",
+           "RowRecipe", "RowSpec", "RowResult", "compare_rows", "run_bench", "format_table", "main"]
 
 log = logging.getLogger("hlbd_fast")
 
@@ -93,118 +106,88 @@ class BenchError(ValueError):
     """A bad argument to :func:`run_bench` or ``hlbd-fast bench``; the message says the fix."""
 
 
+# ---------------------------------------------------------------------------- rows
 @dataclass(frozen=True)
 class RowSpec:
-    """How a row trains: a preset plus what it says about itself."""
+    """A row as built for one device: the preset it trains with, plus what it says about itself."""
 
     preset: Preset  # strategies, micro-batch size, loss normalisation, lr
     note: str = ""  # shown in the JSON and the table (e.g. which strategy replaced which)
 
 
-# ---------------------------------------------------------------------------- rows
-def _baseline(device: torch.device) -> Preset:
-    return resolve_preset("baseline", device)
+@dataclass(frozen=True)
+class RowRecipe:
+    """What a row runs: a preset built for the device, less some strategy classes, plus some new strategies.
+
+    Calling it with a device builds the row's :class:`RowSpec`, with fresh strategy instances
+    each time (a trainer owns its strategies).
+    """
+
+    name: str  # the row's name in tables, in the JSON and for --rows
+    preset: Callable[[torch.device], Preset]  # builds the preset the row starts from (e.g. presets.baseline)
+    add: tuple[Callable[[], Strategy], ...] = ()  # build the strategies the row adds after the preset's own
+    replace_role: bool = False  # an added strategy replaces the preset's one filling the same role (noted "replaces ...")
+    drop: tuple[type[Strategy], ...] = ()  # strategy classes left out of the preset (noted "without ...")
+    batch_size: int | None = None  # micro-batch size; None: the preset's
+    preset_name: str | None = None  # the built preset's name; None: the preset's own
+    note: str = ""  # what the row says about itself besides what it replaced or left out
+
+    def __call__(self, device: torch.device) -> RowSpec:
+        base = self.preset(device)
+        added = tuple(build() for build in self.add)
+        dropped = [s for s in base.strategies if isinstance(s, self.drop)]
+        roles = {s.role for s in added if s.role is not None} if self.replace_role else set()
+        replaced = [s for s in base.strategies if s.role in roles]
+        kept = tuple(s for s in base.strategies if all(s is not x for x in (*dropped, *replaced)))
+        preset = dataclasses.replace(base, name=self.preset_name or base.name, strategies=(*kept, *added),
+                                     batch_size=self.batch_size or base.batch_size)
+        parts = (self.note, _listed("replaces", replaced), _listed("without", dropped))
+        return RowSpec(preset, "; ".join(p for p in parts if p))
 
 
-def _plus(strategy: Callable[[torch.device], Strategy], batch_size: int | None = None) -> Callable[[torch.device], RowSpec]:
+def _listed(verb: str, strategies: Sequence[Strategy]) -> str:
+    """``"replaces A(), B()"``; ``""`` when there are none."""
+    return f"{verb} {', '.join(repr(s) for s in strategies)}" if strategies else ""
+
+
+def _plus(name: str, strategy: Callable[[], Strategy], batch_size: int | None = None) -> RowRecipe:
     """Baseline plus one strategy; a baseline strategy filling the same role is replaced by it."""
-
-    def build(device: torch.device) -> RowSpec:
-        base = _baseline(device)
-        new = strategy(device)
-        replaced = [s for s in base.strategies if new.role is not None and s.role == new.role]
-        kept = tuple(s for s in base.strategies if all(s is not r for r in replaced))
-        preset = dataclasses.replace(base, strategies=(*kept, new), batch_size=batch_size or base.batch_size)
-        return RowSpec(preset, f"replaces {', '.join(repr(s) for s in replaced)}" if replaced else "")
-
-    return build
+    return RowRecipe(name, baseline, add=(strategy,), replace_role=True, batch_size=batch_size)
 
 
-def _strategy(module: str, name: str, *args: Any, **kwargs: Any) -> Callable[[torch.device], Strategy]:
-    """A builder importing ``hlbd_fast.strategies.<module>.<name>`` when the row runs."""
-
-    def build(device: torch.device) -> Strategy:
-        import importlib
-
-        mod = importlib.import_module(f"hlbd_fast.strategies.{module}")
-        return getattr(mod, name)(*args, **kwargs)
-
-    return build
+def _careful_loop(device: torch.device) -> Preset:
+    """What a careful user writes without this library: batch 32, each batch cut to its longest row, Adam, loss read every step."""
+    return Preset("careful loop", (TrimPadding(multiple_of=1), DeferredLossSync(every=1)), 32)
 
 
-def _named_preset(name: str) -> Callable[[torch.device], RowSpec]:
-    def build(device: torch.device) -> RowSpec:
-        return RowSpec(resolve_preset(name, device))
-
-    return build
-
-
-def _plus_preset(name: str, strategy: Callable[[torch.device], Strategy], without: tuple[str, ...] = ()) -> Callable[[torch.device], RowSpec]:
-    """A named preset plus one strategy (for example ``fastest`` plus ``Compile``), less the ``without`` classes."""
-
-    def build(device: torch.device) -> RowSpec:
-        preset = resolve_preset(name, device)
-        kept = tuple(s for s in preset.strategies if type(s).__name__ not in without)
-        dropped = [repr(s) for s in preset.strategies if type(s).__name__ in without]
-        spec = dataclasses.replace(preset, name=f"{name}+", strategies=(*kept, strategy(device)))
-        return RowSpec(spec, f"without {', '.join(dropped)}" if dropped else "")
-
-    return build
-
-
-def _fp32_preset(name: str) -> Callable[[torch.device], RowSpec]:
-    """A named preset without its ``MixedPrecision``: the fp32 variant, exact up to rounding."""
-
-    def build(device: torch.device) -> RowSpec:
-        from .strategies.precision import MixedPrecision
-
-        preset = resolve_preset(name, device)
-        dropped = [repr(s) for s in preset.strategies if isinstance(s, MixedPrecision)]
-        kept = preset.without(MixedPrecision) if dropped else preset
-        return RowSpec(dataclasses.replace(kept, name=f"{name} fp32"), f"without {', '.join(dropped)}" if dropped else "")
-
-    return build
-
-
-def _accumulation(steps: int) -> Callable[[torch.device], Strategy]:
-    def build(device: torch.device) -> Strategy:
-        from .strategies.accumulation import GradientAccumulation
-
-        return GradientAccumulation(steps)
-
-    return build
-
-
-#: Every row by name: a builder taking the device and returning a :class:`RowSpec`.
-ROWS: dict[str, Callable[[torch.device], RowSpec]] = {
-    "baseline": lambda device: RowSpec(_baseline(device)),
-    "+mixed precision": _plus(_strategy("precision", "MixedPrecision", "auto")),
-    "+bigger batch": _plus(_accumulation(2), batch_size=16),
-    "+batch 32": _plus(_accumulation(1), batch_size=32),
-    "+workers": _plus(_strategy("data", "DataLoaderWorkers")),
-    "+compile": _plus(_strategy("compile", "Compile")),
-    "+fused adamw": _plus(_strategy("optim", "FusedAdamW")),
-    "+deferred sync": _plus(_strategy("sync", "DeferredLossSync")),
-    "+device preload": _plus(_strategy("data", "DevicePreload")),
-    "+grad checkpointing": _plus(_strategy("checkpointing", "GradientCheckpointing")),
-    "+trim padding": _plus(_strategy("padding", "TrimPadding")),
-    "+fast dropout": _plus(_strategy("dropout", "FastDropout")),
-    "+unpad": _plus(_strategy("unpad", "Unpad")),
-    # what a careful user writes without this library: batch 32, each batch cut to its longest row, Adam, loss read every step
-    "careful loop": lambda device: RowSpec(
-        Preset("careful loop", (_strategy("padding", "TrimPadding", multiple_of=1)(device), _strategy("sync", "DeferredLossSync", every=1)(device)), 32),
-        "batch 32, each batch trimmed to its longest row, Adam, loss read every step: a hand-written loop's work",
-    ),
-    "quick": _named_preset("quick"),
-    "extreme": _named_preset("extreme"),
-    "fastest": _named_preset("fastest"),
-    "fastest fp32": _fp32_preset("fastest"),  # the CPU fastest without bf16 autocast: exact up to rounding
+_RECIPES: tuple[RowRecipe, ...] = (
+    RowRecipe("baseline", baseline),
+    _plus("+mixed precision", functools.partial(MixedPrecision, "auto")),
+    _plus("+bigger batch", functools.partial(GradientAccumulation, 2), batch_size=16),
+    _plus("+batch 32", functools.partial(GradientAccumulation, 1), batch_size=32),
+    _plus("+workers", DataLoaderWorkers),
+    _plus("+compile", Compile),
+    _plus("+fused adamw", FusedAdamW),
+    _plus("+deferred sync", DeferredLossSync),
+    _plus("+device preload", DevicePreload),
+    _plus("+grad checkpointing", GradientCheckpointing),
+    _plus("+trim padding", TrimPadding),
+    _plus("+fast dropout", FastDropout),
+    _plus("+unpad", Unpad),
+    RowRecipe("careful loop", _careful_loop,
+              note="batch 32, each batch trimmed to its longest row, Adam, loss read every step: a hand-written loop's work"),
+    RowRecipe("quick", quick),
+    RowRecipe("extreme", extreme),
+    RowRecipe("fastest", fastest),
+    # the CPU fastest without bf16 autocast: exact up to rounding
+    RowRecipe("fastest fp32", fastest, drop=(MixedPrecision,), preset_name="fastest fp32"),
     # the compiled model draws its own dropout masks, and Unpad's shapes change every batch: neither combines with Compile
-    "fastest+compile": _plus_preset("fastest", _strategy("compile", "Compile", dynamic=True), without=("FastDropout", "Unpad")),
-}
+    RowRecipe("fastest+compile", fastest, add=(functools.partial(Compile, dynamic=True),), drop=(FastDropout, Unpad),
+              preset_name="fastest+"),
+)
 
-#: Former row names still accepted by ``--rows`` (normalised spelling -> row).
-_ALIASES = {"gpupreload": "+device preload"}  # the row of GPUPreload, DevicePreload's name of 0.1
+#: Every row by name: a :class:`RowRecipe`, which takes the device and returns a :class:`RowSpec`.
+ROWS: dict[str, RowRecipe] = {recipe.name: recipe for recipe in _RECIPES}
 
 #: Rows run by default on a CPU device. fp32 rows come first: the rows with bf16
 #: autocast (``fastest``, ``quick``, ``+mixed precision``) can be far slower on a CPU
@@ -230,20 +213,22 @@ CPU_DEFAULT_ROWS: tuple[str, ...] = (
 #: runs every epoch.
 CPU_TIME_BUDGET_S = 480.0
 
+#: What a table of rows may hold: a name -> a builder taking the device and returning a RowSpec (or a Preset).
+RowTable = Mapping[str, Callable[[torch.device], "RowSpec | Preset"]]
+
 
 def _key(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
-def resolve_rows(names: Sequence[str] | str | None, device: torch.device, rows: dict[str, Any] | None = None) -> list[str]:
+def resolve_rows(names: Sequence[str] | str | None, device: torch.device, rows: Mapping[str, Any] | None = None) -> list[str]:
     """Row names from user spelling (``"compile"``, ``"+compile"``, ``"bigger-batch"``...); default per device."""
     table = ROWS if rows is None else rows
     if names is None:
         return list(table) if device.type == "cuda" else [n for n in CPU_DEFAULT_ROWS if n in table]
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
-    by_key = {k: v for k, v in _ALIASES.items() if v in table}
-    by_key.update({_key(n): n for n in table})
+    by_key = {_key(n): n for n in table}
     out = []
     for n in names:
         hit = by_key.get(_key(n))
@@ -254,6 +239,78 @@ def resolve_rows(names: Sequence[str] | str | None, device: torch.device, rows: 
     if not out:
         raise BenchError("--rows is empty; name at least one row, e.g. --rows baseline,+deferred-sync")
     return out
+
+
+def _spec(table: RowTable, name: str, device: torch.device) -> RowSpec:
+    spec = table[name](device)
+    return RowSpec(spec) if isinstance(spec, Preset) else spec
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class RowResult:
+    """What a row measured: one entry of the report's ``rows`` (see :meth:`to_dict`).
+
+    The figures are filled when the row's training ends (``None`` when it did not train);
+    the comparisons with the ``baseline`` row by :func:`compare_rows`.
+    """
+
+    name: str  # the row's name, as in ROWS
+    epochs: int  # epochs planned; those trained when the time budget cut the row short
+    error: str | None = None  # why the row has no figures (it failed, or the time budget skipped it); None: it trained
+    note: str = ""  # what the row says about itself (replaced or left-out strategies, a budget cut)
+    warnings: list[str] = field(default_factory=list)  # the first 5 distinct warnings raised while it built and trained
+    wall_s: float = 0.0  # wall seconds spent building and training it, evaluation aside
+    s_per_epoch: float | None = None  # median seconds of the epochs after the first (the only epoch when 1)
+    epoch_seconds: list[float] | None = None  # wall seconds of each epoch
+    epoch_rounds: list[int] | None = None  # interleaved: the round each epoch ran in; None: sequential
+    compile_s: float | None = None  # one-off compile and graph-capture seconds (from the run's info)
+    final_loss: float | None = None  # training loss of the last epoch
+    losses: list[float] | None = None  # training loss of each epoch
+    peak_mem_mb: float | None = None  # peak memory during the row (sequential order only)
+    mem_before_mb: float | None = None  # memory held when the row's first epoch started (sequential order only)
+    syncs_per_step: float | None = None  # loss read-backs (host syncs) per optimizer step
+    micro_batch: int | None = None  # the preset's micro-batch size
+    accumulation: int | None = None  # micro-batches per optimizer step
+    strategies: list[str] | None = None  # repr of each strategy of the row's preset
+    info: dict[str, Any] | None = None  # the run's info (History.info: compile seconds, graph breaks...)
+    eval_token_accuracy: float | None = None  # the trained model's token accuracy on the training data, not timed
+    speedup: float | None = None  # baseline's epoch seconds over the row's (see compare_rows)
+    speedup_rounds: int | None = None  # interleaved: how many rounds the speed-up rests on
+    speedup_epochs: int | None = None  # sequential: how many epochs the thinner s/epoch figure rests on
+    loss_rel_diff: float | None = None  # |loss - baseline's| / baseline's, at the last epoch both trained
+    paired_rounds: list[int] | None = None  # interleaved: the rounds both the row and the baseline completed
+    speedup_per_round: list[float | None] | None = None  # interleaved: the speed-up in each of those rounds
+    loss_compared_at_epoch: int | None = None  # the epoch at which loss_rel_diff compares the two losses
+
+    #: The keys of a row without figures, in the order the report has always had them (after the first six fields).
+    _UNTRAINED: ClassVar[tuple[str, ...]] = ("s_per_epoch", "speedup", "speedup_rounds", "speedup_epochs", "final_loss", "loss_rel_diff",
+                  "compile_s", "peak_mem_mb", "syncs_per_step", "losses")
+    #: Keys written only once compare_rows has set them.
+    _WHEN_COMPARED: ClassVar[tuple[str, ...]] = ("paired_rounds", "speedup_per_round", "loss_compared_at_epoch")
+
+    @property
+    def trained(self) -> bool:
+        """Whether the row has figures (it trained at least one epoch)."""
+        return self.losses is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row's JSON entry: a row that trained has every field but the comparisons not made; one that
+        did not has its name, epochs, error, note, warnings, wall_s and the main columns (``None``)."""
+        names = [f.name for f in dataclasses.fields(self)]
+        keys = [k for k in names if k not in self._WHEN_COMPARED] if self.trained else [*names[:6], *self._UNTRAINED]
+        keys += [k for k in self._WHEN_COMPARED if getattr(self, k) is not None]
+        return {k: getattr(self, k) for k in keys}
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> "RowResult":
+        """A row of a report (:meth:`to_dict`'s output, or a ``bench.json`` entry); missing keys take their defaults."""
+        return cls(**{f.name: row[f.name] for f in dataclasses.fields(cls) if f.name in row})
+
+
+def _one_off_seconds(info: Mapping[str, Any]) -> float | None:
+    found = [float(info[k]) for k in ("compile_seconds", "capture_seconds") if isinstance(info.get(k), (int, float))]
+    return sum(found) if found else None
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -310,11 +367,6 @@ class _EpochLog(Strategy):
         log.info("  %s: epoch %d/%d  loss %.4f  %.2f s", self._row, record.epoch, self._epochs, record.loss, record.seconds)
 
 
-def _spec(table: dict[str, Callable[[torch.device], Any]], name: str, device: torch.device) -> RowSpec:
-    spec = table[name](device)
-    return RowSpec(spec) if isinstance(spec, Preset) else spec
-
-
 def _peak_memory(device: torch.device, fn: Callable[[], None]) -> tuple[int, int]:
     """Run ``fn``; return (bytes held when it started, peak bytes while it ran)."""
     if device.type == "cuda":
@@ -347,12 +399,24 @@ class _Budget:
         return self.seconds is None or self.elapsed() + next_s <= self.seconds
 
 
+def _close_trainer(trainer: FastTrainer) -> None:
+    """Free what a row's trainer holds outside its tensors: its captured CUDA graphs, its DataLoader worker processes.
+
+    The bench's one place for this (a row that finished, or failed); its body is to become ``trainer.close()``.
+    """
+    roles = trainer.roles
+    if isinstance(roles.step, CUDAGraphStep):
+        roles.step.release()
+    if isinstance(roles.batches, DataLoaderWorkers):
+        roles.batches.close()
+
+
 class _Row:
     """One row while the bench runs: its trainer, what it has measured so far, its warnings.
 
     Life: :meth:`begin` builds the trainer, :meth:`run_epoch` trains one more epoch on it
-    (one ``fit`` per epoch on the same trainer), :meth:`finish` takes the result and frees
-    what the row holds.
+    (one ``fit`` per epoch on the same trainer), :meth:`finish` takes the :class:`RowResult`
+    and frees what the row holds.
     """
 
     skipped_error = "skipped: the time budget was spent"
@@ -372,7 +436,7 @@ class _Row:
         self.warnings: list[str] = []
         self.rng: tuple[torch.Tensor, list[torch.Tensor] | None] | None = None  # the row's own RNG stream
         self.rounds: list[int] = []  # interleaved: the round each epoch ran in
-        self.report: dict[str, Any] | None = None  # set by finish()
+        self.result: RowResult | None = None  # set by finish()
 
     @property
     def done(self) -> int:
@@ -392,8 +456,7 @@ class _Row:
                 fn()
             except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
                 self.error = f"{type(e).__name__}: {e}".splitlines()[0]
-                self._free_roles()
-                self.trainer = None
+                self._drop_trainer()
                 log.info("  %s failed: %s", self.name, self.error)
         for w in caught:
             msg = f"{w.category.__name__}: {w.message}".splitlines()[0]
@@ -447,18 +510,16 @@ class _Row:
             log.info("  %s: %s", self.name, self.skipped_error if self.done == 0 else
                      f"stopped after {self.done} epoch(s): the time budget was spent")
 
-    def finish(self, device: torch.device, data: Any = None) -> dict[str, Any]:
-        """Take the row's result (kept in :attr:`report`; with ``data``, its token accuracy), then free what it holds."""
+    def finish(self, device: torch.device, data: Any = None) -> RowResult:
+        """Take the row's result (kept in :attr:`result`; with ``data``, its token accuracy), then free what it holds."""
         if self.error is None and self.done:
             assert self.history is not None
             log.info("  %s: %.2f s/epoch, final loss %.4f (%.0f s)", self.name, self.history.s_per_epoch(),
                      self.history.losses[-1], self.wall_s)
         accuracy = self._token_accuracy(data)
-        self.report = self.result()
-        if "final_loss" in self.report:
-            self.report["eval_token_accuracy"] = accuracy
+        self.result = self._result(accuracy)
         self.release(device)
-        return self.report
+        return self.result
 
     def _token_accuracy(self, data: Any) -> float | None:
         """The trained model's token accuracy on ``data`` (not timed; after the row's last epoch)."""
@@ -470,63 +531,54 @@ class _Row:
             log.info("  %s: evaluation failed: %s", self.name, e)
             return None
 
-    def result(self) -> dict[str, Any]:
-        """The row's JSON entry (before :func:`compare_rows` adds the comparisons)."""
-        row: dict[str, Any] = {"name": self.name, "epochs": self.epochs, "error": self.error,
-                               "note": self.spec.note if self.spec is not None else ""}
-        if self.error is None and self.skipped_after is not None and self.done == 0:
-            row["error"] = self.skipped_error
-        row["warnings"] = self.warnings[:5]
-        row["wall_s"] = self.wall_s
-        if row["error"] is not None or self.trainer is None or self.history is None or self.spec is None:
-            return row
+    def _result(self, accuracy: float | None) -> RowResult:
+        """The row's result (before :func:`compare_rows` adds the comparisons)."""
+        note = self.spec.note if self.spec is not None else ""
+        error = self.error
+        if error is None and self.skipped_after is not None and self.done == 0:
+            error = self.skipped_error
+        if error is not None or self.trainer is None or self.history is None or self.spec is None:
+            return RowResult(self.name, self.epochs, error, note, self.warnings[:5], self.wall_s)
+        epochs = self.epochs
         if self.skipped_after is not None:
-            row["epochs"] = self.done
-            row["note"] = "; ".join(x for x in (row["note"], f"stopped after {self.done} epoch(s): time budget spent") if x)
-        row.update(self._figures(self.trainer, self.history, self.spec.preset))
-        return row
+            epochs = self.done
+            note = "; ".join(x for x in (note, f"stopped after {self.done} epoch(s): time budget spent") if x)
+        return self._measured(self.trainer, self.history, self.spec.preset, epochs, note, accuracy)
 
-    def _figures(self, trainer: FastTrainer, history: History, preset: Preset) -> dict[str, Any]:
+    def _measured(self, trainer: FastTrainer, history: History, preset: Preset, epochs: int, note: str,
+                  accuracy: float | None) -> RowResult:
+        """The result of a row that trained: its figures from the trainer and its history."""
         steps = sum(r.optimizer_steps for r in history.records)
-        return {
-            "s_per_epoch": history.s_per_epoch(),
-            "epoch_seconds": history.seconds,
-            "epoch_rounds": list(self.rounds) or None,  # interleaved: the round of each epoch
-            "compile_s": _one_off_seconds(history.info),
-            "final_loss": history.losses[-1],
-            "losses": history.losses,
-            "peak_mem_mb": self.peak / 2**20 if self.peak else None,
-            "mem_before_mb": self.before / 2**20 if self.before else None,  # held when the row's first epoch started
-            "syncs_per_step": trainer.loss_reads / steps if steps else None,  # each read is one host sync
-            "micro_batch": preset.batch_size,
-            "accumulation": trainer.accumulation,
-            "strategies": [repr(s) for s in preset.strategies],
-            "info": dict(history.info),
-        }
+        return RowResult(
+            name=self.name, epochs=epochs, error=None, note=note, warnings=self.warnings[:5], wall_s=self.wall_s,
+            s_per_epoch=history.s_per_epoch(),
+            epoch_seconds=history.seconds,
+            epoch_rounds=list(self.rounds) or None,
+            compile_s=_one_off_seconds(history.info),
+            final_loss=history.losses[-1],
+            losses=history.losses,
+            peak_mem_mb=self.peak / 2**20 if self.peak else None,
+            mem_before_mb=self.before / 2**20 if self.before else None,  # held when the row's first epoch started
+            syncs_per_step=trainer.loss_reads / steps if steps else None,  # each read is one host sync
+            micro_batch=preset.batch_size,
+            accumulation=trainer.accumulation,
+            strategies=[repr(s) for s in preset.strategies],
+            info=dict(history.info),
+            eval_token_accuracy=accuracy,
+        )
 
-    def _free_roles(self) -> None:
-        """Release the captured CUDA graphs and stop the DataLoader workers of the row's trainer."""
-        if self.trainer is None:
-            return
-        roles = self.trainer.roles
-        if isinstance(roles.step, CUDAGraphStep):
-            roles.step.release()
-        if isinstance(roles.batches, DataLoaderWorkers):
-            roles.batches.close()
+    def _drop_trainer(self) -> None:
+        if self.trainer is not None:
+            _close_trainer(self.trainer)
+        self.trainer = None
 
     def release(self, device: torch.device) -> None:
         """Free what the row holds once its result is taken: graphs, worker processes, the trainer, the strategies."""
-        self._free_roles()
-        self.trainer = None
+        self._drop_trainer()
         self.spec = None  # its strategies may hold the model (Compile) or device copies of the data (DevicePreload)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _one_off_seconds(info: dict[str, Any]) -> float | None:
-    found = [float(info[k]) for k in ("compile_seconds", "capture_seconds") if isinstance(info.get(k), (int, float))]
-    return sum(found) if found else None
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -564,6 +616,30 @@ def reference_data(max_pairs: int | None = None) -> tuple[tuple[torch.Tensor, to
     return encode_pairs(pairs, tokenizer, max_length=64), tokenizer.vocab_size
 
 
+# ---------------------------------------------------------------------------- running
+@dataclass(frozen=True)
+class _Plan:
+    """A bench run's checked arguments (nothing created yet): which rows, how many epochs, where, in which order."""
+
+    device: torch.device  # where every row trains
+    names: tuple[str, ...]  # the rows to run, by their ROWS name, in order
+    epochs: int  # epochs per row
+    row_epochs: dict[str, int]  # epochs of particular rows, by their ROWS name
+    interleave: bool  # rounds of one epoch of every row (else one row after the other)
+
+
+def _plan(rows: Sequence[str] | str | None, epochs: int | None, device: str | torch.device | None,
+          row_epochs: Mapping[str, int] | None, table: RowTable, interleave: bool | None) -> _Plan:
+    """Check the arguments of a run (a :class:`BenchError` names the bad one) and fill in the defaults."""
+    dev = _device(device)
+    names = resolve_rows(rows, dev, table)
+    if epochs is None:
+        epochs = 50 if dev.type == "cuda" else 2
+    epochs = _check_epochs(epochs, "--epochs")
+    per_row = {resolve_rows([k], dev, table)[0]: _check_epochs(v, f"row_epochs[{k!r}]") for k, v in (row_epochs or {}).items()}
+    return _Plan(dev, tuple(names), epochs, per_row, dev.type == "cpu" if interleave is None else bool(interleave))
+
+
 def run_bench(
     rows: Sequence[str] | str | None = None,
     epochs: int | None = None,
@@ -575,7 +651,7 @@ def run_bench(
     row_epochs: dict[str, int] | None = None,
     seed: int = 0,
     time_budget_s: float | None = None,
-    row_table: dict[str, Callable[[torch.device], RowSpec]] | None = None,
+    row_table: RowTable | None = None,
     interleave: bool | None = None,
 ) -> dict[str, Any]:
     """Measure the rows and return ``{"machine", "config", "rows"}`` (also written to ``out/bench.json``).
@@ -585,7 +661,8 @@ def run_bench(
             CUDA, :data:`CPU_DEFAULT_ROWS` on CPU.
         epochs: epochs per row; default 50 on CUDA, 2 on CPU.
         device: ``"cpu"``/``"cuda"``; default CUDA when available.
-        out: folder for ``bench.json`` (and ``bench.png`` with matplotlib); checked before any training.
+        out: folder for ``bench.json`` (and ``bench.png`` with matplotlib); created once every other
+            argument is checked, and checked writable before any training.
         model_factory: builds the initial model (called once, under ``torch.manual_seed(seed)``);
             default the reference :class:`~hlbd_fast.models.Seq2SeqTransformer`.
         data: ``(src, tgt)`` tensors; default the bundled HLBD pairs.
@@ -594,37 +671,38 @@ def run_bench(
         time_budget_s: interleaved, a round starts only if the seconds spent plus the last
             round's fit (the first round always runs); sequential, no epoch starts after
             it (the first row always runs). Rows cut short or skipped say so.
-        row_table: the rows to pick from (default :data:`ROWS`).
+        row_table: the rows to pick from (default :data:`ROWS`): name -> builder taking the
+            device and returning a :class:`RowSpec` or a :class:`~hlbd_fast.presets.Preset`.
         interleave: run the rows in rounds of one epoch each (default on CPU, where the
             speed drifts); ``False``: one row after the other (default on CUDA).
+
+    Each row's :class:`RowResult` is in the report as :meth:`RowResult.to_dict`.
 
     Raises:
         BenchError: a bad argument (unknown row, bad epochs, ``out`` not writable).
     """
-    dev = _device(device)
     table = ROWS if row_table is None else row_table
-    names = resolve_rows(rows, dev, table)
-    if epochs is None:
-        epochs = 50 if dev.type == "cuda" else 2
-    epochs = _check_epochs(epochs, "--epochs")
-    per_row = {resolve_rows([k], dev, table)[0]: _check_epochs(v, f"row_epochs[{k!r}]") for k, v in (row_epochs or {}).items()}
+    plan = _plan(rows, epochs, device, row_epochs, table, interleave)
     out_dir = _check_out(out)
-    interleave = dev.type == "cpu" if interleave is None else bool(interleave)
     data, initial = _inputs(data, model_factory, seed)
-    config = _config(names, epochs, per_row, data, initial, seed, dev, interleave, time_budget_s)
-    machine = machine_info(dev)
-    bench_rows = [_Row(name, functools.partial(_spec, table, name, dev), per_row.get(name, epochs)) for name in names]
-    budget = _Budget(time_budget_s)
-    if interleave:
-        _run_interleaved(bench_rows, data, dev, budget, initial, seed)
-    else:
-        _run_sequential(bench_rows, data, dev, budget, initial, seed)
-    results = [row.report if row.report is not None else row.finish(dev, data) for row in bench_rows]
-    compare_rows(results, paired=interleave)
-    report = {"machine": machine, "config": config, "rows": results}
+    config = _config(plan, data, initial, seed, time_budget_s)
+    machine = machine_info(plan.device)
+    results = _measure(plan, table, data, initial, seed, time_budget_s)
+    compare_rows(results, paired=plan.interleave)
+    report = {"machine": machine, "config": config, "rows": [r.to_dict() for r in results]}
     if out_dir is not None:
         _write(out_dir, report)
     return report
+
+
+def _measure(plan: _Plan, table: RowTable, data: tuple[torch.Tensor, torch.Tensor], initial: nn.Module, seed: int,
+             time_budget_s: float | None) -> list[RowResult]:
+    """Every row of ``plan`` trained in its order; their results, in the plan's order."""
+    dev = plan.device
+    rows = [_Row(name, functools.partial(_spec, table, name, dev), plan.row_epochs.get(name, plan.epochs)) for name in plan.names]
+    run_rows = _run_interleaved if plan.interleave else _run_sequential
+    run_rows(rows, data, dev, _Budget(time_budget_s), initial, seed)
+    return [row.result if row.result is not None else row.finish(dev, data) for row in rows]
 
 
 def _check_epochs(epochs: Any, what: str) -> int:
@@ -641,8 +719,6 @@ def _check_out(out: str | os.PathLike[str] | None) -> Path | None:
         return check_writable_dir(out, "--out")
     except ValueError as e:
         raise BenchError(str(e)) from None
-
-
 def _inputs(data: tuple[torch.Tensor, torch.Tensor] | None, model_factory: Callable[[], nn.Module] | None, seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], nn.Module]:
     """The data (default: the bundled HLBD pairs) and the initial model on the host, built under ``seed``."""
     if data is None:
@@ -659,13 +735,14 @@ def _inputs(data: tuple[torch.Tensor, torch.Tensor] | None, model_factory: Calla
     return data, copy.deepcopy(initial).cpu()
 
 
-def _config(names: list[str], epochs: int, per_row: dict[str, int], data: tuple[torch.Tensor, torch.Tensor], initial: nn.Module,
-            seed: int, dev: torch.device, interleave: bool, budget: float | None) -> dict[str, Any]:
+def _config(plan: _Plan, data: tuple[torch.Tensor, torch.Tensor], initial: nn.Module, seed: int,
+            budget: float | None) -> dict[str, Any]:
     """The report's ``config``: what was run, and what each column means."""
+    interleave, dev = plan.interleave, plan.device
     return {
-        "epochs": epochs,
-        "row_epochs": per_row,
-        "rows": names,
+        "epochs": plan.epochs,
+        "row_epochs": plan.row_epochs,
+        "rows": list(plan.names),
         "pairs": int(data[0].shape[0]),
         "src_shape": list(data[0].shape),
         "tgt_shape": list(data[1].shape),
@@ -708,7 +785,7 @@ def _run_interleaved(rows: list[_Row], data: tuple[torch.Tensor, torch.Tensor], 
     for row in rows:
         if row.active:
             row.stop_for_budget()
-        if row.report is None:
+        if row.result is None:
             row.finish(dev, data)
 
 
@@ -736,8 +813,8 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
     return {}
 
 
-def compare_rows(rows: list[dict[str, Any]], paired: bool = False) -> None:
-    """Fill ``speedup`` and ``loss_rel_diff`` of every row against the ``baseline`` row (in place).
+def compare_rows(rows: Sequence[RowResult], paired: bool = False) -> None:
+    """Fill the comparisons of every row with the ``baseline`` row: its speed-up, what that rests on, its loss difference.
 
     ``paired`` (interleaved runs): the speed-up is the median of the per-round ratios
     (baseline's epoch seconds over the row's in the same round) over the rounds both rows
@@ -745,52 +822,51 @@ def compare_rows(rows: list[dict[str, Any]], paired: bool = False) -> None:
     ``speedup_rounds`` says how many rounds it rests on. Rounds are the rows'
     ``epoch_rounds`` (epoch ``i`` ran in round ``i`` when absent). Otherwise (sequential)
     the ratio of the ``s_per_epoch`` figures, and ``speedup_epochs`` is the number of
-    epochs the thinner of the two figures rests on.
+    epochs the thinner of the two figures rests on. Rows that did not train, and every row
+    when there is no trained baseline, are left as they are.
     """
-    base = next((r for r in rows if r["name"] == "baseline" and r["error"] is None), None)
+    base = next((r for r in rows if r.name == "baseline" and r.error is None), None)
+    if base is None:
+        return
     for r in rows:
-        for k in ("s_per_epoch", "speedup", "speedup_rounds", "speedup_epochs", "final_loss", "loss_rel_diff",
-                  "compile_s", "peak_mem_mb", "syncs_per_step", "losses"):
-            r.setdefault(k, None)
-        if r["error"] is not None or base is None:
+        if r.error is not None:
             continue
         if paired:
-            _paired_speedup(base, r)
+            r.paired_rounds, r.speedup_per_round, r.speedup, r.speedup_rounds = _paired_speedup(base, r)
         else:
-            _sequential_speedup(base, r)
-        _loss_diff(base, r)
+            r.speedup, r.speedup_epochs = _sequential_speedup(base, r)
+        if base.losses and r.losses:
+            r.loss_compared_at_epoch, r.loss_rel_diff = _loss_diff(base.losses, r.losses)
 
 
-def _by_round(row: dict[str, Any]) -> dict[int, float]:
+def _by_round(row: RowResult) -> dict[int, float]:
     """Epoch seconds of a row by the round they ran in."""
-    seconds = row.get("epoch_seconds") or []
-    rounds = row.get("epoch_rounds") or range(1, len(seconds) + 1)
+    seconds = row.epoch_seconds or []
+    rounds = row.epoch_rounds or range(1, len(seconds) + 1)
     return dict(zip(rounds, seconds))
 
 
-def _paired_speedup(base: dict[str, Any], r: dict[str, Any]) -> None:
+def _paired_speedup(base: RowResult, r: RowResult) -> tuple[list[int], list[float | None], float | None, int]:
+    """(the rounds both completed, the ratio in each, the median ratio, how many rounds that median rests on)."""
     b, x = _by_round(base), _by_round(r)
     common = sorted(set(b) & set(x))
     used = [k for k in (common[1:] or common) if x[k] > 0]
-    r["paired_rounds"] = common
-    r["speedup_per_round"] = [b[k] / x[k] if x[k] > 0 else None for k in common]
-    r["speedup"] = statistics.median(b[k] / x[k] for k in used) if used else None
-    r["speedup_rounds"] = len(used)
+    per_round = [b[k] / x[k] if x[k] > 0 else None for k in common]
+    return common, per_round, statistics.median(b[k] / x[k] for k in used) if used else None, len(used)
 
 
-def _sequential_speedup(base: dict[str, Any], r: dict[str, Any]) -> None:
-    r["speedup"] = base["s_per_epoch"] / r["s_per_epoch"] if r["s_per_epoch"] else None
-    counts = [len(row.get("epoch_seconds") or []) for row in (base, r)]
-    r["speedup_epochs"] = min(max(n - 1, 1) for n in counts) if r["speedup"] is not None and all(counts) else None
+def _sequential_speedup(base: RowResult, r: RowResult) -> tuple[float | None, int | None]:
+    """(the ratio of the s/epoch figures, the epochs the thinner of the two rests on)."""
+    speedup = base.s_per_epoch / r.s_per_epoch if r.s_per_epoch and base.s_per_epoch is not None else None
+    counts = [len(row.epoch_seconds or []) for row in (base, r)]
+    return speedup, min(max(n - 1, 1) for n in counts) if speedup is not None and all(counts) else None
 
 
-def _loss_diff(base: dict[str, Any], r: dict[str, Any]) -> None:
-    if not base["losses"] or not r["losses"]:
-        return
-    k = min(len(base["losses"]), len(r["losses"]))
-    b = base["losses"][k - 1]
-    r["loss_compared_at_epoch"] = k
-    r["loss_rel_diff"] = abs(r["losses"][k - 1] - b) / abs(b) if b else None
+def _loss_diff(base: list[float], losses: list[float]) -> tuple[int, float | None]:
+    """(the last epoch both trained, the relative difference of the two losses there)."""
+    k = min(len(base), len(losses))
+    b = base[k - 1]
+    return k, abs(losses[k - 1] - b) / abs(b) if b else None
 
 
 def _device(name: str | torch.device | None) -> torch.device:
@@ -808,7 +884,7 @@ def _fmt(v: Any, spec: str, none: str = "-") -> str:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The markdown table of a :func:`run_bench` report."""
+    """The markdown table of a :func:`run_bench` report (or of a ``bench.json`` read back)."""
     m, c = report["machine"], report["config"]
     where = m["gpu"] or m["cpu"]
     lines = [
@@ -818,7 +894,7 @@ def format_table(report: dict[str, Any]) -> str:
         "| row | epochs | s/epoch | one-off s | speedup | ratio of | final loss | loss diff | eval token acc | peak MB | syncs/step | note |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    lines += [_table_line(r, c["epochs"]) for r in report["rows"]]
+    lines += [_table_line(RowResult.from_dict(r), c["epochs"]) for r in report["rows"]]
     lines.append("")
     speedup = f"speedup: {c['speedup']}; " if c.get("speedup") else ""
     lines.append(f"s/epoch: {c['s_per_epoch']}; {speedup}peak MB: {c['peak_mem_mb']}; syncs/step: {c['syncs_per_step']}; "
@@ -826,32 +902,31 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _table_line(r: dict[str, Any], epochs: int) -> str:
+def _table_line(r: RowResult, epochs: int) -> str:
     """One row of the table: its figures, or why it has none."""
-    if r["error"] is not None:
-        what = r["error"] if r["error"].startswith(("skipped", "timed out")) else f"failed: {r['error']}"
-        return f"| {r['name']} | {r['epochs']} | - | - | - | - | - | - | - | - | - | {what[:160]} |"
-    note = [r["note"]] if r.get("note") else []
-    if r.get("loss_compared_at_epoch") and r["loss_compared_at_epoch"] != len(r["losses"]):
-        note.append(f"loss compared at epoch {r['loss_compared_at_epoch']}")
-    if r["epochs"] != epochs:
-        note.append(f"{r['epochs']} epochs: s/epoch measured, {epochs}-epoch time extrapolated")
-    if r.get("warnings"):
-        note.append(f"{len(r['warnings'])} warning(s)")
+    if r.error is not None:
+        what = r.error if r.error.startswith(("skipped", "timed out")) else f"failed: {r.error}"
+        return f"| {r.name} | {r.epochs} | - | - | - | - | - | - | - | - | - | {what[:160]} |"
+    note = [r.note] if r.note else []
+    if r.loss_compared_at_epoch and r.loss_compared_at_epoch != len(r.losses or []):
+        note.append(f"loss compared at epoch {r.loss_compared_at_epoch}")
+    if r.epochs != epochs:
+        note.append(f"{r.epochs} epochs: s/epoch measured, {epochs}-epoch time extrapolated")
+    if r.warnings:
+        note.append(f"{len(r.warnings)} warning(s)")
     return (
-        f"| {r['name']} | {r['epochs']} | {_fmt(r['s_per_epoch'], '.2f')} | {_fmt(r['compile_s'], '.1f')} | "
-        f"{_fmt(r['speedup'], '.2f')}{'x' if r['speedup'] is not None else ''} | {_ratio_basis(r)} | "
-        f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['loss_rel_diff'], '.2%')} | {_fmt(r.get('eval_token_accuracy'), '.1%')} | "
-        f"{_fmt(r['peak_mem_mb'], '.0f')} | {_fmt(r['syncs_per_step'], '.3g')} | {'; '.join(note)} |"
+        f"| {r.name} | {r.epochs} | {_fmt(r.s_per_epoch, '.2f')} | {_fmt(r.compile_s, '.1f')} | "
+        f"{_fmt(r.speedup, '.2f')}{'x' if r.speedup is not None else ''} | {_ratio_basis(r)} | "
+        f"{_fmt(r.final_loss, '.4f')} | {_fmt(r.loss_rel_diff, '.2%')} | {_fmt(r.eval_token_accuracy, '.1%')} | "
+        f"{_fmt(r.peak_mem_mb, '.0f')} | {_fmt(r.syncs_per_step, '.3g')} | {'; '.join(note)} |"
     )
 
 
-def _ratio_basis(r: dict[str, Any]) -> str:
+def _ratio_basis(r: RowResult) -> str:
     """What a row's speed-up rests on: ``"3 rounds"`` (interleaved), ``"1 epoch"`` (sequential), or ``"-"``."""
-    if r.get("speedup") is None:
+    if r.speedup is None:
         return "-"
-    for key, unit in (("speedup_rounds", "round"), ("speedup_epochs", "epoch")):
-        n = r.get(key)
+    for n, unit in ((r.speedup_rounds, "round"), (r.speedup_epochs, "epoch")):
         if n is not None:
             return f"{n} {unit}{'' if n == 1 else 's'}"
     return "-"
@@ -869,21 +944,26 @@ def _write(out: Path, report: dict[str, Any]) -> None:
     except ImportError:
         log.info("wrote %s (install hlbd-fast[plot] for bench.png)", out / "bench.json")
         return
-    ok = [r for r in report["rows"] if r["error"] is None]
+    _plot(plt, [r for r in map(RowResult.from_dict, report["rows"]) if r.error is None], out / "bench.png")
+    log.info("wrote %s and %s", out / "bench.json", out / "bench.png")
+
+
+def _plot(plt: Any, ok: list[RowResult], path: Path) -> None:
+    """The rows' losses by epoch beside their speed-ups, as a PNG at ``path``."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in ok:
-        a.plot(range(1, len(r["losses"]) + 1), r["losses"], marker=".", label=r["name"])
+        losses = r.losses or []
+        a.plot(range(1, len(losses) + 1), losses, marker=".", label=r.name)
     a.set_xlabel("epoch")
     a.set_ylabel("training loss")
     a.legend(fontsize=7)
-    b.barh([r["name"] for r in ok], [r["speedup"] or 0.0 for r in ok])
+    b.barh([r.name for r in ok], [r.speedup or 0.0 for r in ok])
     b.axvline(1.0, color="k", lw=0.8)
     b.set_xlabel("speed-up over baseline (s/epoch)")
     b.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(out / "bench.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    log.info("wrote %s and %s", out / "bench.json", out / "bench.png")
 
 
 def _tiny_model() -> nn.Module:
@@ -918,15 +998,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _budget(seconds: float | None, device: str | None) -> float | None:
+def _budget(seconds: float | None, device: torch.device) -> float | None:
     """The time budget: ``--budget``, else :data:`CPU_TIME_BUDGET_S` on CPU; 0 or less: none."""
-    if seconds is None and _device(device).type == "cpu":
+    if seconds is None and device.type == "cpu":
         seconds = CPU_TIME_BUDGET_S
     return seconds if seconds is not None and seconds > 0 else None
 
 
 def _check_out_files(out: str | os.PathLike[str]) -> None:
-    """``--out`` and the files written in it (``bench.json``, ``bench.png``) can be written: else a BenchError."""
+    """``--out`` and the files written in it (``bench.json``, ``bench.png``) can be written: else a BenchError.
+
+    Creates the folder: the last check, once every other argument is known to be good.
+    """
     folder = _check_out(out)
     assert folder is not None
     try:
@@ -936,33 +1019,45 @@ def _check_out_files(out: str | os.PathLike[str]) -> None:
         raise BenchError(str(e)) from None
 
 
+def _check_arguments(args: argparse.Namespace) -> _Plan:
+    """Every option but ``--out``, checked without creating or training anything; a BenchError names the bad one."""
+    if args.baseline_epochs is not None:
+        _check_epochs(args.baseline_epochs, "--baseline-epochs")
+    if args.threads is not None and args.threads < 1:
+        raise BenchError(f"--threads {args.threads} must be >= 1")
+    return _plan(args.rows, args.epochs, args.device, _row_epochs(args), ROWS,
+                 None if args.order == "auto" else args.order == "interleaved")
+
+
+def _row_epochs(args: argparse.Namespace) -> dict[str, int] | None:
+    return {"baseline": args.baseline_epochs} if args.baseline_epochs is not None else None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``hlbd-fast bench`` with the options of :func:`add_arguments`; returns the exit status.
 
     A bad argument (an unknown row, an ``--out`` folder that cannot be written...) is one
-    line on stderr and exit status 2, before any training.
+    line on stderr and exit status 2, before any training; the ``--out`` folder is created
+    only once every other argument is good.
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
+        plan = _check_arguments(args)
         _check_out_files(args.out)  # before any work (the --tiny data included)
-        if args.baseline_epochs is not None:
-            _check_epochs(args.baseline_epochs, "--baseline-epochs")
         if args.threads is not None:
-            if args.threads < 1:
-                raise BenchError(f"--threads {args.threads} must be >= 1")
             torch.set_num_threads(args.threads)
         report = run_bench(
-            rows=args.rows,
-            epochs=args.epochs,
-            device=args.device,
+            rows=list(plan.names),
+            epochs=plan.epochs,
+            device=plan.device,
             out=args.out,
             model_factory=_tiny_model if args.tiny else None,
             data=reference_data(64)[0] if args.tiny else None,
-            row_epochs={"baseline": args.baseline_epochs} if args.baseline_epochs is not None else None,
+            row_epochs=_row_epochs(args),
             seed=args.seed,
-            time_budget_s=_budget(args.budget, args.device),
-            interleave=None if args.order == "auto" else args.order == "interleaved",
+            time_budget_s=_budget(args.budget, plan.device),
+            interleave=plan.interleave,
         )
     except BenchError as e:
         print(f"hlbd-fast bench: error: {e}", file=sys.stderr)

@@ -3,15 +3,17 @@
 * Written atomically (:func:`hlbd_fast._io.atomic_write`) with a SHA-256 of the payload,
   verified on read: a damaged file is an error, never silently different weights.
 * Never written with non-finite weights.
-* Applied only after everything in it was checked against the trainer (model shapes,
-  optimizer class and groups, accumulation, loss normalisation, stateful strategies);
-  should applying still fail, the trainer is put back as it was.
+* Applied only after everything in it was checked against the trainer (model class and
+  configuration, model shapes, optimizer class and groups, scheduler class, accumulation,
+  loss normalisation, stateful strategies); should applying still fail, the trainer is put
+  back as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import io
 import logging
@@ -45,12 +47,16 @@ __all__ = [
     "mid_epoch_state",
     "write_trainer_checkpoint",
     "check_resume",
+    "check_model_config",
+    "check_model_state",
 ]
 
 log = logging.getLogger("hlbd_fast")
 
 #: File name of the rolling checkpoint written in ``checkpoint_dir``.
 CHECKPOINT_NAME = "last.pt"
+# The best checkpoint beside it (``evaluation.BEST_NAME``; not imported: evaluation imports this module).
+_BEST_NAME = "best.pt"
 _FORMAT = "hlbd_fast.checkpoint/2"  # an envelope: payload bytes and their SHA-256
 _OLD_FORMAT = "hlbd_fast.checkpoint/1"  # 0.1: the state itself, no checksum (still read)
 
@@ -115,9 +121,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        IsADirectoryError: ``path`` is a directory (the message names the checkpoint files in it).
         CheckpointError: not a hlbd_fast checkpoint, or its bytes do not match their checksum.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(_directory_message(path))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     outer = _torch_load(path, path, "it is not a hlbd_fast checkpoint, or it is damaged")
@@ -139,6 +148,25 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return state
 
 
+def _directory_message(path: Path) -> str:
+    names = (_BEST_NAME, CHECKPOINT_NAME)
+    present = [n for n in names if (path / n).is_file()]
+    others: list[str] = []
+    if not present:
+        with contextlib.suppress(OSError):  # an unreadable directory: say what can be said
+            others = sorted(p.name for p in path.glob("*.pt") if p.is_file())
+    if present:
+        there = f"it holds {' and '.join(present)}"
+    elif others:
+        there = f"it holds neither, but {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}"
+    else:
+        there = f"it holds neither: fit(checkpoint_dir={str(path)!r}) writes {CHECKPOINT_NAME} there"
+    return (
+        f"checkpoint {path} is a directory, not a checkpoint file; pass a file in it, "
+        f"{path / _BEST_NAME} or {path / CHECKPOINT_NAME} ({there})"
+    )
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """Load only the model weights of a checkpoint into ``model`` (inference; no trainer needed).
 
@@ -146,27 +174,30 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, An
     when the model had a dataclass ``config``), or ``None``. Touches no RNG state.
 
     Raises:
-        FileNotFoundError, CheckpointError: as :func:`read_checkpoint`; also when the
-            weights do not fit ``model`` (the message names the differences).
+        FileNotFoundError, IsADirectoryError, CheckpointError: as :func:`read_checkpoint`;
+            CheckpointError also when the checkpoint was saved from another model class or
+            configuration, or its weights do not fit ``model`` (the message names the
+            differences). Nothing is loaded then.
     """
+    path = Path(path)
     state = read_checkpoint(path)
-    check_model_state(model, state["model"], Path(path))
+    soft = check_model_config(model, state, f"checkpoint {path}")
+    check_model_state(model, state["model"], path)
     model.load_state_dict(state["model"])
+    _warn_soft_config(soft, f"checkpoint {path}", "this model", stacklevel=2)
     return state.get("model_config")
 
 
 # ---------------------------------------------------------------------------- the trainer's state
 def trainer_state(trainer: "FastTrainer", mid_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything a run needs to continue exactly: weights, optimizer, strategies, counters, RNG, history."""
-    import dataclasses
-
-    cfg = getattr(trainer.model, "config", None)
     return {
         "format": _OLD_FORMAT,  # the inner state keeps 0.1's layout, extended
         "model": trainer.model.state_dict(),
         "optimizer": trainer.optimizer.state_dict(),
         "optimizer_class": type(trainer.optimizer).__name__,
         "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
+        "scheduler_class": type(trainer.scheduler).__name__ if trainer.scheduler is not None else None,
         "strategies": [{"type": type(s).__name__, "state": s.state_dict()} for s in trainer.strategies],
         "epoch": trainer.epoch,
         "global_step": trainer.global_step,
@@ -175,7 +206,8 @@ def trainer_state(trainer: "FastTrainer", mid_epoch: dict[str, Any] | None = Non
         "accumulation": trainer.accumulation,
         "rng": rng_state(),
         "history": trainer.history.to_dict(),
-        "model_config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) else None,
+        "model_config": _model_config(trainer.model),
+        "model_class": type(trainer.model).__name__,
         "mid_epoch": mid_epoch,
     }
 
@@ -223,6 +255,72 @@ def check_resume(resume: dict[str, Any], source: Any, distribution: Any) -> None
     n = source.num_batches(distribution)
     if source.loader is None and n is not None and resume["micro_batch_in_epoch"] > n:
         raise ValueError("the checkpoint stopped mid-epoch further in than this data has batches; resume with the same data and batch_size")
+
+
+def _model_config(model: nn.Module) -> dict[str, Any] | None:
+    """``model.config`` as a dict, when it is a dataclass instance (what checkpoints store); else ``None``."""
+    cfg = getattr(model, "config", None)
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) else None
+
+
+def _differs(a: Any, b: Any) -> bool:
+    try:
+        return bool(a != b)
+    except Exception:  # noqa: BLE001 - values without a plain truth value (tensors, arrays)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            return a.shape != b.shape or not torch.equal(a, b)
+        return repr(a) != repr(b)
+
+
+def _is_soft(key: str) -> bool:
+    """A setting that changes training, not what the weights compute: a difference is said, not refused."""
+    return "dropout" in key
+
+
+def check_model_config(model: nn.Module, state: dict[str, Any], where: str = "the state") -> list[str]:
+    """Refuse a checkpoint saved from another model class or configuration than ``model``'s.
+
+    Compared only when ``model`` has a dataclass ``config`` (as :class:`~hlbd_fast.models.Seq2SeqTransformer`):
+    its class name with the stored ``model_class`` and its fields with the stored ``model_config``,
+    each when the checkpoint holds it (older checkpoints may not: they load as before). Weights of
+    the same shapes can compute something else under another ``n_heads`` or ``pad_id``.
+
+    Returns:
+        the differences of dropout settings (``"dropout: checkpoint 0.1, model 0.0"``): they change
+        training, not what the weights compute, so they are for the caller to warn about.
+
+    Raises:
+        CheckpointError: naming each difference (``n_heads: checkpoint 2, model 4``) and the fix.
+    """
+    mine = _model_config(model)
+    if mine is None:
+        return []  # a plain nn.Module: nothing to compare but the weights
+    problems: list[str] = []
+    saved_cls, my_cls = state.get("model_class"), type(model).__name__
+    if saved_cls is not None and saved_cls != my_cls:
+        problems.append(f"model class: checkpoint {saved_cls}, model {my_cls}")
+    saved = state.get("model_config")
+    soft: list[str] = []
+    if isinstance(saved, dict):
+        for key, value in mine.items():
+            if key in saved and _differs(saved[key], value):
+                (soft if _is_soft(key) else problems).append(f"{key}: checkpoint {saved[key]!r}, model {value!r}")
+    if problems:
+        raise CheckpointError(
+            f"{where} was saved from a model built otherwise ({'; '.join(problems)}); its weights would compute "
+            "something else here. Build the model as it was saved (its settings: "
+            "hlbd_fast.checkpoint.read_checkpoint(path)['model_config'])"
+        )
+    return soft
+
+
+def _warn_soft_config(soft: list[str], where: str, here: str, stacklevel: int) -> None:
+    if soft:
+        warnings.warn(
+            f"{where} was trained with other dropout settings than {here} has ({'; '.join(soft)}); "
+            f"{here} keeps its own",
+            stacklevel=stacklevel + 1,
+        )
 
 
 def check_model_state(model: nn.Module, saved: dict[str, Any], path: Path | None) -> None:
@@ -299,6 +397,13 @@ def _check_scheduler(trainer: "FastTrainer", state: dict[str, Any], where: str) 
             f"{where} was trained with a learning-rate scheduler; this trainer has none. Build it with the same "
             "scheduler= (without it the lr would jump back to the optimizer's base value)"
         )
+    saved_cls = state.get("scheduler_class")  # absent from checkpoints written before it was stored
+    mine = type(trainer.scheduler).__name__ if trainer.scheduler is not None else None
+    if saved is not None and saved_cls is not None and mine is not None and saved_cls != mine:
+        raise CheckpointError(
+            f"{where} was trained with scheduler {saved_cls}; this trainer uses {mine}, whose state it cannot take. "
+            f"Build the trainer with the same scheduler= (a {saved_cls}), or load only the weights with load_weights()"
+        )
     if saved is None and trainer.scheduler is not None and int(state.get("global_step", 0)) > 0:
         warnings.warn(f"{where} holds no scheduler state: this trainer's schedule starts at its step 0 from here", stacklevel=4)
 
@@ -325,6 +430,7 @@ def apply_trainer_state(trainer: "FastTrainer", state: dict[str, Any], path: Pat
     is restored to what it was and the error raised as :class:`CheckpointError`.
     """
     where = f"checkpoint {path}" if path else "the state"
+    soft = check_model_config(trainer.model, state, where)
     check_model_state(trainer.model, state["model"], path)
     _check_optimizer(trainer, state, where)
     _check_structure(trainer, state, where)
@@ -344,6 +450,7 @@ def apply_trainer_state(trainer: "FastTrainer", state: dict[str, Any], path: Pat
         raise CheckpointError(f"{where} could not be applied ({type(e).__name__}: {e}); the trainer is unchanged") from e
     if changed:
         warnings.warn(f"{where} restores the optimizer's {', '.join(changed)}", stacklevel=3)
+    _warn_soft_config(soft, where, "this trainer's model", stacklevel=3)
     return state.get("mid_epoch")
 
 

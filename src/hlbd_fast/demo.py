@@ -230,7 +230,7 @@ def _learn_phase(initial: torch.nn.Module, d: DemoData, preset: str, epochs: int
     print(f"learning: '{preset}' for {epochs} epochs at lr {lr:g} (5% warm-up, cosine decay) ...")
     t0 = time.perf_counter()
     history = trainer.fit(d.train, epochs=epochs, eval_data=d.eval, eval_every=max(1, epochs // 6))  # the curve's eval points
-    seconds = time.perf_counter() - t0 - history.info.get("eval_seconds", 0.0)  # training time
+    seconds = time.perf_counter() - t0 - history.eval_seconds  # training time
     quality = trainer.evaluate(d.eval, generate=True)
     on = "held-out" if d.held_out else "training"
     print(

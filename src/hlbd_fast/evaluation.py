@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
@@ -24,7 +25,8 @@ from ._validation import token_loss_sum, token_pair
 from .batches import DataSource, move
 from ._validation import check_positive_int
 from .checkpoint import rng_state, set_rng_state, write_trainer_checkpoint
-from .strategies.padding import TrimPadding, row_lengths
+from .history import Best
+from .strategies.padding import row_lengths
 
 if TYPE_CHECKING:  # pragma: no cover
     from .trainer import FastTrainer
@@ -66,28 +68,43 @@ log = logging.getLogger("hlbd_fast")
 
 
 def _eval_batches(trainer: "FastTrainer", source: DataSource) -> Iterator[Any]:
-    """The data in order, on the device. Tensors move once and are sliced there (no copy per batch).
+    """The data in order, on the device, prepared as training prepares it where results are kept.
 
-    When the trainer trims padding (its TrimPadding proved the model trim-exact), each batch
-    of tensors is trimmed to its longest row, from lengths known on the host.
+    Tensors move once and are sliced there (no copy per batch), their lengths known on the
+    host (``trainer.known_lengths``: trimming them needs no sync). Every strategy that
+    ``prepares_eval_batches`` (trimming, proven on the model) prepares each batch.
     """
+    for batch in _device_batches(trainer, source):
+        for s in trainer.strategies:
+            if s.prepares_eval_batches:
+                batch = s.prepare_batch(trainer, batch)
+        yield batch
+
+
+def _device_batches(trainer: "FastTrainer", source: DataSource) -> Iterator[Any]:
     if source.tensors is None:  # every process reads all of it: no sharding, no stand-ins
         loader = source.loader if source.loader is not None else DataLoader(source.dataset, batch_size=source.batch_size)
         for batch in loader:
             yield trainer.to_device(batch)
         return
     src, tgt = source.tensors
-    trim = trainer.strategy(TrimPadding) is not None
-    if trim:
-        src_len, tgt_len = row_lengths(src.cpu(), trainer.pad_id), row_lengths(tgt.cpu(), trainer.pad_id)
+    src_len, tgt_len = row_lengths(src.cpu(), trainer.pad_id), row_lengths(tgt.cpu(), trainer.pad_id)
     src, tgt = move(src, trainer.device), move(tgt, trainer.device)
-    for i in range(0, src.shape[0], source.batch_size):
-        s, t = src[i : i + source.batch_size], tgt[i : i + source.batch_size]
-        if trim:
-            ks = max(int(src_len[i : i + source.batch_size].max()), 1)
-            kt = max(int(tgt_len[i : i + source.batch_size].max()), 2)
-            s, t = s[:, :ks], t[:, :kt]
+    size = source.batch_size
+    for i in range(0, src.shape[0], size):
+        s, t = src[i : i + size], tgt[i : i + size]
+        trainer.known_lengths.remember(s, t, int(src_len[i : i + size].max()), int(tgt_len[i : i + size].max()))
         yield s, t
+
+
+def _rows(batch: Any) -> int:
+    """Samples in a batch: a pair's rows, a dict's first tensor's rows."""
+    if isinstance(batch, dict):
+        first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+        return int(first.shape[0]) if first is not None else 0
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return int(batch[0].shape[0])
+    return 0
 
 
 def _exact_matches(model: nn.Module, src: torch.Tensor, tgt: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -134,15 +151,15 @@ def evaluate(trainer: "FastTrainer", data: Any, batch_size: int | None = None, g
     sums = torch.zeros(5, dtype=torch.float64, device=trainer.device)  # loss, tokens, correct, exact, samples
     with evaluation_mode(trainer) as model:
         for batch in _eval_batches(trainer, source):
-            src, tgt = token_pair(batch, "FastTrainer.evaluate")
             with precision.forward_context(trainer):
-                logits, targets = trainer.roles.forward.logits(trainer, model, batch)  # Unpad: real positions only
+                logits, targets = trainer.forward_logits(model, batch)  # the training forward's seam
             real = targets.ne(trainer.pad_id)
             correct = (logits.argmax(dim=-1).eq(targets) & real).sum()
-            exact = _exact_matches(model, src, tgt, trainer.pad_id) if generate else correct.new_zeros(())
+            exact = _exact_matches(model, *token_pair(batch, "evaluate(generate=True)"), trainer.pad_id) if generate else correct.new_zeros(())
             parts = [token_loss_sum(logits.float(), targets, trainer.pad_id), real.sum(), correct, exact]
             sums[:4] += torch.stack([x.to(torch.float64) for x in parts])
-            sums[4] += src.shape[0]
+            sums[4] += _rows(batch)
+        trainer.known_lengths.forget()
         loss_sum, tokens, correct, exact, samples = sums.tolist()  # the one host sync of an evaluation
     metrics = {
         "loss": loss_sum / max(tokens, 1.0),
@@ -185,24 +202,37 @@ class EvalPlan:
             return None
         t0 = time.perf_counter()
         metrics = evaluate(trainer, self.data)
-        info = trainer.history.info
-        info["eval_seconds"] = info.get("eval_seconds", 0.0) + time.perf_counter() - t0  # not in any epoch's seconds
+        trainer.history.eval_seconds += time.perf_counter() - t0  # not in any epoch's seconds
         return metrics
 
     def keep_if_best(self, trainer: "FastTrainer", record: Any) -> None:
-        """Write ``best.pt`` (the evaluated weights: EMA's when it is on) when ``record`` improved the metric."""
+        """Write ``best.pt`` (the evaluated weights: EMA's when it is on) when ``record`` improved the metric.
+
+        The record to beat is the history's best only when it follows the same metric and
+        its ``best.pt`` is the one in this ``checkpoint_dir``; otherwise this evaluation
+        starts a new record. A NaN is never best.
+        """
         if self.keep_best is None or not record.eval or trainer.checkpoint_path is None:
             return
         name = self.keep_best.removeprefix("eval_")
         value = float(record.eval[name])
-        best = trainer.history.info.get("best")
-        better = best is None or (value < best["value"] if metric_direction(name) == "min" else value > best["value"])
-        if not better:
+        path = str(trainer.checkpoint_path.with_name(BEST_NAME))
+        if not _improves(trainer.history.best, self.keep_best, path, value):
             return
-        trainer.history.info["best"] = {"metric": self.keep_best, "value": value, "epoch": record.epoch}
-        if trainer.roles.distribution.is_main:
+        written = path if trainer.roles.distribution.is_main else None
+        trainer.history.best = Best(self.keep_best, value, record.epoch, written)
+        if written is not None:
             with contextlib.ExitStack() as stack:
                 for s in trainer.strategies:
                     stack.enter_context(s.eval_scope(trainer))
                 write_trainer_checkpoint(trainer, trainer.checkpoint_path.with_name(BEST_NAME), None)
             log.info("%s %.4f at epoch %d: %s written", self.keep_best, value, record.epoch, BEST_NAME)
+
+
+def _improves(best: Best | None, metric: str, path: str, value: float) -> bool:
+    """Whether ``value`` of ``metric`` beats ``best`` (a best of another metric, or of another best.pt, is no record)."""
+    if math.isnan(value):
+        return False
+    if best is None or best.metric != metric or (best.path is not None and best.path != path):
+        return True
+    return value < best.value if metric_direction(metric) == "min" else value > best.value

@@ -8,7 +8,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["EpochRecord", "History"]
+__all__ = ["EpochRecord", "History", "Best"]
 
 
 @dataclass
@@ -44,12 +44,27 @@ class EpochRecord:
         )
 
 
+@dataclass(frozen=True)
+class Best:
+    """The best evaluation so far of ``fit(keep_best=...)``, whose weights are in ``best.pt``."""
+
+    metric: str  # "eval_loss" or "eval_token_accuracy"
+    value: float  # its best value
+    epoch: int  # the 1-based epoch that reached it
+    path: str | None = None  # the best.pt written with it (None: none was written, e.g. another process)
+
+
 @dataclass
 class History:
-    """Per-epoch records of a run plus run-level figures from strategies (``info``)."""
+    """Per-epoch records of a run, the best evaluation kept, and the seconds spent evaluating.
+
+    What strategies have to say about the run is their typed ``report()``
+    (:meth:`FastTrainer.reports` gathers them).
+    """
 
     records: list[EpochRecord] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)  # e.g. compile seconds, graph breaks
+    best: Best | None = None  # fit(keep_best=...)'s best evaluation so far
+    eval_seconds: float = 0.0  # wall seconds fit spent evaluating (not in any epoch's seconds)
 
     @property
     def losses(self) -> list[float]:
@@ -78,13 +93,17 @@ class History:
         return self.records[i]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: ``{"epochs": [...], "info": {...}}``."""
-        return {"epochs": [asdict(r) for r in self.records], "info": dict(self.info)}
+        """A JSON-ready dict: ``{"epochs": [...], "best": {...} or None, "eval_seconds": s}``."""
+        best = None if self.best is None else asdict(self.best)
+        return {"epochs": [asdict(r) for r in self.records], "best": best, "eval_seconds": self.eval_seconds}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "History":
-        """Inverse of :meth:`to_dict`."""
-        return cls([EpochRecord(**r) for r in d.get("epochs", [])], dict(d.get("info", {})))
+        """Inverse of :meth:`to_dict` (also reads the ``info`` dict that earlier checkpoints carry)."""
+        legacy = d.get("info") or {}
+        best = d.get("best", legacy.get("best"))
+        seconds = float(d.get("eval_seconds", legacy.get("eval_seconds", 0.0)))
+        return cls([EpochRecord(**r) for r in d.get("epochs", [])], None if best is None else Best(**best), seconds)
 
     def save_json(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_dict` as indented JSON."""

@@ -25,7 +25,8 @@ from .strategies.optim import FusedAdamW
 from .strategies.padding import TrimPadding
 from .strategies.precision import MixedPrecision
 from .strategies.tf32 import AllowTF32
-from .strategies.unpad import Unpad, unpad_mode
+from .strategies.needs import Context
+from .strategies.unpad import Unpad
 
 log = logging.getLogger("hlbd_fast")
 
@@ -77,17 +78,25 @@ class Preset:
         names = ", ".join(k.__name__ for k in kinds)
         return dataclasses.replace(self, name=f"{self.name} without {names}", strategies=kept)
 
-    def for_model(self, model: nn.Module) -> "Preset":
-        """This preset for ``model``: without :class:`Unpad` when the model cannot run unpadded (see ``unpad_mode``).
+    def for_model(self, model: nn.Module, device: str | torch.device | None = None) -> "Preset":
+        """This preset for ``model`` on ``device`` (default: the model's): without the strategies
+        whose declaration says they cannot run it (e.g. :class:`Unpad` for a model that cannot run
+        unpadded), each named in the log.
 
-        The rest of the preset stays (in ``fastest`` on CPU, the model then trains padded and
-        trimmed, with the same ``MixedPrecision("auto")``).
+        The rest of the preset stays (in ``fastest`` on CPU, such a model then trains padded
+        and trimmed, with the same ``MixedPrecision("auto")``).
         """
-        if unpad_mode(model) is not None or not any(isinstance(s, Unpad) for s in self.strategies):
+        context = Context(model, _model_device(model) if device is None else torch.device(device))
+        kept = []
+        for s in self.strategies:
+            reason = s.declare(context).unsupported
+            if reason is None:
+                kept.append(s)
+            else:
+                log.info("preset %s: %s is left out: %s", self.name, type(s).__name__, reason)
+        if len(kept) == len(self.strategies):
             return self
-        kept = tuple(s for s in self.strategies if not isinstance(s, Unpad))
-        log.info("preset %s: %s does not run unpadded, so Unpad is left out", self.name, type(model).__name__)
-        return dataclasses.replace(self, strategies=kept)
+        return dataclasses.replace(self, strategies=tuple(kept))
 
 
 def baseline(device: str | torch.device | None = None) -> Preset:
@@ -186,4 +195,9 @@ def get_preset(name: str, device: str | torch.device | None = None) -> Preset:
 def resolve_preset(preset: "Preset | str", device: str | torch.device | None = None, model: nn.Module | None = None) -> Preset:
     """``preset`` itself, or the preset of that name built for ``device``; fitted to ``model`` when given."""
     resolved = preset if isinstance(preset, Preset) else get_preset(str(preset), device=device)
-    return resolved if model is None else resolved.for_model(model)
+    return resolved if model is None else resolved.for_model(model, device)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")

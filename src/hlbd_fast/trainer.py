@@ -21,10 +21,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._validation import check_bool, check_positive_int, infer_vocab_size, token_loss_sum, token_pair
-from ._io import check_writable_dir, ctrl_c_requests_stop
-from ._validation import check_pad_id, check_strategies, check_trainer_arguments
-from .batches import DataSource, check_batch, chunks, epoch_order, host_batches, make_source, move, validate_tensors
+from ._io import check_checkpoint_files, check_writable_dir, ctrl_c_requests_stop
+from ._validation import (
+    check_bool,
+    check_pad_id,
+    check_positive_int,
+    check_strategy_list,
+    check_trainer_arguments,
+    infer_vocab_size,
+    token_loss_sum,
+    token_pair,
+)
+from .batches import DataSource, KnownLengths, check_batch, chunks, epoch_order, host_batches, make_source, move, validate_tensors
 from .checkpoint import (
     CHECKPOINT_NAME,
     apply_trainer_state,
@@ -36,11 +44,12 @@ from .checkpoint import (
     trainer_state,
     write_trainer_checkpoint,
 )
-from .evaluation import EvalPlan, evaluate
+from .evaluation import BEST_NAME, EvalPlan, evaluate
 from .history import EpochRecord, History
 from .meter import EpochMeter, Figures, raise_if_diverged
 from .schedules import resolve_scheduler
-from .strategies.base import ROLES, Forward, Roles, Strategy, StrategyConflictError, resolve_roles
+from .strategies.base import ROLES, Forward, Roles, Strategy, StrategyConflictError, claim, release, resolve_roles
+from .strategies.needs import Context, check_strategies
 
 __all__ = ["FastTrainer", "DataSource", "EpochMeter", "CHECKPOINT_NAME"]
 
@@ -60,7 +69,7 @@ class FastTrainer:
     Args:
         model: any module whose ``forward(src, tgt_in)`` returns logits ``[B, T, V]``, a
             dict with ``"logits"``, or a tuple whose first item is the logits. Other
-            signatures or batch formats: subclass and override :meth:`forward_loss`
+            signatures or batch formats: subclass and override :meth:`forward_logits`
             (and :meth:`count_tokens`).
         strategies: speed-ups, e.g. ``[GradientAccumulation(8), DeferredLossSync()]``.
         optimizer: used as given; default ``torch.optim.Adam(params, lr=lr)``.
@@ -80,8 +89,13 @@ class FastTrainer:
             ``optimizer -> LRScheduler`` (e.g. :func:`hlbd_fast.schedules.warmup_cosine`) or
             a scheduler built on the ``optimizer`` given (see :mod:`hlbd_fast.schedules`).
 
+    Use it as a context manager (``with FastTrainer(...) as trainer:``), or call
+    :meth:`close`, to stop worker processes and free captured graphs when done. A strategy
+    instance serves one trainer at a time.
+
     Attributes:
         roles: the one object per role (:class:`~hlbd_fast.strategies.base.Roles`).
+        known_lengths: the host-known lengths of the batch in hand (:class:`~hlbd_fast.batches.KnownLengths`).
         history: the :class:`~hlbd_fast.history.History` of every epoch so far.
         loss_reads / loss_read_seconds: host syncs spent reading the running loss, and their time.
     """
@@ -102,8 +116,9 @@ class FastTrainer:
         batch_size: int = 32,
         scheduler: Any = None,
     ) -> None:
-        self.strategies: tuple[Strategy, ...] = check_strategies(strategies)
+        self.strategies: tuple[Strategy, ...] = check_strategy_list(strategies)
         check_trainer_arguments(model, lr, max_grad_norm, loss_normalization, progress, batch_size, seed)
+        _refuse_forward_loss_override(type(self))
         self.model = model
         self.lr = float(lr)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -116,17 +131,31 @@ class FastTrainer:
         self.checkpoint_path: Path | None = None  # where fit's checkpoints go, when set
         self.loss_reads = 0  # host syncs spent reading the running figures back (all epochs)
         self.loss_read_seconds = 0.0  # wall seconds those reads took
+        self.known_lengths = KnownLengths()  # host-known lengths of the batch in hand (no sync to trim it)
         self._stop_requested = False
+        self._closed = False
         self._resume: dict[str, Any] | None = None  # set by load() when resuming mid-epoch
         self._epoch_state: dict[str, Any] = {}
         self._checked_device_batch = False
         self._bar: Any = None
         self._eval_plan: EvalPlan | None = None
+        for s in self.strategies:
+            claim(s, self)  # one trainer per strategy instance
+        try:
+            self._build(model, optimizer, device, seed, pad_id, scheduler)
+        except BaseException:
+            self.close()  # a trainer that failed to build owns nothing
+            raise
 
-        self.roles: Roles = resolve_roles(self.strategies, optimizer)
+    def _build(self, model: nn.Module, optimizer: Any, device: Any, seed: int | None, pad_id: int, scheduler: Any) -> None:
+        """Roles, device, the declarations' check, set-up, wrapping, optimizer and schedule."""
+        self.roles, problems = resolve_roles(self.strategies, optimizer)
         _check_forward_override(type(self), self.roles)
         self.device = self.roles.distribution.resolve_device(_default_device(model, device))
         model.to(self.device)
+        problems += check_strategies(self._setup_order(), Context(model, self.device))
+        if problems:
+            raise StrategyConflictError("these strategies cannot train together:\n- " + "\n- ".join(problems))
         self.seed = _seed(seed)
         self.vocab_size = infer_vocab_size(model)
         self.pad_id = check_pad_id(pad_id, self.vocab_size)
@@ -180,18 +209,68 @@ class FastTrainer:
         preset = resolve_preset(preset, _default_device(model, kwargs.get("device")), model)
         return cls(model, **preset.trainer_kwargs(**kwargs))
 
-    def strategy(self, kind: type) -> Strategy | None:
-        """The first strategy that is an instance of ``kind``, or ``None``."""
-        return next((s for s in self.strategies if isinstance(s, kind)), None)
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Release what the strategies started (worker processes, captured graphs) and their ownership.
 
-    # ------------------------------------------------------------------ the loss
-    def forward_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward one micro-batch; return ``(summed token loss, non-pad token count)``, 0-d tensors.
-
-        Override for other model signatures or batch formats (override :meth:`count_tokens`
-        too, and check such batches in :meth:`to_device` with :meth:`validate_tensors`).
+        Idempotent. ``with FastTrainer(...) as trainer:`` calls it on every exit path. A
+        closed trainer refuses to train or evaluate; its strategies may serve a new one.
         """
-        logits, targets = self.roles.forward.logits(self, self.train_model, batch)  # model(src, tgt[:, :-1]) by default
+        if self._closed:
+            return
+        self._closed = True
+        roles = getattr(self, "roles", None)
+        owned = list(self.strategies) + [s for s in (roles or ()) if all(s is not t for t in self.strategies)]
+        try:
+            for s in owned:
+                s.close()
+        finally:
+            for s in self.strategies:
+                release(s, self)
+
+    def __enter__(self) -> "FastTrainer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"FastTrainer.{what}: this trainer was closed; build a new FastTrainer (with fresh strategies)")
+
+    def reports(self) -> dict[str, Any]:
+        """Every strategy's :meth:`~hlbd_fast.strategies.Strategy.report` that has one, by class name."""
+        out: dict[str, Any] = {}
+        for s in self._setup_order():
+            report = s.report()
+            if report is not None:
+                name = type(s).__name__
+                out[name if name not in out else f"{name}#{sum(k.split('#')[0] == name for k in out) + 1}"] = report
+        return out
+
+    # ------------------------------------------------------------------ the forward
+    def forward_logits(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of one batch at the positions the loss scores, and their targets.
+
+        The one seam for the forward: training (with ``model`` the wrapped training model),
+        :meth:`evaluate` and ``fit(eval_data=...)`` (with the plain model, in eval mode), the
+        doctor and ``tune`` all call it; the token loss, the token count and the accuracy
+        follow from ``(logits [..., V], targets [...])`` and ``pad_id``. Default: the
+        ``forward`` role, ``model(src, tgt[:, :-1])`` against ``tgt[:, 1:]``.
+
+        Override it for other model signatures or batch formats (a dict batch), and
+        override :meth:`count_tokens` too (the step divides its loss by the count before
+        running the forwards); check such batches in :meth:`to_device` with
+        :meth:`validate_tensors`.
+        """
+        return self.roles.forward.logits(self, model, batch)
+
+    def forward_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward one training micro-batch: ``(summed token loss, non-pad token count)``, 0-d tensors.
+
+        Built on :meth:`forward_logits` (override that one, not this).
+        """
+        logits, targets = self.forward_logits(self.train_model, batch)
         return token_loss_sum(logits, targets, self.pad_id), self.count_tokens(batch)
 
     def count_tokens(self, batch: Any) -> torch.Tensor:
@@ -310,6 +389,7 @@ class FastTrainer:
                 checkpoint is untouched.
             KeyboardInterrupt: after writing a checkpoint, when one is configured.
         """
+        self._check_open("fit")
         check_positive_int("epochs", epochs)
         check_positive_int("checkpoint_every", checkpoint_every)
         check_bool("resume", resume)
@@ -325,9 +405,9 @@ class FastTrainer:
                     record = self._run_epoch(source, epochs)
                     if record is None or self.checkpoint_path is None:
                         continue
+                    plan.keep_if_best(self, record)  # first: last.pt then carries the new best record
                     if self.epoch % checkpoint_every == 0 or self.epoch == epochs or self._stop_requested:
                         self.save(self.checkpoint_path)
-                    plan.keep_if_best(self, record)
         finally:
             self._eval_plan = None
         return self.history
@@ -340,6 +420,7 @@ class FastTrainer:
         every RNG are left as they were. One host sync (more with ``generate=True``). See
         :func:`hlbd_fast.evaluation.evaluate`.
         """
+        self._check_open("evaluate")
         check_bool("generate", generate)
         return evaluate(self, data, batch_size, generate)
 
@@ -348,6 +429,7 @@ class FastTrainer:
 
         ``data`` as in :meth:`fit`; a DataLoader is used as it is.
         """
+        self._check_open("train_epoch")
         source = self.make_source(data, batch_size, shuffle)
         self._stop_requested = False
         with self._scopes("run"):
@@ -512,6 +594,7 @@ class FastTrainer:
                 raise ValueError("resume=True needs checkpoint_dir=... to find last.pt in")
             return
         self.checkpoint_path = check_writable_dir(checkpoint_dir, "checkpoint_dir") / CHECKPOINT_NAME
+        check_checkpoint_files(self.checkpoint_path.parent, (CHECKPOINT_NAME, BEST_NAME))
         if resume and self.checkpoint_path.exists():
             self.load(self.checkpoint_path)
 
@@ -558,10 +641,20 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 def _check_forward_override(cls: type, roles: Roles) -> None:
-    """A subclass that computes its own loss and a strategy that replaces the forward cannot both act."""
-    if cls.forward_loss is not FastTrainer.forward_loss and type(roles.forward).logits is not Forward.logits:
+    """A subclass that runs the model itself and a strategy that replaces the forward cannot both act."""
+    if cls.forward_logits is not FastTrainer.forward_logits and type(roles.forward).logits is not Forward.logits:
         raise StrategyConflictError(
-            f"{cls.__name__}.forward_loss computes the loss itself, so {roles.forward!r}, which replaces the model's "
-            "forward and the loss positions, would never run; drop the strategy, or call "
-            "self.roles.forward.logits(self, self.train_model, batch) in your forward_loss"
+            f"{cls.__name__}.forward_logits runs the model itself, so {roles.forward!r}, which replaces the model's "
+            "forward and the loss positions, would never run; drop the strategy, or return "
+            "super().forward_logits(model, batch) for the batches it can run"
+        )
+
+
+def _refuse_forward_loss_override(cls: type) -> None:
+    """``forward_loss`` is built on ``forward_logits``; overriding it would leave evaluation on the other seam."""
+    if cls.forward_loss is not FastTrainer.forward_loss:
+        raise TypeError(
+            f"{cls.__name__} overrides forward_loss; override forward_logits(self, model, batch) -> (logits, targets) "
+            "instead (and count_tokens for other batch formats): training, evaluate, fit(eval_data=...), the doctor "
+            "and tune all call it, and the token loss and accuracy follow from it"
         )

@@ -3,8 +3,6 @@
 See :mod:`hlbd_fast.strategies.base` for the loop, its roles and where every hook is called.
 """
 
-from typing import Any
-
 from .accumulation import GradientAccumulation
 from .base import (
     ROLES,
@@ -23,11 +21,12 @@ from .base import (
 from .checkpointing import GradientCheckpointing
 from .compile import Compile
 from .cuda_graph import CUDAGraphStep, GraphBackend
-from .data import DataLoaderWorkers, DevicePreload, GPUPreload
-from .distributed import DistributedDataParallel, DistributedTraining
+from .data import DataLoaderWorkers, DevicePreload
+from .distributed import DistributedTraining
 from .dropout import FastDropout, fast_dropout
 from .ema import EMA
 from .loggers import CSVLogger, TensorBoardLogger
+from .needs import Capability, Computes, Context, Declaration, Need
 from .optim import FusedAdamW
 from .padding import TrimPadding, verify_trim
 from .precision import MixedPrecision
@@ -42,6 +41,11 @@ __all__ = [
     "AllowTF32",
     "BatchSource",
     "CSVLogger",
+    "Capability",
+    "Computes",
+    "Context",
+    "Declaration",
+    "Need",
     "CUDAGraphStep",
     "Compile",
     "DataLoaderWorkers",
@@ -50,13 +54,11 @@ __all__ = [
     "Distribution",
     "EMA",
     "EarlyStopping",
-    "DistributedDataParallel",
     "DistributedTraining",
     "EagerLossSync",
     "FastDropout",
     "Forward",
     "FusedAdamW",
-    "GPUPreload",
     "GradientAccumulation",
     "GradientCheckpointing",
     "GraphBackend",
@@ -76,11 +78,3 @@ __all__ = [
     "verify_unpad",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name == "EXCLUSIVE_HOOKS":  # an ImportError, so `from ... import EXCLUSIVE_HOOKS` shows this message
-        raise ImportError(
-            "EXCLUSIVE_HOOKS was retired in hlbd_fast 0.2: a strategy that replaces a part of the loop now fills a role "
-            "(hlbd_fast.strategies.ROLES); trainer.roles holds the object of each"
-        )
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -53,12 +53,14 @@ The loop, with each role (``roles.X``) and hook (``s.X``: every strategy, in lis
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, ClassVar, ContextManager, Iterable, Iterator
 
 import torch
 from torch import nn
+
+from .needs import Context, Declaration
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..batches import DataSource
@@ -87,38 +89,8 @@ ROLES: tuple[str, ...] = ("distribution", "precision", "optimizer", "accumulatio
 
 _BAR_REFRESH_S = 0.5  # the default read-back policy reads the loss at most this often, for the bar
 
-#: Hooks of hlbd_fast 0.1 that are gone, and where their work goes now.
-_RETIRED = {
-    "owned_hooks": "a strategy fills a role by subclassing the role's class (Precision, BatchSource, ...)",
-    "teardown": "return a context manager from run_scope(trainer); its exit runs on every exit path",
-    "train_step": "subclass StepRunner and override run_step(trainer, micro_batches)",
-    "make_batches": "subclass BatchSource and override batches(trainer, source, epoch)",
-    "accumulation_steps": "subclass Accumulation (or use GradientAccumulation(k))",
-    "global_token_count": "subclass Distribution and override global_tokens(trainer, local)",
-    "reduce_metrics": "subclass Distribution and override all_reduce(trainer, tensor, op)",
-    "should_sync_loss": "subclass LossReadback and override should_read(trainer, event)",
-    "build_optimizer": "subclass OptimizerFactory and override build_optimizer(trainer, params)",
-    "micro_step_context": "subclass Distribution and override gradient_sync(trainer, last)",
-    "forward_context": "subclass Precision and override forward_context(trainer)",
-    "backward": "subclass Precision and override backward(trainer, loss)",
-    "optimizer_step": "subclass Precision and override optimizer_step(trainer)",
-}
-
-
 class StrategyConflictError(ValueError):
     """Two strategies fill the same role, or cannot be combined."""
-
-
-def _positional_counts(fn: Any) -> tuple[int, int] | None:
-    """(required, total) positional parameters of ``fn``; ``None`` when it takes ``*args`` or cannot be read."""
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):  # pragma: no cover - builtins
-        return None
-    if any(p.kind == p.VAR_POSITIONAL for p in params):
-        return None
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return sum(p.default is p.empty for p in positional), len(positional)
 
 
 class Strategy:
@@ -136,10 +108,33 @@ class Strategy:
     #: Position among the strategies for :meth:`wrap_model` (ascending): in-place module
     #: surgery first (checkpointing, 0), then wrappers (DDP 50, compile 100).
     order: int = 0
+    #: What an override of :meth:`before_clip` / :meth:`after_optimizer_step` does: ``"host"``
+    #: (Python work that must run at every step: refused when the step is captured as a CUDA
+    #: graph, which runs it once) or ``"device"`` (it only queues device work, replayed with the step).
+    step_hook_work: ClassVar[str] = "host"
+    #: Whether :meth:`prepare_batch` also prepares evaluation batches: set it for a
+    #: preparation that keeps results (trimming proven padding); leave it off for training
+    #: bookkeeping (shard stand-ins, counters).
+    prepares_eval_batches: ClassVar[bool] = False
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        _check_hooks(cls)
+    # ------------------------------------------------------------------ declarations
+    def declare(self, context: Context) -> Declaration:
+        """What this strategy provides, requires and forbids for ``context`` (model, device).
+
+        Read once when the trainer is built (see :mod:`hlbd_fast.strategies.needs`); the
+        default declares nothing. Presets, the bench, the doctor and ``tune`` read it too.
+        """
+        return Declaration()
+
+    def report(self) -> Any:
+        """What this strategy has to report about the run so far: a frozen dataclass, or ``None``."""
+        return None
+
+    def close(self) -> None:
+        """Release what the strategy started (worker processes, captured graphs); idempotent.
+
+        Called by :meth:`FastTrainer.close` (and on leaving ``with FastTrainer(...)``).
+        """
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: "FastTrainer") -> None:
@@ -213,37 +208,6 @@ class Strategy:
         return f"{type(self).__name__}({args})"
 
 
-def _check_hooks(cls: type) -> None:
-    """Refuse, when the class is defined, hooks of 0.1 and hooks overridden with the wrong arguments."""
-    if cls.__module__ == __name__:
-        return  # the role classes themselves
-    for name, fix in _RETIRED.items():
-        if name in vars(cls) and not any(name in vars(base) for base in cls.__mro__[1:] if base is not object):
-            raise TypeError(f"{cls.__name__}.{name}: this hook was retired in hlbd_fast 0.2; {fix}")
-    old_clip = vars(cls).get("before_clip")
-    if callable(old_clip) and list(inspect.signature(old_clip).parameters)[1:2] == ["optimizer"]:
-        raise TypeError(
-            f"{cls.__name__}.before_clip(self, optimizer): since hlbd_fast 0.2 the hook receives the trainer "
-            "(before_clip(self, trainer)); the optimizer is trainer.optimizer"
-        )
-    for base in cls.__mro__[1:]:
-        for name, fn in vars(base).items():
-            if name.startswith("_") or name not in vars(cls) or not callable(fn) or isinstance(fn, (staticmethod, classmethod)):
-                continue
-            base_counts, counts = _positional_counts(fn), _positional_counts(vars(cls)[name])
-            if base_counts is None or counts is None:
-                continue
-            expected = base_counts[1]
-            if not counts[0] <= expected <= counts[1]:
-                wanted = ", ".join(list(inspect.signature(fn).parameters)[:expected])
-                raise TypeError(
-                    f"{cls.__name__}.{name} takes {counts[1]} positional arguments but the hook is called as "
-                    f"{name}({wanted}); since hlbd_fast 0.2 every hook receives the trainer first"
-                )
-        if base is Strategy:
-            break
-
-
 # ---------------------------------------------------------------------------- the roles
 class Precision(Strategy):
     """Role ``precision``: the forward's numeric context, backward, unscaling and the optimizer step.
@@ -253,11 +217,6 @@ class Precision(Strategy):
     """
 
     role = "precision"
-
-    @property
-    def graph_safe(self) -> bool:
-        """Whether the step can be captured in a CUDA graph (False when the host decides to step)."""
-        return True
 
     def forward_context(self, trainer: "FastTrainer") -> ContextManager[Any]:
         """Entered around forward and loss (autocast)."""
@@ -334,10 +293,6 @@ class BatchSource(Strategy):
     def num_batches(self, trainer: "FastTrainer", source: "DataSource") -> int | None:
         """Micro-batches per epoch of this process, when known."""
         return source.num_batches(trainer.roles.distribution)
-
-    def host_lengths(self, batch: Any) -> tuple[int, int] | None:
-        """The longest ``(src, tgt)`` row of ``batch`` when known on the host without a sync, else ``None``."""
-        return None
 
 
 class Distribution(Strategy):
@@ -489,9 +444,14 @@ class Roles:
     readback: LossReadback
 
 
-def resolve_roles(strategies: Iterable[Strategy], optimizer: torch.optim.Optimizer | None) -> Roles:
-    """One object per role from the user's strategies (and ``optimizer=``); two for one role is an error."""
+def resolve_roles(strategies: Iterable[Strategy], optimizer: torch.optim.Optimizer | None) -> tuple[Roles, list[str]]:
+    """One object per role from the user's strategies (and ``optimizer=``), and every role filled twice.
+
+    The first strategy of a role fills it; each later one is a conflict, returned as a
+    sentence with its fix (the trainer raises them with the declarations' violations).
+    """
     filled: dict[str, Strategy] = {}
+    problems: list[str] = []
     if optimizer is not None:
         filled["optimizer"] = GivenOptimizer(optimizer)
     for s in strategies:
@@ -499,15 +459,35 @@ def resolve_roles(strategies: Iterable[Strategy], optimizer: torch.optim.Optimiz
             continue
         if s.role not in ROLE_CLASSES:
             raise ValueError(f"{s!r} claims unknown role {s.role!r}; the roles are {ROLES}")
-        if s.role in filled:
-            other = filled[s.role]
-            if isinstance(other, GivenOptimizer):
-                raise StrategyConflictError(
-                    f"an optimizer ({type(other.optimizer).__name__}) was given to FastTrainer and strategy {s!r} "
-                    "builds one too; keep one of them"
-                )
-            raise StrategyConflictError(
-                f"strategies {other!r} and {s!r} both fill the role '{s.role}' (only one may); keep one of them"
+        other = filled.setdefault(s.role, s)
+        if other is s:
+            continue
+        if isinstance(other, GivenOptimizer):
+            problems.append(
+                f"an optimizer ({type(other.optimizer).__name__}) was given to FastTrainer and strategy {s!r} "
+                "builds one too; keep one of them"
             )
-        filled[s.role] = s
-    return Roles(**filled)
+        else:
+            problems.append(f"strategies {other!r} and {s!r} both fill the role '{s.role}' (only one may); keep one of them")
+    return Roles(**filled), problems
+
+
+# ---------------------------------------------------------------------------- ownership
+def claim(strategy: Strategy, trainer: "FastTrainer") -> None:
+    """Record ``trainer`` as the owner of ``strategy``; one still owned by another open trainer is refused."""
+    ref = vars(strategy).get("_owner")
+    owner = ref() if ref is not None else None
+    if owner is not None and owner is not trainer:
+        raise ValueError(
+            f"{strategy!r} already belongs to another FastTrainer: a strategy instance keeps one trainer's state "
+            "(its model, averages, records). Build a fresh instance for this trainer (presets build fresh ones), "
+            "or close() the other trainer first"
+        )
+    vars(strategy)["_owner"] = weakref.ref(trainer)
+
+
+def release(strategy: Strategy, trainer: "FastTrainer") -> None:
+    """Forget ``trainer`` as the owner of ``strategy`` (when it owns it)."""
+    ref = vars(strategy).get("_owner")
+    if ref is not None and ref() is trainer:
+        vars(strategy)["_owner"] = None

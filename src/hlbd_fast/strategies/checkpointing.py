@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import Strategy, StrategyConflictError
+from .base import Strategy
+from .needs import Capability, Context, Declaration, Need
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import FastTrainer
@@ -131,7 +132,9 @@ class GradientCheckpointing(Strategy):
     Raises:
         ValueError: at construction for a bad ``modules``; when the trainer is built, if
             no module matched (naming what was searched).
-        StrategyConflictError: with :class:`~hlbd_fast.strategies.CUDAGraphStep`.
+        StrategyConflictError: with a strategy that forbids reading the RNG state in the
+            forward (:class:`~hlbd_fast.strategies.CUDAGraphStep`) or replaces the same
+            layers' forward (:class:`~hlbd_fast.strategies.Unpad` on torch's layers).
     """
 
     order = 0
@@ -155,16 +158,17 @@ class GradientCheckpointing(Strategy):
         self.modules: list[ModuleSpec] | None = modules
         self.checkpointed: list[str] = []  # names of the modules wrapped, set by wrap_model
 
-    def setup(self, trainer: "FastTrainer") -> None:
-        """Refuse :class:`CUDAGraphStep`: checkpointing reads the CUDA RNG state in forward, which capture forbids."""
-        from .cuda_graph import CUDAGraphStep
-
-        if isinstance(trainer.roles.step, CUDAGraphStep):
-            raise StrategyConflictError(
-                "GradientCheckpointing cannot be combined with CUDAGraphStep: torch.utils.checkpoint reads the CUDA RNG "
-                "state in every checkpointed forward, which a CUDA graph capture refuses, so no step could be captured. "
-                "Keep one of them (checkpointing saves memory; the graph saves launch time)"
-            )
+    def declare(self, context: Context) -> Declaration:
+        """It replaces the chosen layers' forward, and reads the RNG state in each checkpointed forward."""
+        layers = "GradientCheckpointing runs the chosen layers' forward under torch.utils.checkpoint"
+        rng = (
+            "torch.utils.checkpoint reads the random generator's state in every checkpointed forward, to recompute "
+            "the same dropout masks in backward"
+        )
+        return Declaration(
+            provides=(Need(Capability.LAYER_FORWARD, layers), Need(Capability.RNG_STATE_IN_FORWARD, rng)),
+            forbids=(Need(Capability.LAYER_FORWARD, layers),),
+        )
 
     def wrap_model(self, trainer: "FastTrainer", model: nn.Module) -> nn.Module:
         """Checkpoint the chosen modules in place; the model object is returned unchanged."""

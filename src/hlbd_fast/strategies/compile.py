@@ -13,6 +13,7 @@ import contextlib
 import time
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 import torch
@@ -20,12 +21,13 @@ from torch import nn
 
 from ..checkpoint import rng_state, set_rng_state
 from .base import Strategy
+from .needs import Capability, Computes, Context, Declaration, Need
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..history import EpochRecord
     from ..trainer import FastTrainer
 
-__all__ = ["Compile", "CompiledModel", "CompilationError", "compile_model", "COMPILE_MODES"]
+__all__ = ["Compile", "CompileReport", "CompiledModel", "CompilationError", "compile_model", "COMPILE_MODES"]
 
 #: ``mode`` values of :class:`Compile` (those of ``torch.compile``'s inductor backend).
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -348,12 +350,23 @@ def _validate(mode: Any, fullgraph: Any, dynamic: Any, strict: Any, backend: Any
 
 
 # ---------------------------------------------------------------------------- strategy
+@dataclass(frozen=True)
+class CompileReport:
+    """What :class:`Compile` cost and what broke (see :meth:`CompiledModel.report`)."""
+
+    compile_seconds: float  # wall seconds of forward calls that compiled, plus backward compile time
+    graph_breaks: list[dict[str, Any]]  # {"reason", "where", "count"} each
+    recompiles: list[dict[str, Any]]  # {"reason", "count"} each (guard failures, e.g. a new shape)
+    input_shapes: int  # distinct input shapes seen
+    compile_fallback: str | None  # why compilation failed and the model runs eager, or None
+
+
 class Compile(Strategy):
     """``torch.compile`` the model the loop calls, and say what it cost and what broke.
 
     ``wrap_model`` (order 100: after in-place surgery and DDP) returns a
     :class:`CompiledModel`; ``trainer.model`` stays the original, holding the weights.
-    Reported into ``trainer.history.info`` at each epoch's end:
+    :meth:`report` (a :class:`CompileReport`) gives:
 
     * ``compile_seconds``: wall seconds of calls that compiled (forward), plus the
       backward compile time torch reports;
@@ -418,23 +431,25 @@ class Compile(Strategy):
         )
         return self._compiled
 
-    def _publish(self, trainer: "FastTrainer") -> None:
-        if self._compiled is not None:
-            trainer.history.info.update(self._compiled.report())
+    def declare(self, context: Context) -> Declaration:
+        """Generated code for the forward: few shapes, no eager kernel overrides; CUDA graphs in some modes."""
+        provides = [Need(Capability.COMPILED_FORWARD, "Compile runs the model as generated code")]
+        if self.mode in ("reduce-overhead", "max-autotune") and context.device.type == "cuda":
+            provides.append(Need(Capability.OWN_CUDA_GRAPHS, f"Compile(mode={self.mode!r}) captures CUDA graphs of its own"))
+        return Declaration(
+            provides=tuple(provides),
+            forbids=(
+                Need(Capability.VARYING_SHAPES, "a compiled model compiles again for every new shape"),
+                Need(Capability.KERNEL_OVERRIDE, "the compiled model draws dropout masks in its own generated kernels"),
+            ),
+            computes=Computes.ROUNDING,
+        )
+
+    def report(self) -> CompileReport | None:
+        """What compilation cost and what broke so far (``None`` before the trainer is built)."""
+        return None if self._compiled is None else CompileReport(**self._compiled.report())
 
     def on_epoch_end(self, trainer: "FastTrainer", record: "EpochRecord") -> None:
-        """Put the compile report into ``history.info``; warn once about new breaks/recompiles."""
-        self._publish(trainer)
+        """Warn once about new graph breaks and recompiles."""
         if self._compiled is not None:
             self._compiled.warn_new_problems()
-
-    @contextlib.contextmanager
-    def _publishing(self, trainer: "FastTrainer") -> Iterator[None]:
-        try:
-            yield
-        finally:
-            self._publish(trainer)
-
-    def run_scope(self, trainer: "FastTrainer") -> ContextManager[Any]:
-        """Publish the report when the run ends, also when it stopped mid-epoch or failed."""
-        return self._publishing(trainer)

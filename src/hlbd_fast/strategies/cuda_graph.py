@@ -20,14 +20,13 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 import torch
 
 from .._validation import check_positive_int, is_token_pair
-from .base import StepRunner, StrategyConflictError
-from .data import DevicePreload
-from .sync import EagerLossSync
+from .base import StepRunner
+from .needs import Capability, Context, Declaration, Need
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import FastTrainer
 
-__all__ = ["CUDAGraphStep", "GraphBackend", "SyncFinding", "first_sync"]
+__all__ = ["CUDAGraphStep", "GraphBackend", "GraphReport", "SyncFinding", "first_sync"]
 
 log = logging.getLogger("hlbd_fast")
 
@@ -271,6 +270,16 @@ class _StepGraph:
 
 
 # ---------------------------------------------------------------------------- the strategy
+@dataclass(frozen=True)
+class GraphReport:
+    """What :class:`CUDAGraphStep` did so far."""
+
+    graphing: bool  # steps go through CUDA graphs (False on CPU and after a fallback)
+    graphs: int  # step graphs captured and kept now
+    capture_seconds: float  # wall seconds spent capturing, all graphs so far
+    fallback: str | None  # why steps run eagerly, once that happened
+
+
 class CUDAGraphStep(StepRunner):
     """Run each optimizer step as one replayed CUDA graph: forward, backward, clipping, optimizer step.
 
@@ -286,7 +295,8 @@ class CUDAGraphStep(StepRunner):
     the static buffers). With :class:`TrimPadding` buckets that is one graph per bucket
     pair. A shape is run eagerly ``warmup_steps`` times, then captured the next time it
     comes: the partial last step of an epoch is captured like any other shape, epochs later.
-    Each graph keeps its own memory pool.
+    The graphs of a device share one memory pool (safe: no tensor allocated in one step
+    outlives it, see ``GraphBackend``).
 
     **Warm-up steps are real training steps** on the real batches, run eagerly on a side
     stream before capture (as CUDA graph capture requires), so nothing is trained twice or
@@ -298,23 +308,26 @@ class CUDAGraphStep(StepRunner):
     the step (``.item()``, ``.cpu()``, printing a tensor, a Python ``if`` on a tensor: seen
     during warm-up with torch's sync debug mode) or a failed capture — every step runs
     :meth:`FastTrainer.train_step` instead, with one warning naming the reason (also in
-    ``trainer.history.info["cuda_graph_fallback"]`` and :attr:`fallback_reason`). A failed
+    :meth:`report` and :attr:`fallback_reason`). A failed
     capture runs no kernel; the gradients it assigned are dropped and the step is then run
     eagerly, so training is the eager loop's.
 
     **Frozen at capture.** Python values the step reads are baked in: the optimizer's
     hyper-parameters (a changed ``lr`` or a new optimizer state, e.g. after ``load``, is
     detected and the graphs are captured again, with one warning), strategies' Python-side
-    work in their hooks (``before_clip`` runs once, at capture), and Python branches in the
-    model. Tensor learning rates are read at replay. The wall seconds spent capturing go to
-    ``trainer.history.info["capture_seconds"]`` and the graph count to ``["cuda_graphs"]``.
+    work in their hooks (a strategy whose step hooks do host work is refused, see below),
+    and Python branches in the model. Tensor learning rates are read at replay.
+    :meth:`report` gives the graphs kept, the seconds spent capturing and any fallback.
 
-    Refused at construction: fp16 loss scaling (a precision whose ``graph_safe`` is False,
-    such as ``MixedPrecision("fp16")``: the GradScaler decides on the host whether to step;
-    use ``MixedPrecision("bf16")``), :class:`EagerLossSync` (it reads the loss after every
-    micro-batch; use :class:`DeferredLossSync`) and :class:`GradientCheckpointing` (it reads
-    the CUDA RNG state in forward, which capture forbids). bf16 autocast is captured with
-    its weight cache off (``cache_enabled=False``).
+    Refused when the trainer is built (see :meth:`declare`): strategies that bring varying
+    shapes (:class:`Unpad`), read the RNG state in the forward
+    (:class:`GradientCheckpointing`), let the host decide whether to step (fp16 loss
+    scaling: use ``MixedPrecision("bf16")``), read the loss after every micro-batch
+    (:class:`EagerLossSync`: use :class:`DeferredLossSync`), do host work in
+    ``before_clip``/``after_optimizer_step`` (``step_hook_work = "host"``), run collectives in
+    the step (:class:`DistributedTraining` across processes) or capture CUDA graphs of their
+    own (``Compile("reduce-overhead")``). bf16 autocast is captured with its weight cache off
+    (``cache_enabled=False``).
 
     Args:
         warmup_steps: eager steps of each shape before it is captured (>= 1).
@@ -334,26 +347,43 @@ class CUDAGraphStep(StepRunner):
         self._signature: tuple[Any, ...] | None = None
         self._tensors: tuple[int, ...] | None = None
         self._warned_recapture = False
+        self._capture_seconds = 0.0  # wall seconds spent capturing, all graphs
 
     # ------------------------------------------------------------------ set-up
+    def declare(self, context: Context) -> Declaration:
+        """Batches on the device; nothing in the step that a replay cannot repeat."""
+        replay = "a captured step replays its device work and runs none of its Python"
+        return Declaration(
+            provides=(Need(Capability.STEP_CAPTURE, "CUDAGraphStep captures the whole step once per shape"),),
+            requires=(Need(Capability.DEVICE_BATCHES, "the graph copies each batch into its static buffers on the device"),),
+            forbids=(
+                Need(Capability.VARYING_SHAPES, "a new shape every micro-batch would mean a new capture every step"),
+                Need(Capability.RNG_STATE_IN_FORWARD, "capture refuses reading the CUDA generator's state"),
+                Need(
+                    Capability.HOST_STEP_DECISION,
+                    "a replayed graph cannot let the host decide whether to step (fp16's GradScaler); use "
+                    "MixedPrecision('bf16'), which needs no scaler",
+                ),
+                Need(Capability.MICRO_BATCH_READS, f"{replay}, so it cannot stop to read the loss; use DeferredLossSync()"),
+                Need(Capability.HOST_STEP_HOOKS, f"{replay}: host work in a step hook would run once, at capture"),
+                Need(
+                    Capability.COLLECTIVES_IN_STEP,
+                    "DDP's bucket rebuild makes a blocking copy in the step after capture warm-up; train one process per "
+                    "graph, or drop CUDAGraphStep under DistributedTraining",
+                ),
+                Need(Capability.OWN_CUDA_GRAPHS, "CUDA graphs cannot be nested inside the step's graph"),
+            ),
+        )
+
+    def report(self) -> "GraphReport":
+        """Graphs kept now, the seconds spent capturing, and why steps run eagerly (if they do)."""
+        return GraphReport(self.graphing, self.graphs, self._capture_seconds, self.fallback_reason)
+
+    def close(self) -> None:
+        """Free the captured graphs and their static buffers (a later step captures again)."""
+        self._graphs.clear()
+
     def setup(self, trainer: "FastTrainer") -> None:
-        roles = trainer.roles
-        if not isinstance(roles.batches, DevicePreload):
-            raise ValueError(
-                "CUDAGraphStep needs DevicePreload (GPUPreload) among the strategies: batches must already be on the "
-                "device for the graph's on-device copy into its static buffers; add DevicePreload() to strategies"
-            )
-        if not roles.precision.graph_safe:
-            raise StrategyConflictError(
-                f"CUDAGraphStep cannot capture {roles.precision!r}: fp16 loss scaling (GradScaler) decides on the host "
-                "whether to step, which a replayed graph cannot do. Use MixedPrecision('bf16') (no scaler) with "
-                "CUDAGraphStep, or drop CUDAGraphStep"
-            )
-        if isinstance(roles.readback, EagerLossSync):
-            raise StrategyConflictError(
-                "CUDAGraphStep replays a whole step at once, so the loss cannot be read back after every micro-batch "
-                "as EagerLossSync does; use DeferredLossSync() (or no read-back strategy) with CUDAGraphStep"
-            )
         self._graphs.clear()
         self.fallback_reason = None
         reason = self._backend.unavailable(trainer.device)
@@ -436,9 +466,7 @@ class CUDAGraphStep(StepRunner):
             return
         seconds = time.perf_counter() - t0
         entry.graph, entry.capture_seconds = graph, seconds
-        info = trainer.history.info
-        info["capture_seconds"] = info.get("capture_seconds", 0.0) + seconds
-        info["cuda_graphs"] = self.graphs
+        self._capture_seconds += seconds
         log.info("CUDAGraphStep: captured a step of shape %s in %.2f s", _describe(entry), seconds)
         graph.replay()  # the capture itself ran nothing: this is the step
 
@@ -480,12 +508,7 @@ class CUDAGraphStep(StepRunner):
         self._step = self._eager
         self._graphs.clear()
         self.fallback_reason = reason
-        trainer.history.info["cuda_graph_fallback"] = reason
         warnings.warn(f"CUDAGraphStep: running the eager step instead of a CUDA graph: {reason}", stacklevel=4)
-
-    def release(self) -> None:
-        """Free the captured graphs and their static buffers (a later step captures again)."""
-        self._graphs.clear()
 
 
 def _describe(entry: _StepGraph) -> str:

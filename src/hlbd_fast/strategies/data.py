@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
 from .._validation import check_bool, check_positive_int
 from .base import BatchSource
+from .needs import Capability, Context, Declaration, Need
 from .padding import row_lengths
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,7 +70,7 @@ def _source_owner(source: "DataSource") -> Any:
     return source.tensors if source.tensors is not None else source.dataset if source.dataset is not None else source.loader
 
 
-# ---------------------------------------------------------------------------- GPUPreload
+# ---------------------------------------------------------------------------- DevicePreload
 @dataclass
 class _Preloaded:
     """A source's data, read once and placed on the trainer's device."""
@@ -107,7 +108,7 @@ class DevicePreload(BatchSource):
     """Keep the whole dataset on the device and batch it there: no DataLoader, no per-batch copy.
 
     Fills the ``batches`` role. On a CPU device the data stays where it is and only the
-    per-batch DataLoader work is saved. ``GPUPreload`` is its name of hlbd_fast 0.1.
+    per-batch DataLoader work is saved.
 
     At the first epoch of a ``fit`` the data is read once (tensors as they are; a Dataset by
     reading every item once and collating them; a DataLoader through its map-style
@@ -126,7 +127,7 @@ class DevicePreload(BatchSource):
     order comes from ``epoch_order`` (shuffled when it has a ``RandomSampler``), and a
     warning says so.
 
-    The micro-batch lengths are known on the host (:meth:`host_lengths`), so
+    The micro-batch lengths are known on the host (``trainer.known_lengths``), so
     :class:`TrimPadding` cuts padding without any sync.
 
     Args:
@@ -143,6 +144,9 @@ class DevicePreload(BatchSource):
 
     prevalidated = True  # every batch is cut from data validated once at preload
 
+    def declare(self, context: Context) -> Declaration:
+        return Declaration(provides=(Need(Capability.DEVICE_BATCHES, "the data is placed on the device once"),))
+
     def __init__(self, last_batch: str = "keep") -> None:
         if last_batch not in _LAST_BATCH:
             raise ValueError(
@@ -152,7 +156,6 @@ class DevicePreload(BatchSource):
         self.last_batch = last_batch
         self._loads = 0
         self._data: _Preloaded | None = None
-        self._last: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
 
     @property
     def loads(self) -> int:
@@ -169,7 +172,7 @@ class DevicePreload(BatchSource):
         key = _source_key(source)
         if self._data is not None and self._data.key == key:
             return self._data
-        self._data = self._last = None  # free the previous data first
+        self._data = None  # free the previous data first
         batch_size, shuffle = source.batch_size, source.shuffle
         if source.tensors is not None:
             src, tgt = source.tensors
@@ -239,9 +242,11 @@ class DevicePreload(BatchSource):
             real = int((pos < n).sum())  # pad rows ("pad") come last in a chunk and hold no target token
             src_len = int(data.src_len[rows].max())
             tgt_len = max(int(data.tgt_len[rows[:real]].max()), 1) if real else 1
-            s, t = self._gather(data, _positions(idx, pos), src_len, tgt_len)
+            at = _positions(idx, pos)
+            s, t = data.src.index_select(0, at), data.tgt.index_select(0, at)
             if real < len(pos):
                 t[real:, 1:] = trainer.pad_id  # pad rows: first target token kept, nothing to predict
+            trainer.known_lengths.remember(s, t, src_len, tgt_len)  # TrimPadding cuts without a sync
             yield s, t
 
     def _last_batch_order(self, order: torch.Tensor, global_batch: int) -> torch.Tensor:
@@ -263,30 +268,11 @@ class DevicePreload(BatchSource):
         full, rest = divmod(n, global_batch)
         return full + (1 if rest and self.last_batch != "drop" else 0)
 
-    def _gather(self, data: _Preloaded, idx: torch.Tensor, src_len: int, tgt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s, t = data.src.index_select(0, idx), data.tgt.index_select(0, idx)
-        self._last = (s, t, src_len, tgt_len)
-        return s, t
-
     @staticmethod
     def _to_device(order: torch.Tensor, device: torch.device) -> torch.Tensor:
         # once per epoch; an asynchronous copy from pageable memory is staged by the driver
         # without waiting for the device (a no-op on the CPU)
         return order.to(device, non_blocking=True)
-
-    def host_lengths(self, batch: Any) -> tuple[int, int] | None:
-        """Host-known ``(src, tgt)`` longest-row lengths of ``batch``, if it is the batch yielded last.
-
-        The batch must still hold the very tensors :meth:`make_batches` yielded (the trainer's
-        device move leaves device tensors as they are); otherwise ``None``. Lengths count up
-        to the last non-pad column of each row (:func:`~hlbd_fast.strategies.padding.row_lengths`).
-        """
-        last = self._last
-        if last is None or not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            return None
-        if batch[0] is last[0] and batch[1] is last[1]:
-            return last[2], last[3]
-        return None
 
 
 def _positions(idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -295,10 +281,6 @@ def _positions(idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     if int(pos[-1]) - first + 1 == count:
         return idx[first : first + count]
     return idx.index_select(0, pos.to(idx.device, non_blocking=True))
-
-
-#: The name of 0.1, kept as an alias.
-GPUPreload = DevicePreload
 
 
 # ---------------------------------------------------------------------------- DataLoaderWorkers
@@ -463,10 +445,9 @@ class DataLoaderWorkers(BatchSource):
         return self._stop_on_error()
 
     def close(self) -> None:
-        """Stop the worker processes (a later epoch starts new ones)."""
-        w, self._workers = self._workers, None
-        if w is not None:
-            it = getattr(w.loader, "_iterator", None)
-            if it is not None and hasattr(it, "_shutdown_workers"):
-                it._shutdown_workers()
-            w.loader._iterator = None
+        """Stop the worker processes (a later epoch starts new ones); idempotent.
+
+        The DataLoader is dropped: its iterator, referenced from nowhere else, shuts its
+        workers down as it is freed (torch's own clean-up, no private call).
+        """
+        self._workers = None

@@ -23,11 +23,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .._validation import is_token_pair
 from ..batches import blank_targets
 from .base import Distribution
+from .needs import Capability, Computes, Context, Declaration, Need
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import FastTrainer
 
-__all__ = ["DistributedTraining", "DistributedDataParallel", "shard_batches", "local_device"]
+__all__ = ["DistributedTraining", "shard_batches", "local_device"]
 
 log = logging.getLogger("hlbd_fast")
 
@@ -116,8 +117,7 @@ class DistributedTraining(Distribution):
     would differ between processes).
 
     A ``Ctrl-C`` under torchrun ends every process; resume from the last epoch checkpoint.
-    ``DistributedDataParallel`` is this strategy's name of hlbd_fast 0.1 (it shadowed
-    torch's class of that name).
+    Launched, it brings collectives into the step, which :class:`CUDAGraphStep` refuses.
 
     Args:
         backend: ``"nccl"`` or ``"gloo"``; ``None`` picks ``nccl`` when training on CUDA,
@@ -168,6 +168,12 @@ class DistributedTraining(Distribution):
         return self._world
 
     # ------------------------------------------------------------------ set-up
+    def declare(self, context: Context) -> Declaration:
+        if not self._active:
+            return Declaration()
+        why = "DistributedTraining all-reduces token counts and gradients inside every step"
+        return Declaration(provides=(Need(Capability.COLLECTIVES_IN_STEP, why),), computes=Computes.ROUNDING)
+
     def resolve_device(self, device: torch.device) -> torch.device:
         """This process's device, set current before anything moves there; the process group is joined here."""
         if not self._active:
@@ -302,8 +308,6 @@ class DistributedTraining(Distribution):
         return self._stand_ins
 
 
-#: The name of hlbd_fast 0.1 (it shadowed torch's ``DistributedDataParallel``), kept as an alias.
-DistributedDataParallel = DistributedTraining
 
 
 def _check_rendezvous() -> None:

@@ -47,17 +47,19 @@ import logging
 import math
 import threading
 import warnings
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ContextManager
 
 import torch
 
-from .base import Strategy, StrategyConflictError
+from .base import Strategy
+from .needs import Capability, Computes, Context, Declaration, Need
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import FastTrainer
 
-__all__ = ["FastDropout", "fast_dropout", "torch_draws_dropout_serially"]
+__all__ = ["FastDropout", "DropoutReport", "fast_dropout", "torch_draws_dropout_serially"]
 
 log = logging.getLogger("hlbd_fast")
 
@@ -163,6 +165,14 @@ def fast_dropout(exact: bool = False) -> ContextManager[Any]:
     return _BernoulliKernel(exact)
 
 
+@dataclass(frozen=True)
+class DropoutReport:
+    """What :class:`FastDropout` did in the run."""
+
+    active: bool  # masks went through FastDropout (False on CUDA, or where torch draws them in parallel)
+    masks_drawn: int  # masks drawn through it so far
+
+
 class FastDropout(Strategy):
     """Draw CPU dropout masks with one 32-bit draw per element, or torch's exact masks faster.
 
@@ -205,15 +215,16 @@ class FastDropout(Strategy):
         """Masks drawn through FastDropout so far (0 when it is not active)."""
         return self._kernel.calls
 
-    def setup(self, trainer: "FastTrainer") -> None:
-        from .compile import Compile
+    def declare(self, context: Context) -> Declaration:
+        why = "FastDropout replaces torch's CPU bernoulli kernel, which a compiled model's generated dropout never calls"
+        computes = Computes.EXACT if self.exact else Computes.RANDOM_STREAM
+        return Declaration(provides=(Need(Capability.KERNEL_OVERRIDE, why),), computes=computes)
 
-        compiled = trainer.strategy(Compile)
-        if compiled is not None:
-            raise StrategyConflictError(
-                f"FastDropout cannot be combined with {compiled!r}: the compiled model draws dropout masks in its own "
-                "generated kernels. Keep one of them"
-            )
+    def report(self) -> "DropoutReport":
+        """Whether the masks go through FastDropout, and how many it drew."""
+        return DropoutReport(self._active, self.masks_drawn)
+
+    def setup(self, trainer: "FastTrainer") -> None:
         if trainer.device.type != "cpu":
             log.info("FastDropout: %s dropout is one fused kernel already; FastDropout changes nothing there", trainer.device.type)
             self._active = False

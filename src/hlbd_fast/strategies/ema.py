@@ -80,6 +80,8 @@ class EMA(Strategy):
             the newest weights (0.999 averages over about the last 1000 steps).
     """
 
+    step_hook_work = "device"  # after_optimizer_step only queues device work: a captured step replays it
+
     def __init__(self, decay: float = 0.999) -> None:
         self.decay = check_number("decay", decay, "EMA", low=0.0, low_inclusive=True, high=1.0, hint=", e.g. decay=0.999")
         self._model: nn.Module | None = None

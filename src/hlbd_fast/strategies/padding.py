@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .._validation import check_bool, check_positive_int, extract_logits, replace_pair, token_loss_sum, token_pair
-from .base import BatchSource, Strategy
+from .base import Strategy
+from .needs import Computes, Context, Declaration
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import FastTrainer
@@ -147,9 +148,13 @@ class TrimPadding(Strategy):
     ``tests/test_padding.py``; :func:`verify_trim` checks a model). The pad id is the
     trainer's ``pad_id``, for sources and targets alike.
 
+    Evaluation batches are trimmed the same way (``prepares_eval_batches``), so a model
+    refused by the proof is refused in :meth:`FastTrainer.evaluate` too, never evaluated
+    on other numbers than the plain loop's.
+
     Host syncs: the longest row must be known on the host to cut. With :class:`DevicePreload`
-    (or any batch source whose ``host_lengths(batch)`` knows them) the lengths are
-    known on the host from preload time: no sync at all. Otherwise the two lengths are read
+    (or any batch source that records them in ``trainer.known_lengths``) and in evaluation
+    the lengths are known on the host: no sync at all. Otherwise the two lengths are read
     back together, one sync per micro-batch (none on a CPU device).
 
     Args:
@@ -180,17 +185,24 @@ class TrimPadding(Strategy):
         self.check = check_bool("check", check, "TrimPadding")
         self._pad_id = 0
         self._model: nn.Module | None = None
-        self._host_lengths: Callable[[Any], tuple[int, int] | None] = _no_lengths
         self._told_sync = False
+        self._proof: TrimCheck | None = None
         self._verify: Callable[[Any], None] = self._verify_batch if check else _no_check
+
+    prepares_eval_batches = True  # a proven cut keeps the results: evaluation is trimmed alike
+
+    def declare(self, context: Context) -> Declaration:
+        return Declaration(computes=Computes.ROUNDING, proof=self.check)
 
     def setup(self, trainer: "FastTrainer") -> None:
         self._pad_id = trainer.pad_id
         self._model = trainer.model
-        batches = trainer.roles.batches
-        knows = type(batches).host_lengths is not BatchSource.host_lengths
-        self._host_lengths = batches.host_lengths if knows else _no_lengths
+        self._proof = None
         self._verify = self._verify_batch if self.check else _no_check
+
+    def report(self) -> TrimCheck | None:
+        """What the proof measured on the first batch with padding to cut (``None`` before, or unchecked)."""
+        return self._proof
 
     # ------------------------------------------------------------------ the cut
     def keep_length(self, needed: int, length: int, minimum: int = 1) -> int:
@@ -204,7 +216,7 @@ class TrimPadding(Strategy):
 
     def prepare_batch(self, trainer: "FastTrainer", batch: Any) -> Any:
         src, tgt = token_pair(batch, "TrimPadding")
-        lengths = self._host_lengths(batch)
+        lengths = trainer.known_lengths.lookup(batch)
         if lengths is None:
             lengths = self._device_lengths(src, tgt)
         self._verify(batch)
@@ -215,9 +227,9 @@ class TrimPadding(Strategy):
         return replace_pair(batch, src[:, :ks], tgt[:, :kt])
 
     def _device_lengths(self, src: torch.Tensor, tgt: torch.Tensor) -> tuple[int, int]:
-        if self._host_lengths is not _no_lengths and not self._told_sync:
+        if src.device.type != "cpu" and not self._told_sync:
             self._told_sync = True
-            log.info("TrimPadding: the batch is not the one the data strategy yielded; reading its lengths back (one sync per batch)")
+            log.info("TrimPadding: batch lengths are not known on the host; reading them back (one sync per batch)")
         both = torch.stack([row_lengths(src, self._pad_id).max(), row_lengths(tgt, self._pad_id).max()])
         ls, lt = both.tolist()  # host sync: the cut needs the longest row on the host; both read at once
         return int(ls), int(lt)
@@ -225,20 +237,16 @@ class TrimPadding(Strategy):
     def _verify_batch(self, batch: Any) -> None:
         assert self._model is not None, "TrimPadding.setup was not called"
         try:
-            cut = verify_trim(self._model, batch, self._pad_id).columns_cut
+            proof = verify_trim(self._model, batch, self._pad_id)
         except ValueError as e:
             raise ValueError(
                 f"TrimPadding refused this model on its first batch with padding to cut: {e}. "
                 "(TrimPadding(check=False) skips this proof; use it only for a model you have checked yourself)"
             ) from None
-        if cut > 0:
+        if proof.columns_cut > 0:
+            self._proof = proof
             self._verify = _no_check  # proven on a batch with padding to cut; never again
 
 
 def _no_check(batch: Any) -> None:
     """The disabled check."""
-
-
-def _no_lengths(batch: Any) -> None:
-    """No host-known lengths: they are read back from the device."""
-    return None

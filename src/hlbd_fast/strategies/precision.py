@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ContextManager
 
 import torch
@@ -32,6 +33,7 @@ from torch import nn
 
 from .._validation import check_number, check_positive_int
 from .base import Precision
+from .needs import Capability, Computes, Context, Declaration, Need
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..history import EpochRecord
@@ -39,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "MixedPrecision",
+    "PrecisionReport",
     "PRECISIONS",
     "resolve_dtype",
     "cpu_has_native_bf16",
@@ -219,6 +222,14 @@ def find_gradient_hooks(model: nn.Module) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- strategy
+@dataclass(frozen=True)
+class PrecisionReport:
+    """What :class:`MixedPrecision` asked for and what it uses on the trainer's device."""
+
+    dtype: str  # asked for: "bf16", "fp16" or "auto"
+    precision: str  # used: "bf16", "fp16" or "fp32" (autocast off)
+
+
 class MixedPrecision(Precision):
     """Run forward and loss under autocast in bf16 or fp16 (role ``precision``).
 
@@ -236,7 +247,7 @@ class MixedPrecision(Precision):
 
     The dtype actually used depends on the trainer's device, so it is resolved in
     :meth:`setup`: ``dtype`` keeps what was asked, ``resolved`` what is used, and
-    ``trainer.history.info["precision"]`` records it.
+    :meth:`report` gives both.
 
     Not bit-exact: autocast rounds matmul inputs to 8 (bf16) or 11 (fp16) mantissa
     bits. The tests bound the final loss against fp32 from the same weights and order.
@@ -270,10 +281,18 @@ class MixedPrecision(Precision):
         """The run's GradScaler (fp16), or ``None`` (bf16, or before ``setup``)."""
         return self._scaler
 
-    @property
-    def graph_safe(self) -> bool:
-        """fp16's GradScaler decides on the host whether to step, which a CUDA graph cannot replay."""
-        return self.resolved != "fp16"
+    def declare(self, context: Context) -> Declaration:
+        """Lower precision (fp32 where ``"auto"`` keeps it); under fp16 the host decides whether to step."""
+        resolved = resolve_dtype(self.dtype, context.device)
+        provides: tuple[Need, ...] = ()
+        if resolved == "fp16":
+            why = "fp16's GradScaler reads the gradients back and decides on the host whether the optimizer steps"
+            provides = (Need(Capability.HOST_STEP_DECISION, why),)
+        return Declaration(provides=provides, computes=Computes.EXACT if resolved == _FP32 else Computes.PRECISION)
+
+    def report(self) -> "PrecisionReport | None":
+        """The dtype asked for and the one used (``None`` before the trainer is built)."""
+        return None if self.resolved is None else PrecisionReport(self.dtype, self.resolved)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: "FastTrainer") -> None:
@@ -288,7 +307,6 @@ class MixedPrecision(Precision):
         self._scaler = (
             make_grad_scaler(trainer.device, self.init_scale, self.growth_interval) if resolved == "fp16" else None
         )
-        trainer.history.info["precision"] = resolved
         if resolved == _FP32:
             logging.getLogger("hlbd_fast").info(
                 "MixedPrecision('auto'): this CPU has no native bf16 (AVX512-BF16/AMX); bf16 would be emulated "

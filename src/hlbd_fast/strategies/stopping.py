@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ContextManager
 
 from .._validation import check_number, check_positive_int
@@ -12,7 +13,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..history import EpochRecord
     from ..trainer import FastTrainer
 
-__all__ = ["EarlyStopping"]
+__all__ = ["EarlyStopping", "StopReport"]
+
+
+@dataclass(frozen=True)
+class StopReport:
+    """Where :class:`EarlyStopping` stopped a run."""
+
+    epoch: int  # the 1-based epoch it stopped after
+    metric: str  # the metric it followed
+    best: float | None  # the best value seen
+    best_epoch: int | None  # the epoch of that value
 
 
 class EarlyStopping(Strategy):
@@ -34,9 +45,8 @@ class EarlyStopping(Strategy):
     one may add metrics of its own there.
 
     The best value, its epoch and the count go into checkpoints: a resumed run goes on
-    counting. When it stops, ``trainer.history.info["early_stopping"]`` holds
-    ``{"epoch", "metric", "best", "best_epoch"}`` (``epoch``: the 1-based epoch it stopped
-    after).
+    counting. When it stops, :meth:`report` gives a :class:`StopReport` (``epoch``: the
+    1-based epoch it stopped after, the metric, the best value and its epoch).
 
     Raises (at an epoch's end):
         ValueError: the epoch has no evaluation, none was ever seen, and ``fit`` was given
@@ -56,7 +66,8 @@ class EarlyStopping(Strategy):
         held_out = torch.randint(1, 50, (16, 10)), torch.randint(1, 50, (16, 10))
         trainer = FastTrainer(model, strategies=[EarlyStopping("eval_loss", patience=2)], progress=False, lr=1e-2)
         history = trainer.fit((src, tgt), epochs=50, eval_data=held_out)  # stops once it overfits
-        print(history.info.get("early_stopping"))  # {'epoch': ..., 'metric': 'eval_loss', 'best': ..., 'best_epoch': ...}
+        stop = trainer.strategies[0]
+        print(stop.report())  # StopReport(epoch=..., metric='eval_loss', best=..., best_epoch=...), or None
 
     Args:
         metric: ``"eval_"`` + an evaluation metric.
@@ -78,6 +89,7 @@ class EarlyStopping(Strategy):
         self._wait = 0  # evaluations in a row without improvement
         self._evaluations = 0  # evaluations seen (over resumes)
         self._evaluation_planned: bool | None = None  # whether the current fit was given eval_data (None: unknown)
+        self._stopped: StopReport | None = None  # where it stopped the run, once it did
 
     @property
     def direction(self) -> str:
@@ -122,13 +134,12 @@ class EarlyStopping(Strategy):
             return
         self._wait += 1
         if self._wait >= self.patience:
-            trainer.history.info["early_stopping"] = {
-                "epoch": record.epoch,
-                "metric": self.metric,
-                "best": self._best,
-                "best_epoch": self._best_epoch,
-            }
+            self._stopped = StopReport(record.epoch, self.metric, self._best, self._best_epoch)
             trainer.request_stop()
+
+    def report(self) -> "StopReport | None":
+        """Where it stopped the run (``None``: it did not)."""
+        return self._stopped
 
     def _read(self, metrics: dict[str, float]) -> float:
         key = self.metric.removeprefix("eval_")

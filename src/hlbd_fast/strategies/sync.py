@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from .._validation import check_positive_int
 from .base import LossReadback
+from .needs import Capability, Context, Declaration, Need
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import FastTrainer
@@ -46,6 +47,9 @@ class EagerLossSync(LossReadback):
     This is the cost the original HLBD loop pays (one host-device sync per micro-batch); the
     ``baseline`` preset uses it so that benchmarks measure that loop faithfully.
     """
+
+    def declare(self, context: Context) -> Declaration:
+        return Declaration(provides=(Need(Capability.MICRO_BATCH_READS, "EagerLossSync reads the loss after every micro-batch"),))
 
     def should_read(self, trainer: "FastTrainer", event: str) -> bool:
         return event == "micro_batch"

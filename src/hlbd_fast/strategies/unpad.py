@@ -26,7 +26,8 @@ from torch import nn
 
 from .._validation import check_bool, check_positive_int, extract_logits, token_loss_sum, token_pair
 from ..packing import UnpadBatch
-from .base import Forward, StrategyConflictError
+from .base import Forward
+from .needs import Capability, Computes, Context, Declaration, Need
 from .unpad_layers import check_layers, packable_layers, packed_layers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -196,6 +197,7 @@ class Unpad(Forward):
             check_positive_int("multiple_of", multiple_of, "Unpad", hint=" (1: no filler rows; None: by precision)")
         self.multiple_of = multiple_of
         self._mode: str | None = None
+        self._proof: UnpadCheck | None = None
         self._verify: Callable[["FastTrainer", Any, int], None] = self._verify_batch
 
     @property
@@ -203,30 +205,31 @@ class Unpad(Forward):
         """How the model runs unpadded: ``"protocol"`` or ``"layers"`` (see :func:`unpad_mode`); set when the trainer is built."""
         return self._mode
 
+    def declare(self, context: Context) -> Declaration:
+        """Varying shapes (every micro-batch packs to its own row count); in mode ``"layers"`` the layers' forward."""
+        provides = [Need(Capability.VARYING_SHAPES, "every micro-batch packs to its own number of real tokens")]
+        forbids: list[Need] = []
+        mode, unsupported = unpad_mode(context.model), None
+        if mode is None:
+            unsupported = f"Unpad cannot run {type(context.model).__name__} on its real tokens: {_PROTOCOL}"
+        elif mode == "layers":
+            try:
+                check_layers(context.model)
+            except ValueError as e:
+                unsupported = str(e)
+            why = "Unpad packs the rows of the model's torch transformer layers by replacing their forward"
+            provides.append(Need(Capability.LAYER_FORWARD, why))
+            forbids.append(Need(Capability.LAYER_FORWARD, why))
+        return Declaration(tuple(provides), (), tuple(forbids), Computes.ROUNDING, self.check, unsupported)
+
     def setup(self, trainer: "FastTrainer") -> None:
-        from .compile import Compile
-        from .cuda_graph import CUDAGraphStep
-
-        from .checkpointing import GradientCheckpointing
-
-        self._mode = unpad_mode(trainer.model)
-        if self._mode is None:
-            raise ValueError(f"Unpad cannot run {type(trainer.model).__name__} on its real tokens: {_PROTOCOL}")
-        if self._mode == "layers":
-            check_layers(trainer.model)
-            checkpointing = trainer.strategy(GradientCheckpointing)
-            if checkpointing is not None:
-                raise StrategyConflictError(
-                    f"Unpad cannot pack the torch transformer layers of {type(trainer.model).__name__} together with "
-                    f"{checkpointing!r}: both replace those layers' forward. Keep one of them"
-                )
-        other = trainer.strategy(Compile) or (trainer.roles.step if isinstance(trainer.roles.step, CUDAGraphStep) else None)
-        if other is not None:
-            raise StrategyConflictError(
-                f"Unpad cannot be combined with {other!r}: every micro-batch packs to another number of tokens, which "
-                "a compiled graph or a captured CUDA graph would have to recompile or recapture; keep one of them"
-            )
+        self._mode = unpad_mode(trainer.model)  # the declaration refused a model without one
+        self._proof = None
         self._verify = self._verify_batch if self.check else _no_check
+
+    def report(self) -> UnpadCheck | None:
+        """What the proof measured on the first batch (``None`` before it ran, or unchecked)."""
+        return self._proof
 
     def rows_multiple(self, device: torch.device) -> int:
         """The multiple the packed rows are rounded up to now: ``multiple_of``, or chosen by the autocast in force."""
@@ -258,7 +261,7 @@ class Unpad(Forward):
 
     def _verify_batch(self, trainer: "FastTrainer", batch: Any, multiple_of: int) -> None:
         try:
-            verify_unpad(trainer.model, batch, trainer.pad_id, multiple_of=multiple_of)
+            self._proof = verify_unpad(trainer.model, batch, trainer.pad_id, multiple_of=multiple_of)
         except ValueError as e:
             raise ValueError(
                 f"Unpad refused this model on its first batch: {e}. (Unpad(check=False) skips this proof; use it only "
