@@ -350,15 +350,15 @@ def test_ratios_come_only_from_rounds_both_rows_completed():
 
 
 class _CountingGraphStep(CUDAGraphStep):
-    """CUDAGraphStep that counts release() calls (on CPU it runs the eager step)."""
+    """CUDAGraphStep that counts close() calls (on CPU it runs the eager step)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.released = 0
 
-    def release(self) -> None:
+    def close(self) -> None:
         self.released += 1
-        super().release()
+        super().close()
 
 
 class _Watch(Strategy):

@@ -152,7 +152,7 @@ def test_allow_tf32_within_tf32_rounding_of_fp32_and_flags_restored(fp32_only):
     tf32 = train(base, [AllowTF32(), DeferredLossSync(), flags], epochs=3)
     assert flags.seen == {(True, True)}, "TF32 was not on during the steps"
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
-    assert tf32[1].info["tf32"] is True
+    assert tf32[2].reports()["AllowTF32"].tf32 is True
     fp32 = train(base, [DeferredLossSync()], epochs=3)
     assert fp32[1].losses[-1] < 0.95 * fp32[1].losses[0], "the reference run did not train"
     assert tf32[1].losses[-1] == pytest.approx(fp32[1].losses[-1], rel=TF32_TOL)
@@ -232,8 +232,8 @@ def test_resume_with_captured_graphs_equals_a_straight_run(tmp_path, fp32_only, 
         resumed = train(base, strategies(), epochs=3, checkpoint_dir=tmp_path, resume=True)
     assert graph_warnings(record) == []
     for _, h, t in (straight, first, resumed):
-        assert "cuda_graph_fallback" not in h.info and t.roles.step.graphing
-    assert resumed[2].roles.step.graphs >= 1 and resumed[1].info["cuda_graphs"] >= 1
+        assert t.roles.step.report().fallback is None and t.roles.step.graphing
+    assert resumed[2].roles.step.graphs >= 1 and resumed[2].roles.step.report().graphs >= 1
     assert len(resumed[1].losses) == 3
     assert_close_training(resumed[:2], straight[:2], ROUNDING)
 
@@ -250,8 +250,8 @@ def test_doctor_on_fastest_keeps_the_graphs():
         warnings.simplefilter("always")
         d = diagnose(_tiny_model(), data, preset="fastest", device="cuda", steps=5, warmup=2)
     assert graph_warnings(record) == []
-    assert "cuda_graph_fallback" not in d.run_info, d.run_info.get("cuda_graph_fallback")
-    assert d.run_info.get("cuda_graphs", 0) >= 1
+    graphs = d.run_info["CUDAGraphStep"]
+    assert graphs["fallback"] is None and graphs["graphs"] >= 1, graphs
     assert math.isfinite(d.step_s) and d.step_s > 0 and d.device_s is not None
     assert any("the warm-up ran" in n for n in d.notes)
 
@@ -312,7 +312,7 @@ FRESH_PROCESS = textwrap.dedent(
         warnings.simplefilter("always")
         t = FastTrainer(model, strategies=[DevicePreload(), DeferredLossSync(), step], device="cuda", seed=0, progress=False)
         h = t.fit((src, tgt), 2, batch_size=8)
-    print(json.dumps({"info": {k: v for k, v in h.info.items() if isinstance(v, (int, float, str, bool))},
+    print(json.dumps({"info": {k: str(v) for k, v in t.reports().items()},
                       "graphing": step.graphing, "graphs": step.graphs, "losses": h.losses,
                       "warnings": [str(w.message) for w in record]}))
     """

@@ -377,14 +377,14 @@ def test_a_captured_step_runs_none_of_the_doctor_and_every_shape_is_warm(one_thr
     assert backend.doctor_clock == []
     assert set(backend.doctor_calls) <= {"before_clip"}, dict(backend.doctor_calls)
     assert len(backend.graphs) == 4, "three buckets and the partial last step"
-    assert "cuda_graph_fallback" not in d.run_info and d.run_info["cuda_graphs"] == len(backend.graphs)
+    assert d.run_info["CUDAGraphStep"]["fallback"] is None and d.run_info["CUDAGraphStep"]["graphs"] == len(backend.graphs)
     warm = next(n for n in d.notes if "the warm-up ran" in n)
     assert f"({len(backend.graphs)} graphs of {len(backend.graphs)} shapes)" in warm and "not captured" not in warm
     assert sum(g.replays for g in backend.graphs) > 0
     # the step is timed whole: one phase, no per-module view
     assert d.step_s > 0 and d.phases["other"] > 0 and d.phases["forward"] == 0.0
     assert d.top_modules == []
-    assert json.loads(json.dumps(d.to_dict()))["run_info"]["cuda_graphs"] == len(backend.graphs)
+    assert json.loads(json.dumps(d.to_dict()))["run_info"]["CUDAGraphStep"]["graphs"] == len(backend.graphs)
 
 
 def test_a_graph_step_that_fell_back_is_reported(one_thread):
@@ -394,7 +394,7 @@ def test_a_graph_step_that_fell_back_is_reported(one_thread):
         warnings.simplefilter("ignore")  # CUDAGraphStep's own fallback warning
         d = diagnose(TinySeq2Seq(), ragged_pairs(n=24), strategies=[DevicePreload(), DeferredLossSync(), CUDAGraphStep()],
                      steps=2, batch_size=4, warmup=1)
-    assert "device is cpu" in d.run_info["cuda_graph_fallback"]
+    assert "device is cpu" in d.run_info["CUDAGraphStep"]["fallback"]
     assert any(n.startswith("CUDAGraphStep ran the eager step instead of graphs") for n in d.notes)
     assert not any("the warm-up ran" in n for n in d.notes)  # nothing to capture: no warm-up epochs
     assert "CUDAGraphStep ran the eager step" in str(d)

@@ -21,7 +21,7 @@ code, captured graphs — is kept between the row's epochs too. When a row finis
 holds is freed (its CUDA graphs released, its worker processes stopped, its trainer dropped).
 
 Columns: seconds per epoch (median of the epochs after the first, which pays one-off
-costs), one-off compile/capture seconds (``history.info``), speed-up over baseline and
+costs), one-off compile/capture seconds (the strategies' reports), speed-up over baseline and
 what it rests on (``ratio of``; see :func:`compare_rows`: interleaved, the median of the
 per-round ratios over the rounds both rows completed, after the first; sequential, the
 ratio of seconds per epoch), final loss and its relative difference to baseline's at the
@@ -77,7 +77,7 @@ from torch import nn
 from ._io import atomic_write, check_writable_dir, check_writable_file
 from .checkpoint import rng_state, set_rng_state
 from .cli import resolve_device
-from .history import EpochRecord, History
+from .history import EpochRecord, History, reports_dict
 from .presets import Preset, baseline, extreme, fastest, quick
 from .strategies import (
     Compile,
@@ -93,7 +93,6 @@ from .strategies import (
     TrimPadding,
     Unpad,
 )
-from .strategies.cuda_graph import CUDAGraphStep
 from .trainer import FastTrainer
 
 __all__ = ["ROWS", "CPU_DEFAULT_ROWS", "CPU_TIME_BUDGET_S", "resolve_rows", "reference_data", "machine_info", "BenchError",
@@ -273,7 +272,7 @@ class RowResult:
     micro_batch: int | None = None  # the preset's micro-batch size
     accumulation: int | None = None  # micro-batches per optimizer step
     strategies: list[str] | None = None  # repr of each strategy of the row's preset
-    info: dict[str, Any] | None = None  # the run's info (History.info: compile seconds, graph breaks...)
+    info: dict[str, Any] | None = None  # the strategies' reports (FastTrainer.reports, as dicts): compile seconds, graphs...
     eval_token_accuracy: float | None = None  # the trained model's token accuracy on the training data, not timed
     speedup: float | None = None  # baseline's epoch seconds over the row's (see compare_rows)
     speedup_rounds: int | None = None  # interleaved: how many rounds the speed-up rests on
@@ -309,7 +308,9 @@ class RowResult:
 
 
 def _one_off_seconds(info: Mapping[str, Any]) -> float | None:
-    found = [float(info[k]) for k in ("compile_seconds", "capture_seconds") if isinstance(info.get(k), (int, float))]
+    """Compile and graph-capture seconds from a row's strategy reports (``info``), when it has any."""
+    parts = (info.get("Compile", {}).get("compile_seconds"), info.get("CUDAGraphStep", {}).get("capture_seconds"))
+    found = [float(x) for x in parts if isinstance(x, (int, float))]
     return sum(found) if found else None
 
 
@@ -397,18 +398,6 @@ class _Budget:
     def allows(self, next_s: float) -> bool:
         """Whether work expected to take ``next_s`` seconds ends within the budget (a round, interleaved)."""
         return self.seconds is None or self.elapsed() + next_s <= self.seconds
-
-
-def _close_trainer(trainer: FastTrainer) -> None:
-    """Free what a row's trainer holds outside its tensors: its captured CUDA graphs, its DataLoader worker processes.
-
-    The bench's one place for this (a row that finished, or failed); its body is to become ``trainer.close()``.
-    """
-    roles = trainer.roles
-    if isinstance(roles.step, CUDAGraphStep):
-        roles.step.release()
-    if isinstance(roles.batches, DataLoaderWorkers):
-        roles.batches.close()
 
 
 class _Row:
@@ -549,12 +538,13 @@ class _Row:
                   accuracy: float | None) -> RowResult:
         """The result of a row that trained: its figures from the trainer and its history."""
         steps = sum(r.optimizer_steps for r in history.records)
+        info = reports_dict(trainer.reports())
         return RowResult(
             name=self.name, epochs=epochs, error=None, note=note, warnings=self.warnings[:5], wall_s=self.wall_s,
             s_per_epoch=history.s_per_epoch(),
             epoch_seconds=history.seconds,
             epoch_rounds=list(self.rounds) or None,
-            compile_s=_one_off_seconds(history.info),
+            compile_s=_one_off_seconds(info),
             final_loss=history.losses[-1],
             losses=history.losses,
             peak_mem_mb=self.peak / 2**20 if self.peak else None,
@@ -563,13 +553,13 @@ class _Row:
             micro_batch=preset.batch_size,
             accumulation=trainer.accumulation,
             strategies=[repr(s) for s in preset.strategies],
-            info=dict(history.info),
+            info=info,
             eval_token_accuracy=accuracy,
         )
 
     def _drop_trainer(self) -> None:
         if self.trainer is not None:
-            _close_trainer(self.trainer)
+            self.trainer.close()  # its captured graphs, its worker processes
         self.trainer = None
 
     def release(self, device: torch.device) -> None:

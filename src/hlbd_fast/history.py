@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
-__all__ = ["EpochRecord", "History", "Best"]
+__all__ = ["EpochRecord", "History", "Best", "reports_dict"]
 
 
 @dataclass
@@ -42,6 +42,11 @@ class EpochRecord:
             empty_micro_batches=int(figures.empty),
             tokens=int(figures.tokens),
         )
+
+
+def reports_dict(reports: dict[str, Any]) -> dict[str, Any]:
+    """Strategy reports (:meth:`FastTrainer.reports`) as JSON-ready data: each dataclass as a dict, by strategy."""
+    return {name: asdict(r) if is_dataclass(r) and not isinstance(r, type) else str(r) for name, r in reports.items()}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from torch import nn
 from .._validation import check_positive_int
 from ..strategies.base import Strategy
 from ..strategies.unpad import unpad_mode
+from ..history import reports_dict
 from ..trainer import FastTrainer
 from .probe import Probe, SyncCounter, forward_hooks
 from .report import ClassTime, Diagnosis, DoctorError, ModuleTime, OpTime, SyncSource
@@ -78,10 +79,11 @@ def diagnose(
     trainer = FastTrainer(model, **kwargs)
     try:
         measured = _measure(trainer, probe, data, steps, warmup)
+        probe.stop()
+        return _assemble(trainer, probe, measured, steps, dynamo_before)  # reads the reports before close
     finally:
         probe.stop()
-        _close_workers(trainer)
-    return _assemble(trainer, probe, measured, steps, dynamo_before)
+        trainer.close()  # worker processes, captured graphs
 
 
 def _check_arguments(model: Any, steps: Any, warmup: Any, batch_size: Any, copy_model: bool, trainer_kwargs: dict[str, Any]) -> None:
@@ -138,16 +140,6 @@ def _copy_model(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)
     except Exception as e:  # noqa: BLE001 - re-raised with the fix
         raise DoctorError(f"the model could not be deep-copied ({e}); pass copy_model=False to train it in place") from e
-
-
-def _close_workers(trainer: FastTrainer) -> None:
-    """Stop DataLoaderWorkers' processes (``train_epoch`` leaves them running for the next epoch)."""
-    close = getattr(trainer.roles.batches, "close", None)
-    if callable(close):
-        try:
-            close()
-        except Exception:  # noqa: BLE001 - never hide the diagnosis (or its error) behind a shutdown failure
-            log.warning("doctor: the DataLoader workers could not be stopped", exc_info=True)
 
 
 # ---------------------------------------------------------------------------- the passes
@@ -295,7 +287,7 @@ def _graph_breaks(trainer: FastTrainer, before: dict[str, int], compiled: bool) 
     after = _graph_break_counter()
     reasons = [(str(k), int(v - before.get(k, 0))) for k, v in after.items() if v - before.get(k, 0) > 0]
     reasons.sort(key=lambda r: r[1], reverse=True)
-    info = trainer.history.info.get("graph_breaks")
+    info = next((r.graph_breaks for r in trainer.reports().values() if hasattr(r, "graph_breaks")), None)
     compiled = compiled or info is not None
     if isinstance(info, (int, float)) and not isinstance(info, bool):
         count: int | None = int(info)
@@ -412,15 +404,14 @@ def _padding(probe: Probe) -> dict[str, float]:
 
 
 def _run_info(trainer: FastTrainer) -> dict[str, Any]:
-    """``trainer.history.info`` as JSON-ready data (numbers, strings and booleans kept, anything else as text)."""
-    plain = (str, int, float, bool, type(None))
-    return {str(k): v if isinstance(v, plain) else str(v) for k, v in trainer.history.info.items()}
+    """The strategies' reports (:meth:`FastTrainer.reports`) as JSON-ready data, by strategy."""
+    return reports_dict(trainer.reports())
 
 
 def _caveats(trainer: FastTrainer, probe: Probe) -> list[str]:
     """The notes every diagnosis of this kind carries."""
     notes = []
-    fallback = trainer.history.info.get("cuda_graph_fallback")
+    fallback = next((r.fallback for r in trainer.reports().values() if getattr(r, "fallback", None)), None)
     if fallback:
         notes.append(f"CUDAGraphStep ran the eager step instead of graphs ({fallback}): these are the eager step's times")
     if probe.replaced_step:

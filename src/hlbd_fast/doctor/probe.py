@@ -75,6 +75,10 @@ class Probe(Strategy):
     timestamps (and, timed on CUDA, syncs) are taken.
     """
 
+    # before_clip times the step on the host, and does nothing when a step role replays the
+    # step (``replaced_step``): what remains is safe to capture
+    step_hook_work = "device"
+
     def __init__(self) -> None:
         self.device = torch.device("cpu")
         self.cuda = False

@@ -99,7 +99,7 @@ class Diagnosis:
     graph_break_reasons: list[tuple[str, int]]  # (reason, count)
     recommendations: list[Recommendation]  # largest share first
     notes: list[str]  # caveats of this measurement
-    #: what the run recorded in ``trainer.history.info`` (``cuda_graphs``, ``cuda_graph_fallback``, ``tf32``...)
+    #: the strategies' reports by strategy (``{"CUDAGraphStep": {"graphs", "fallback", ...}, ...}``)
     run_info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
