@@ -195,3 +195,87 @@ def test_fit_evaluation_arguments_are_checked_before_training(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         t.fit(ragged_pairs(n=8), 1, batch_size=8, **kw)
     assert t.global_step == 0
+
+
+# ---------------------------------------------------------------------------- the best checkpoint is never lost
+class Scripted(Strategy):
+    """Replaces each epoch's evaluation with scripted values (by 1-based epoch), before keep_best reads it."""
+
+    def __init__(self, values, name="loss"):
+        self.values, self.name = values, name
+
+    def on_epoch_end(self, trainer, record):
+        record.eval = {self.name: self.values[record.epoch], "tokens": 10.0}
+
+
+def weights_of(path):
+    model = TinySeq2Seq()
+    load_weights(model, path)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_a_resume_keeps_the_best_of_the_interrupted_run(tmp_path):
+    """Losses 3.065, 3.069, 2.979 (best: epoch 3), then a resume to 6 epochs whose epoch 4 scores 3.056: best.pt stays."""
+    values = {1: 3.065, 2: 3.069, 3: 2.979, 4: 3.056, 5: 3.1, 6: 3.2}
+    data = ragged_pairs(n=16)
+    make(strategies=[Scripted(values)]).fit(data, 3, batch_size=8, eval_data=data, keep_best="eval_loss", checkpoint_dir=tmp_path)
+    best = weights_of(tmp_path / "best.pt")
+    t = make(strategies=[Scripted(values)])
+    t.fit(data, 6, batch_size=8, eval_data=data, keep_best="eval_loss", checkpoint_dir=tmp_path, resume=True)
+    assert (t.history.best.epoch, t.history.best.value) == (3, 2.979)
+    assert all(torch.equal(a, b) for a, b in zip(best, weights_of(tmp_path / "best.pt")))
+
+
+def test_another_metric_starts_its_own_record(tmp_path):
+    """A loss of 3.1 is no record for an accuracy: the first accuracy evaluation writes best.pt."""
+    data = ragged_pairs(n=16)
+    t = make(strategies=[Scripted({1: 3.2, 2: 3.1, 3: 0.05, 4: 0.04}, name="loss")])
+    t.fit(data, 2, batch_size=8, eval_data=data, keep_best="eval_loss", checkpoint_dir=tmp_path)
+    t.strategies[0].name = "token_accuracy"  # the same trainer, now following an accuracy
+    t.fit(data, 4, batch_size=8, eval_data=data, keep_best="eval_token_accuracy", checkpoint_dir=tmp_path)
+    assert (t.history.best.metric, t.history.best.epoch, t.history.best.value) == ("eval_token_accuracy", 3, 0.05)
+
+
+def test_a_fresh_checkpoint_dir_gets_its_own_best(tmp_path):
+    data = ragged_pairs(n=16)
+    t = make(strategies=[Scripted({1: 1.0, 2: 1.5, 3: 2.0, 4: 3.0})])
+    t.fit(data, 2, batch_size=8, eval_data=data, keep_best="eval_loss", checkpoint_dir=tmp_path / "a")
+    t.fit(data, 4, batch_size=8, eval_data=data, keep_best="eval_loss", checkpoint_dir=tmp_path / "b")
+    assert t.history.best.epoch == 3 and t.history.best.path == str(tmp_path / "b" / "best.pt")
+    weights_of(tmp_path / "b" / "best.pt")  # it exists and loads
+
+
+def test_a_nan_evaluation_is_never_best(tmp_path):
+    data = ragged_pairs(n=16)
+    t = make(strategies=[Scripted({1: float("nan"), 2: 2.0, 3: 3.0})])
+    t.fit(data, 3, batch_size=8, eval_data=data, keep_best="eval_loss", checkpoint_dir=tmp_path)
+    assert (t.history.best.epoch, t.history.best.value) == (2, 2.0)
+
+
+def test_best_and_last_as_directories_are_refused_before_training(tmp_path):
+    (tmp_path / "best.pt").mkdir()
+    t = make()
+    with pytest.raises(ValueError, match="best.pt"):
+        t.fit(ragged_pairs(n=8), 1, batch_size=8, eval_data=ragged_pairs(n=8), keep_best="eval_loss", checkpoint_dir=tmp_path)
+    assert t.global_step == 0
+
+
+def test_trimming_in_evaluation_is_proven_or_refused(tmp_path):
+    """Evaluation with TrimPadding on a model that lets padding leak is refused, never different from plain evaluation."""
+
+    class Leaky(TinySeq2Seq):
+        def forward(self, src, tgt_in):  # pools over every source position, padding included
+            out = super().forward(src, tgt_in)
+            return out + src.float().mean(dim=1, keepdim=True).unsqueeze(-1) * 0.1
+
+    src, tgt = ragged_pairs(n=16)
+    src = torch.cat([src, torch.zeros(16, 5, dtype=torch.long)], 1)
+    torch.manual_seed(0)
+    plain = make(Leaky()).evaluate((src, tgt))
+    with pytest.raises(ValueError, match="TrimPadding refused this model"):
+        make(Leaky(), strategies=[TrimPadding(multiple_of=1)]).evaluate((src, tgt))
+    torch.manual_seed(0)
+    exact = make(TinySeq2Seq()).evaluate((src, tgt))
+    torch.manual_seed(0)
+    trimmed = make(TinySeq2Seq(), strategies=[TrimPadding(multiple_of=1)]).evaluate((src, tgt))
+    assert trimmed["loss"] == pytest.approx(exact["loss"], rel=1e-5) and math.isfinite(plain["loss"])
