@@ -192,8 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         grad_log,  # ours: before_clip / on_epoch_end
     ]
     trainer = MaskedTrainer(
-        model, strategies=strategies, lr=args.lr, pad_id=tokenizer.pad_id, seed=args.seed,
-        batch_size=16, progress=not args.no_progress,
+        model,
+        strategies=strategies,
+        lr=args.lr,
+        pad_id=tokenizer.pad_id,
+        seed=args.seed,
+        batch_size=16,
+        progress=not args.no_progress,
     )
     print(f"strategies: {list(trainer.strategies)}")
     filled = {role: type(getattr(trainer.roles, role)).__name__ for role in ROLES}

@@ -26,14 +26,14 @@ from hlbd_fast.data import PAD_ID, CharTokenizer, encode_pairs, load_hlbd
 class TorchSeq2Seq(nn.Module):
     """Token and position embeddings, ``nn.Transformer`` (batch first, pre-norm), a linear head."""
 
-    def __init__(self, vocab_size: int, d_model: int = 256, heads: int = 8, layers: int = 3, d_ff: int = 1024,
-                 dropout: float = 0.1, max_length: int = 64) -> None:
+    def __init__(
+        self, vocab_size: int, d_model: int = 256, heads: int = 8, layers: int = 3, d_ff: int = 1024, dropout: float = 0.1, max_length: int = 64
+    ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(max_length, d_model)
-        self.transformer = nn.Transformer(d_model, heads, layers, layers, d_ff, dropout, batch_first=True,
-                                          norm_first=True, activation="gelu")
+        self.transformer = nn.Transformer(d_model, heads, layers, layers, d_ff, dropout, batch_first=True, norm_first=True, activation="gelu")
         self.head = nn.Linear(d_model, vocab_size)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -43,15 +43,18 @@ class TorchSeq2Seq(nn.Module):
         n = tgt_in.shape[1]
         causal = torch.ones(n, n, dtype=torch.bool, device=src.device).triu(1)  # True: not attended (as the padding masks)
         hidden = self.transformer(
-            self._embed(src), self._embed(tgt_in), tgt_mask=causal, tgt_is_causal=True,
-            src_key_padding_mask=src.eq(PAD_ID), tgt_key_padding_mask=tgt_in.eq(PAD_ID),
+            self._embed(src),
+            self._embed(tgt_in),
+            tgt_mask=causal,
+            tgt_is_causal=True,
+            src_key_padding_mask=src.eq(PAD_ID),
+            tgt_key_padding_mask=tgt_in.eq(PAD_ID),
             memory_key_padding_mask=src.eq(PAD_ID),
         )
         return self.head(hidden)
 
 
-def train(model: nn.Module, preset: presets.Preset, data: tuple[torch.Tensor, torch.Tensor], epochs: int,
-          progress: bool) -> tuple[list[float], float]:
+def train(model: nn.Module, preset: presets.Preset, data: tuple[torch.Tensor, torch.Tensor], epochs: int, progress: bool) -> tuple[list[float], float]:
     """Losses per epoch and seconds per epoch (after the first) of ``preset`` on ``model``."""
     trainer = FastTrainer.from_preset(model, preset, device="cpu", seed=0, progress=progress)
     mode = getattr(trainer.roles.forward, "mode", None)

@@ -32,14 +32,12 @@ class TinySeq2Seq(nn.Module):
 class TorchSeq2Seq(nn.Module):
     """An encoder-decoder on nn.Transformer that passes key padding masks, as tutorials write it."""
 
-    def __init__(self, dropout: float = 0.0, batch_first: bool = True, norm_first: bool = False,
-                 memory_mask: bool = True, seed: int = 0) -> None:
+    def __init__(self, dropout: float = 0.0, batch_first: bool = True, norm_first: bool = False, memory_mask: bool = True, seed: int = 0) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.batch_first, self.memory_mask, self.vocab_size = batch_first, memory_mask, 23
         self.embed, self.pos = nn.Embedding(23, 16), nn.Embedding(32, 16)
-        self.transformer = nn.Transformer(16, 2, 2, 2, 32, dropout, batch_first=batch_first, norm_first=norm_first,
-                                          activation="gelu")
+        self.transformer = nn.Transformer(16, 2, 2, 2, 32, dropout, batch_first=batch_first, norm_first=norm_first, activation="gelu")
         self.head = nn.Linear(16, 23)
 
     def _emb(self, x):
@@ -48,9 +46,15 @@ class TorchSeq2Seq(nn.Module):
 
     def forward(self, src, tgt_in):
         causal = nn.Transformer.generate_square_subsequent_mask(tgt_in.shape[1])
-        h = self.transformer(self._emb(src), self._emb(tgt_in), tgt_mask=causal, src_key_padding_mask=src.eq(0),
-                             tgt_key_padding_mask=tgt_in.eq(0), tgt_is_causal=True,
-                             memory_key_padding_mask=src.eq(0) if self.memory_mask else None)
+        h = self.transformer(
+            self._emb(src),
+            self._emb(tgt_in),
+            tgt_mask=causal,
+            src_key_padding_mask=src.eq(0),
+            tgt_key_padding_mask=tgt_in.eq(0),
+            tgt_is_causal=True,
+            memory_key_padding_mask=src.eq(0) if self.memory_mask else None,
+        )
         return self.head(h if self.batch_first else h.transpose(0, 1))
 
 

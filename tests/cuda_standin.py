@@ -38,8 +38,14 @@ class StandInBackend(GraphBackend):
         watch: a ``sys.setprofile`` function active while a step is captured.
     """
 
-    def __init__(self, fail: str | None = None, syncs: Iterable[str | None] = (), broken: str | None = None,
-                 extra_state: Callable[[], list[torch.Tensor]] | None = None, watch: Any = None) -> None:
+    def __init__(
+        self,
+        fail: str | None = None,
+        syncs: Iterable[str | None] = (),
+        broken: str | None = None,
+        extra_state: Callable[[], list[torch.Tensor]] | None = None,
+        watch: Any = None,
+    ) -> None:
         super().__init__()
         self.fail, self.findings, self.broken = fail, iter(syncs), broken
         self.extra_state, self.watch = extra_state, watch
@@ -67,8 +73,13 @@ class StandInBackend(GraphBackend):
     def _state(self) -> list[torch.Tensor]:
         t = self.trainer
         extra = self.extra_state() if self.extra_state is not None else []
-        return [*t.model.parameters(), t.meter.values, t.meter.step_index, *extra,
-                *(v for st in t.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))]
+        return [
+            *t.model.parameters(),
+            t.meter.values,
+            t.meter.step_index,
+            *extra,
+            *(v for st in t.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)),
+        ]
 
     def capture(self, device: torch.device, step: Callable[[], None]) -> StandInGraph:
         if self.fail:

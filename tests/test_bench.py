@@ -10,6 +10,7 @@ import weakref
 
 import pytest
 import torch
+from conftest import TinySeq2Seq, ragged_pairs
 
 from hlbd_fast import FastTrainer, bench, cli
 from hlbd_fast.bench import ROWS, BenchError, RowRecipe, RowResult, RowSpec, compare_rows, format_table, resolve_rows, run_bench
@@ -17,7 +18,6 @@ from hlbd_fast.presets import Preset
 from hlbd_fast.strategies import DeferredLossSync, Strategy
 from hlbd_fast.strategies.cuda_graph import CUDAGraphStep
 from hlbd_fast.strategies.data import DataLoaderWorkers, DevicePreload
-from conftest import TinySeq2Seq, ragged_pairs
 
 ROW_KEYS = {"name", "s_per_epoch", "speedup", "final_loss", "loss_rel_diff", "compile_s", "peak_mem_mb", "syncs_per_step", "losses", "error"}
 
@@ -103,7 +103,6 @@ def test_json_schema(report):
     assert "| 1 epoch |" in table
 
 
-
 def test_json_rows_are_row_results(report):
     """Each JSON row is a RowResult's to_dict(): the keys in the report's order, and it reads back unchanged."""
     rep, out = report
@@ -111,12 +110,50 @@ def test_json_rows_are_row_results(report):
     for r in saved["rows"]:
         assert list(RowResult.from_dict(r).to_dict().items()) == list(r.items())
     assert list(saved["rows"][1]) == [
-        "name", "epochs", "error", "note", "warnings", "wall_s", "s_per_epoch", "epoch_seconds", "epoch_rounds", "compile_s",
-        "final_loss", "losses", "peak_mem_mb", "mem_before_mb", "syncs_per_step", "micro_batch", "accumulation", "strategies",
-        "info", "eval_token_accuracy", "speedup", "speedup_rounds", "speedup_epochs", "loss_rel_diff", "loss_compared_at_epoch"]
+        "name",
+        "epochs",
+        "error",
+        "note",
+        "warnings",
+        "wall_s",
+        "s_per_epoch",
+        "epoch_seconds",
+        "epoch_rounds",
+        "compile_s",
+        "final_loss",
+        "losses",
+        "peak_mem_mb",
+        "mem_before_mb",
+        "syncs_per_step",
+        "micro_batch",
+        "accumulation",
+        "strategies",
+        "info",
+        "eval_token_accuracy",
+        "speedup",
+        "speedup_rounds",
+        "speedup_epochs",
+        "loss_rel_diff",
+        "loss_compared_at_epoch",
+    ]
     assert list(saved["rows"][-1]) == [  # the failed row: no figures, no eval column
-        "name", "epochs", "error", "note", "warnings", "wall_s", "s_per_epoch", "speedup", "speedup_rounds", "speedup_epochs",
-        "final_loss", "loss_rel_diff", "compile_s", "peak_mem_mb", "syncs_per_step", "losses"]
+        "name",
+        "epochs",
+        "error",
+        "note",
+        "warnings",
+        "wall_s",
+        "s_per_epoch",
+        "speedup",
+        "speedup_rounds",
+        "speedup_epochs",
+        "final_loss",
+        "loss_rel_diff",
+        "compile_s",
+        "peak_mem_mb",
+        "syncs_per_step",
+        "losses",
+    ]
     assert not RowResult.from_dict(saved["rows"][-1]).trained and RowResult.from_dict(saved["rows"][0]).trained
 
 
@@ -125,9 +162,26 @@ def test_row_recipes_build_fresh_strategies_and_keep_the_row_names():
 
     cpu = torch.device("cpu")
     assert list(ROWS) == [
-        "baseline", "+mixed precision", "+bigger batch", "+batch 32", "+workers", "+compile", "+fused adamw", "+deferred sync",
-        "+device preload", "+grad checkpointing", "+trim padding", "+fast dropout", "+unpad", "careful loop", "quick",
-        "extreme", "fastest", "fastest fp32", "fastest+compile"]
+        "baseline",
+        "+mixed precision",
+        "+bigger batch",
+        "+batch 32",
+        "+workers",
+        "+compile",
+        "+fused adamw",
+        "+deferred sync",
+        "+device preload",
+        "+grad checkpointing",
+        "+trim padding",
+        "+fast dropout",
+        "+unpad",
+        "careful loop",
+        "quick",
+        "extreme",
+        "fastest",
+        "fastest fp32",
+        "fastest+compile",
+    ]
     assert all(isinstance(recipe, RowRecipe) and recipe.name == name for name, recipe in ROWS.items())
     first, second = ROWS["+deferred sync"](cpu), ROWS["+deferred sync"](cpu)
     assert first == RowSpec(first.preset, "replaces EagerLossSync()")
@@ -149,14 +203,17 @@ def _refuse_work(monkeypatch):
     monkeypatch.setattr(bench, "reference_data", refuse)
 
 
-@pytest.mark.parametrize("bad, option", [
-    (["--rows", "nope"], "--rows"),
-    (["--rows", ","], "--rows"),
-    (["--epochs", "0"], "--epochs"),
-    (["--baseline-epochs", "0"], "--baseline-epochs"),
-    (["--threads", "0"], "--threads"),
-    (["--device", "tpu"], "--device"),
-])
+@pytest.mark.parametrize(
+    "bad, option",
+    [
+        (["--rows", "nope"], "--rows"),
+        (["--rows", ","], "--rows"),
+        (["--epochs", "0"], "--epochs"),
+        (["--baseline-epochs", "0"], "--baseline-epochs"),
+        (["--threads", "0"], "--threads"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
 def test_a_rejected_bench_call_creates_no_out_folder(bad, option, tmp_path, capsys, monkeypatch):
     """Every argument is checked before the --out folder is created: a rejected call leaves nothing behind."""
     _refuse_work(monkeypatch)
@@ -177,8 +234,7 @@ def test_a_bench_call_rejected_by_the_parser_or_run_bench_creates_no_out_folder(
     with pytest.raises(BenchError, match="unknown row 'nope'"):
         run_bench(rows="nope", device="cpu", out=tmp_path / "api", data=ragged_pairs(n=8), model_factory=TinySeq2Seq)
     with pytest.raises(BenchError, match=r"row_epochs\['baseline'\] 0 must be"):
-        run_bench(rows="baseline", device="cpu", out=tmp_path / "api", row_epochs={"baseline": 0}, data=ragged_pairs(n=8),
-                  model_factory=TinySeq2Seq)
+        run_bench(rows="baseline", device="cpu", out=tmp_path / "api", row_epochs={"baseline": 0}, data=ragged_pairs(n=8), model_factory=TinySeq2Seq)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -232,8 +288,9 @@ def test_cli_refuses_an_unwritable_out_before_training(tmp_path, capsys, caplog)
 
 
 def test_time_budget_skips_later_rows(one_thread):
-    rep = run_bench(rows="baseline,deferred-sync", epochs=1, device="cpu", data=ragged_pairs(n=8),
-                    model_factory=TinySeq2Seq, time_budget_s=1e-9, interleave=False)
+    rep = run_bench(
+        rows="baseline,deferred-sync", epochs=1, device="cpu", data=ragged_pairs(n=8), model_factory=TinySeq2Seq, time_budget_s=1e-9, interleave=False
+    )
     first, second = rep["rows"]
     assert first["error"] is None and first["s_per_epoch"] > 0  # the first row always runs
     assert second["error"].startswith("skipped: the time budget") and second["speedup"] is None
@@ -264,13 +321,17 @@ def test_fastest_plus_compile_row_is_the_preset_with_compile():
 def test_interleaved_and_sequential_orders_measure_the_same_training(one_thread, caplog):
     """Interleaving changes when each epoch runs, not what it computes (each row keeps its own random
     stream: dropout is on); the epochs alternate between rows; the speed-up pairs epochs of one round."""
-    kwargs = dict(rows="baseline,deferred-sync,bigger-batch", epochs=2, device="cpu", data=ragged_pairs(n=32),
-                  model_factory=lambda: TinySeq2Seq(vocab_size=23, dropout=0.2))
+    kwargs = dict(
+        rows="baseline,deferred-sync,bigger-batch",
+        epochs=2,
+        device="cpu",
+        data=ragged_pairs(n=32),
+        model_factory=lambda: TinySeq2Seq(vocab_size=23, dropout=0.2),
+    )
     with caplog.at_level("INFO", logger="hlbd_fast"):
         inter = run_bench(interleave=True, **kwargs)
     epochs_logged = [m.split(":")[0].strip() + m.split("epoch")[1].split()[0] for m in caplog.messages if ": epoch " in m]
-    assert epochs_logged == ["baseline1/2", "+deferred sync1/2", "+bigger batch1/2",
-                             "baseline2/2", "+deferred sync2/2", "+bigger batch2/2"]
+    assert epochs_logged == ["baseline1/2", "+deferred sync1/2", "+bigger batch1/2", "baseline2/2", "+deferred sync2/2", "+bigger batch2/2"]
     seq = run_bench(interleave=False, **kwargs)
     assert inter["config"]["order"].startswith("interleaved") and seq["config"]["order"].startswith("sequential")
     for a, b in zip(inter["rows"], seq["rows"]):
@@ -289,8 +350,9 @@ def test_interleaved_and_sequential_orders_measure_the_same_training(one_thread,
 
 def test_time_budget_ends_whole_rounds_only(one_thread):
     """Interleaved, the first round always runs whole: a spent budget stops every row after it, none midway."""
-    rep = run_bench(rows="baseline,deferred-sync", epochs=3, device="cpu", data=ragged_pairs(n=8),
-                    model_factory=TinySeq2Seq, time_budget_s=1e-9, interleave=True)
+    rep = run_bench(
+        rows="baseline,deferred-sync", epochs=3, device="cpu", data=ragged_pairs(n=8), model_factory=TinySeq2Seq, time_budget_s=1e-9, interleave=True
+    )
     for r in rep["rows"]:
         assert r["error"] is None and len(r["losses"]) == 1 and r["epochs"] == 1 and r["epoch_rounds"] == [1]
         assert r["note"].endswith("stopped after 1 epoch(s): time budget spent")
@@ -315,8 +377,9 @@ def _preset_row(*strategies: Strategy, name: str = "row") -> Preset:
 def test_time_budget_decides_each_round_from_the_last_one(one_thread):
     """A round takes about 1 s (the sleeping row): with 2.5 s, rounds 1 and 2 fit (about 2 s), a third would not."""
     table = {"baseline": lambda dev: _preset_row(_Sleep(1.0), name="baseline"), "other": lambda dev: _preset_row()}
-    rep = run_bench(rows="baseline,other", epochs=4, device="cpu", data=ragged_pairs(n=8), model_factory=TinySeq2Seq,
-                    row_table=table, time_budget_s=2.5, interleave=True)
+    rep = run_bench(
+        rows="baseline,other", epochs=4, device="cpu", data=ragged_pairs(n=8), model_factory=TinySeq2Seq, row_table=table, time_budget_s=2.5, interleave=True
+    )
     for r in rep["rows"]:
         assert r["error"] is None and r["epoch_rounds"] == [1, 2] and r["epochs"] == 2
         assert r["note"] == "stopped after 2 epoch(s): time budget spent"
@@ -326,8 +389,14 @@ def test_time_budget_decides_each_round_from_the_last_one(one_thread):
 
 
 def _row(name, seconds, rounds=None, s_per_epoch=None):
-    return RowResult(name=name, epochs=len(seconds), epoch_seconds=seconds, epoch_rounds=rounds, losses=[1.0] * len(seconds),
-                     s_per_epoch=s_per_epoch if s_per_epoch is not None else seconds[-1])
+    return RowResult(
+        name=name,
+        epochs=len(seconds),
+        epoch_seconds=seconds,
+        epoch_rounds=rounds,
+        losses=[1.0] * len(seconds),
+        s_per_epoch=s_per_epoch if s_per_epoch is not None else seconds[-1],
+    )
 
 
 def test_ratios_come_only_from_rounds_both_rows_completed():
@@ -403,14 +472,26 @@ def test_rows_keep_their_workers_across_epochs_and_free_them_when_done(one_threa
         def see(trainer, when, epoch):
             if when == "start" and epoch == 2:  # round 3: the two other rows finished in round 2
                 gc.collect()
-                made["at_round_3"] = (made["workers"].workers_running, made["graph"].released,
-                                      made["workers_trainer"]() is None, {p.pid for p in multiprocessing.active_children()})
+                made["at_round_3"] = (
+                    made["workers"].workers_running,
+                    made["graph"].released,
+                    made["workers_trainer"]() is None,
+                    {p.pid for p in multiprocessing.active_children()},
+                )
 
         return _preset_row(_Watch(see), name="baseline")
 
     table = {"baseline": baseline_row, "workers": workers_row, "graphs": graph_row}
-    rep = run_bench(rows="baseline,workers,graphs", epochs=3, row_epochs={"workers": 2, "graphs": 2}, device="cpu",
-                    data=ragged_pairs(n=16), model_factory=TinySeq2Seq, row_table=table, interleave=True)
+    rep = run_bench(
+        rows="baseline,workers,graphs",
+        epochs=3,
+        row_epochs={"workers": 2, "graphs": 2},
+        device="cpu",
+        data=ragged_pairs(n=16),
+        model_factory=TinySeq2Seq,
+        row_table=table,
+        interleave=True,
+    )
     assert [r["error"] for r in rep["rows"]] == [None, None, None]
     states = [(when, epoch, running) for _, when, epoch, running, _ in seen]
     # built at the first epoch's first batch, then kept: running from the end of epoch 1 to the start of epoch 2
@@ -430,11 +511,9 @@ def test_the_careful_loop_and_unpad_rows_and_the_eval_accuracy_column(one_thread
     from hlbd_fast.models import Seq2SeqTransformer
 
     def model():
-        return Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32,
-                                  dropout=0.0, max_length=16)
+        return Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32, dropout=0.0, max_length=16)
 
-    rep = run_bench(rows="baseline,careful loop,+unpad", epochs=1, device="cpu", model_factory=model,
-                    data=ragged_pairs(n=64), interleave=False)
+    rep = run_bench(rows="baseline,careful loop,+unpad", epochs=1, device="cpu", model_factory=model, data=ragged_pairs(n=64), interleave=False)
     rows = {r["name"]: r for r in rep["rows"]}
     careful = rows["careful loop"]
     assert careful["error"] is None and careful["micro_batch"] == 32 and careful["accumulation"] == 1

@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import TinySeq2Seq, clone, ragged_pairs
+
 from hlbd_fast import (
     CheckpointError,
     DeferredLossSync,
@@ -134,12 +134,15 @@ def test_a_failed_load_leaves_the_trainer_as_it_was(saved):
     assert same(before, snapshot(t))
 
 
-@pytest.mark.parametrize("build, match", [
-    (lambda: make(TinySeq2Seq(d=8), strategies=[GradientAccumulation(2)]), r"does not fit this model.*saved.*here"),
-    (lambda: make(strategies=[GradientAccumulation(2), FusedAdamW(weight_decay=0.1)]), "written with optimizer Adam; this trainer uses AdamW"),
-    (lambda: make(), "GradientAccumulation steps 2; this trainer has 1"),
-    (lambda: make(strategies=[GradientAccumulation(2)], loss_normalization="micro_batch"), "loss_normalization 'tokens'"),
-])
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: make(TinySeq2Seq(d=8), strategies=[GradientAccumulation(2)]), r"does not fit this model.*saved.*here"),
+        (lambda: make(strategies=[GradientAccumulation(2), FusedAdamW(weight_decay=0.1)]), "written with optimizer Adam; this trainer uses AdamW"),
+        (lambda: make(), "GradientAccumulation steps 2; this trainer has 1"),
+        (lambda: make(strategies=[GradientAccumulation(2)], loss_normalization="micro_batch"), "loss_normalization 'tokens'"),
+    ],
+)
 def test_structural_mismatches_are_refused_naming_the_difference(saved, build, match):
     _, path = saved
     t = build()

@@ -10,8 +10,8 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import TinySeq2Seq, ragged_pairs
+
 from hlbd_fast import CheckpointError, FastTrainer, load_weights
 from hlbd_fast._io import check_checkpoint_files
 from hlbd_fast.checkpoint import read_checkpoint, write_checkpoint
@@ -82,13 +82,18 @@ def test_the_checkpoint_stores_the_model_class_and_config(trained):
     assert state["model_config"]["n_heads"] == 2 and state["model_config"]["pad_id"] == 0
 
 
-@pytest.mark.parametrize("build, match", [
-    (lambda: tiny(n_heads=4), r"n_heads: checkpoint 2, model 4"),
-    (lambda: tiny(pad_id=1), r"pad_id: checkpoint 0, model 1"),
-    (lambda: tiny(Renamed), r"model class: checkpoint Seq2SeqTransformer, model Renamed"),
-    (lambda: tiny(Renamed, n_heads=4, pad_id=1),
-     r"model class: checkpoint Seq2SeqTransformer, model Renamed; n_heads: checkpoint 2, model 4; pad_id: checkpoint 0, model 1"),
-])
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: tiny(n_heads=4), r"n_heads: checkpoint 2, model 4"),
+        (lambda: tiny(pad_id=1), r"pad_id: checkpoint 0, model 1"),
+        (lambda: tiny(Renamed), r"model class: checkpoint Seq2SeqTransformer, model Renamed"),
+        (
+            lambda: tiny(Renamed, n_heads=4, pad_id=1),
+            r"model class: checkpoint Seq2SeqTransformer, model Renamed; n_heads: checkpoint 2, model 4; pad_id: checkpoint 0, model 1",
+        ),
+    ],
+)
 def test_load_weights_refuses_another_configuration_with_the_same_shapes(trained, build, match):
     model = build()
     before = weights(model)

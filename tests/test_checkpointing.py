@@ -6,20 +6,21 @@ import copy
 
 import pytest
 import torch
+from conftest import TinySeq2Seq, clone, ragged_pairs
 from torch import nn
 
 from hlbd_fast import FastTrainer, StrategyConflictError
 from hlbd_fast.models import DecoderLayer, EncoderLayer, Seq2SeqTransformer
 from hlbd_fast.strategies.checkpointing import GradientCheckpointing, checkpoint_modules, is_checkpointed
-from conftest import TinySeq2Seq, clone, ragged_pairs
 
 VOCAB = 50
 
 
 def tiny_transformer(seed: int = 0, dropout: float = 0.0, layers: int = 2) -> Seq2SeqTransformer:
     torch.manual_seed(seed)
-    return Seq2SeqTransformer(vocab_size=VOCAB, d_model=32, n_encoder_layers=layers, n_decoder_layers=layers,
-                              n_heads=2, d_ff=64, dropout=dropout, max_length=16)
+    return Seq2SeqTransformer(
+        vocab_size=VOCAB, d_model=32, n_encoder_layers=layers, n_decoder_layers=layers, n_heads=2, d_ff=64, dropout=dropout, max_length=16
+    )
 
 
 @pytest.fixture

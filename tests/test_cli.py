@@ -61,11 +61,14 @@ def test_bad_option_value_is_a_usage_error(capsys):
     assert code == 2 and "--epochs: invalid int value: 'ten'" in err
 
 
-@pytest.mark.parametrize("command, options", [
-    ("demo", ("--epochs", "--baseline-epochs", "--preset", "--data", "--device", "--out", "--seed", "--no-progress")),
-    ("bench", ("--rows", "--epochs", "--baseline-epochs", "--device", "--out", "--seed", "--threads", "--budget", "--order")),
-    ("doctor", ("--model", "--steps", "--warmup", "--batch-size", "--preset", "--device", "--json")),
-])
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        ("demo", ("--epochs", "--baseline-epochs", "--preset", "--data", "--device", "--out", "--seed", "--no-progress")),
+        ("bench", ("--rows", "--epochs", "--baseline-epochs", "--device", "--out", "--seed", "--threads", "--budget", "--order")),
+        ("doctor", ("--model", "--steps", "--warmup", "--batch-size", "--preset", "--device", "--json")),
+    ],
+)
 def test_command_help_lists_its_options(command, options, capsys):
     code, out, _ = _exit([command, "--help"], capsys)
     assert code == 0 and out.startswith(f"usage: hlbd-fast {command} ")
@@ -93,9 +96,7 @@ def test_demo_defaults_through_the_command():
 def test_demo_errors_pass_through(capsys):
     assert cli.main(["demo", "--preset", "turbo"]) == 2
     captured = capsys.readouterr()
-    assert captured.err.strip() == (
-        "hlbd-fast demo: error: --preset 'turbo' is unknown; choose one of baseline, extreme, fastest, quick"
-    )
+    assert captured.err.strip() == ("hlbd-fast demo: error: --preset 'turbo' is unknown; choose one of baseline, extreme, fastest, quick")
     assert captured.out == ""
 
 
@@ -103,6 +104,7 @@ def test_demo_errors_pass_through(capsys):
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if any command starts training, benchmarking or diagnosing."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("work started although an output path cannot be written")
 
@@ -114,11 +116,14 @@ def no_work(monkeypatch):
     monkeypatch.setattr(doctor, "_reference", refuse)
 
 
-@pytest.mark.parametrize("command, option, extra", [
-    ("demo", "--out", ["--epochs", "1", "--baseline-epochs", "0", "--device", "cpu", "--no-progress"]),
-    ("bench", "--out", ["--tiny", "--rows", "baseline", "--epochs", "1", "--device", "cpu"]),
-    ("doctor", "--json", ["--steps", "1", "--device", "cpu"]),
-])
+@pytest.mark.parametrize(
+    "command, option, extra",
+    [
+        ("demo", "--out", ["--epochs", "1", "--baseline-epochs", "0", "--device", "cpu", "--no-progress"]),
+        ("bench", "--out", ["--tiny", "--rows", "baseline", "--epochs", "1", "--device", "cpu"]),
+        ("doctor", "--json", ["--steps", "1", "--device", "cpu"]),
+    ],
+)
 @pytest.mark.parametrize("where", ["under a file", "an existing directory"])
 def test_every_output_option_is_checked_first(command, option, extra, where, tmp_path, capsys, no_work):
     blocker = tmp_path / "a-file"

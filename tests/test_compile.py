@@ -12,13 +12,13 @@ import warnings
 
 import pytest
 import torch
+from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 
 from hlbd_fast import FastTrainer
+from hlbd_fast.checkpoint import read_checkpoint
 from hlbd_fast.models import Seq2SeqTransformer
 from hlbd_fast.strategies.checkpointing import GradientCheckpointing
 from hlbd_fast.strategies.compile import COMPILE_MODES, CompilationError, Compile, CompiledModel, compile_model
-from hlbd_fast.checkpoint import read_checkpoint
-from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 
 VOCAB = 50
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -35,8 +35,7 @@ def fresh_dynamo():
 
 def tiny_transformer(seed: int = 0, dropout: float = 0.0) -> Seq2SeqTransformer:
     torch.manual_seed(seed)
-    return Seq2SeqTransformer(vocab_size=VOCAB, d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=2,
-                              d_ff=64, dropout=dropout, max_length=16)
+    return Seq2SeqTransformer(vocab_size=VOCAB, d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=64, dropout=dropout, max_length=16)
 
 
 @pytest.fixture
@@ -47,8 +46,7 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 def fit(model, data, strategies=(), epochs=1, lr=0.1):
     # SGD: Adam would turn the rounding noise in the transformer's key biases (whose true
     # gradient is zero) into lr-sized steps, hiding what is compared here
-    trainer = FastTrainer(model, strategies=list(strategies), optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-                          seed=1, progress=False, batch_size=8)
+    trainer = FastTrainer(model, strategies=list(strategies), optimizer=torch.optim.SGD(model.parameters(), lr=lr), seed=1, progress=False, batch_size=8)
     return trainer, trainer.fit(data, epochs)
 
 

@@ -8,19 +8,18 @@ work); and CUDA-only tests that prove the equality claims on a GPU.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import warnings
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 from cuda_standin import StandInBackend
+from torch import nn
+
 from hlbd_fast import DeferredLossSync, EagerLossSync, FastTrainer, GradientAccumulation, GradientCheckpointing, StrategyConflictError
 from hlbd_fast.strategies import Capability, Declaration, Need, Precision, Strategy, precision
-from hlbd_fast.strategies.cuda_graph import CUDAGraphStep, GraphBackend, SyncFinding, _fill, _make_capturable, _step_key, first_sync, others
+from hlbd_fast.strategies.cuda_graph import CUDAGraphStep, _fill, _make_capturable, _step_key, first_sync, others
 from hlbd_fast.strategies.data import DevicePreload
 from hlbd_fast.strategies.padding import TrimPadding
 
@@ -76,28 +75,34 @@ def test_on_cpu_one_warning_and_exactly_the_eager_loop(accumulation):
     step = CUDAGraphStep()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        t = FastTrainer(a, strategies=[DevicePreload(), DeferredLossSync(), GradientAccumulation(accumulation), step],
-                        seed=2, progress=False, lr=1e-3)
+        t = FastTrainer(a, strategies=[DevicePreload(), DeferredLossSync(), GradientAccumulation(accumulation), step], seed=2, progress=False, lr=1e-3)
         h = t.fit(ragged_pairs(n=42), 2, batch_size=4)
     assert graph_warnings(record) == [
-        "CUDAGraphStep: running the eager step instead of a CUDA graph: the trainer's device is cpu; "
-        "CUDA graphs need a CUDA device"
+        "CUDAGraphStep: running the eager step instead of a CUDA graph: the trainer's device is cpu; CUDA graphs need a CUDA device"
     ]
     assert not step.graphing and "device is cpu" in step.report().fallback
-    h_ref = FastTrainer(b, strategies=[DevicePreload(), DeferredLossSync(), GradientAccumulation(accumulation)],
-                        seed=2, progress=False, lr=1e-3).fit(ragged_pairs(n=42), 2, batch_size=4)
+    h_ref = FastTrainer(b, strategies=[DevicePreload(), DeferredLossSync(), GradientAccumulation(accumulation)], seed=2, progress=False, lr=1e-3).fit(
+        ragged_pairs(n=42), 2, batch_size=4
+    )
     assert h.losses == h_ref.losses
     assert identical(a, b)
 
 
-@pytest.mark.parametrize("strategies, error, match", [
-    ([DeferredLossSync()], ValueError, r"CUDAGraphStep.*needs batches already on the device.*add DevicePreload\(\)"),
-    ([DevicePreload(), EagerLossSync()], StrategyConflictError, r"cannot run with EagerLossSync\(\).*use DeferredLossSync"),
-    ([DevicePreload(), HostDecidesTheStep()], StrategyConflictError, r"cannot run with HostDecidesTheStep.*MixedPrecision\('bf16'\)"),
-    ([DevicePreload(), "fp16"], StrategyConflictError, r"cannot run with MixedPrecision\(dtype='fp16'.*MixedPrecision\('bf16'\)"),
-    ([DevicePreload(), GradientCheckpointing()], StrategyConflictError, r"cannot run with GradientCheckpointing.*generator's state"),
-    ([DevicePreload(), CountsSteps()], StrategyConflictError, r"cannot run with CountsSteps.*CountsSteps.before_clip runs Python at every step.*step_hook_work"),
-])
+@pytest.mark.parametrize(
+    "strategies, error, match",
+    [
+        ([DeferredLossSync()], ValueError, r"CUDAGraphStep.*needs batches already on the device.*add DevicePreload\(\)"),
+        ([DevicePreload(), EagerLossSync()], StrategyConflictError, r"cannot run with EagerLossSync\(\).*use DeferredLossSync"),
+        ([DevicePreload(), HostDecidesTheStep()], StrategyConflictError, r"cannot run with HostDecidesTheStep.*MixedPrecision\('bf16'\)"),
+        ([DevicePreload(), "fp16"], StrategyConflictError, r"cannot run with MixedPrecision\(dtype='fp16'.*MixedPrecision\('bf16'\)"),
+        ([DevicePreload(), GradientCheckpointing()], StrategyConflictError, r"cannot run with GradientCheckpointing.*generator's state"),
+        (
+            [DevicePreload(), CountsSteps()],
+            StrategyConflictError,
+            r"cannot run with CountsSteps.*CountsSteps.before_clip runs Python at every step.*step_hook_work",
+        ),
+    ],
+)
 @pytest.mark.filterwarnings("ignore:CUDAGraphStep. running the eager step")
 def test_refused_combinations(strategies, error, match, monkeypatch):
     """Each combination the step's declaration forbids is refused when the trainer is built, naming the fix."""
@@ -221,11 +226,17 @@ def test_a_failed_capture_falls_back_with_one_warning_and_changes_nothing():
 
 def test_a_failed_capture_that_broke_the_process_stops_the_run_loudly():
     """Older torch leaves the generator capturing after a failed capture: no silent eager run in a broken process."""
-    step, _ = graph_step(1, fail="operation failed due to a previous error during capture",
-                         broken="RuntimeError: Offset increment outside graph capture encountered unexpectedly.")
+    step, _ = graph_step(
+        1,
+        fail="operation failed due to a previous error during capture",
+        broken="RuntimeError: Offset increment outside graph capture encountered unexpectedly.",
+    )
     ours, t = make([DevicePreload(), step])
-    with pytest.raises(RuntimeError, match=r"capturing the step failed.*left this process unable to run CUDA work eagerly "
-                                           r"\(RuntimeError: Offset increment.*Restart, and train without CUDAGraphStep"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"capturing the step failed.*left this process unable to run CUDA work eagerly "
+        r"\(RuntimeError: Offset increment.*Restart, and train without CUDAGraphStep",
+    ):
         t.fit(ragged_pairs(n=42), 1, batch_size=4)
 
 
@@ -291,8 +302,9 @@ def test_a_schedule_changes_the_lr_without_a_new_capture():
         h = t.fit(ragged_pairs(n=42), 3, batch_size=4)
     assert isinstance(t.optimizer.param_groups[0]["lr"], torch.Tensor) and step.graphing
     assert len(backend.graphs) == 2  # the full steps and the partial last step: captured once each
-    h_ref = FastTrainer(ref, strategies=[DevicePreload()], seed=6, progress=False, lr=1e-3,
-                        scheduler=warmup_cosine(4, 40)).fit(ragged_pairs(n=42), 3, batch_size=4)
+    h_ref = FastTrainer(ref, strategies=[DevicePreload()], seed=6, progress=False, lr=1e-3, scheduler=warmup_cosine(4, 40)).fit(
+        ragged_pairs(n=42), 3, batch_size=4
+    )
     assert h.losses == pytest.approx(h_ref.losses, rel=1e-6) and max_rel_diff(ours, ref) < 1e-6
     assert [r.lr for r in h] == pytest.approx([r.lr for r in h_ref])
 
@@ -311,8 +323,7 @@ def reference(dropout: float = 0.0) -> nn.Module:
     from hlbd_fast.models import Seq2SeqTransformer
 
     torch.manual_seed(0)
-    return Seq2SeqTransformer(vocab_size=23, d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=64,
-                              dropout=dropout, max_length=32).cuda()
+    return Seq2SeqTransformer(vocab_size=23, d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=64, dropout=dropout, max_length=32).cuda()
 
 
 EPS = 1e-2  # Adam's eps in the CUDA tests; see train_cuda
@@ -416,12 +427,15 @@ class SynchronizeInForward(ItemInForward):
 
 
 @cuda_test
-@pytest.mark.parametrize("wrapper, match", [
-    (ItemInForward, "host-device sync"),
-    # not a read-back, so it may pass warm-up and fail the capture itself; dropout on: a failed
-    # capture must leave the CUDA RNG as it was
-    (SynchronizeInForward, "host-device sync|capturing the step failed"),
-])
+@pytest.mark.parametrize(
+    "wrapper, match",
+    [
+        (ItemInForward, "host-device sync"),
+        # not a read-back, so it may pass warm-up and fail the capture itself; dropout on: a failed
+        # capture must leave the CUDA RNG as it was
+        (SynchronizeInForward, "host-device sync|capturing the step failed"),
+    ],
+)
 def test_cuda_unsafe_forward_falls_back_with_one_warning(fp32_only, wrapper, match):
     base = wrapper(reference(dropout=0.1))
 

@@ -32,9 +32,9 @@ from typing import Any, Callable
 
 import pytest
 import torch
+from conftest import clone, ragged_pairs
 from torch import nn
 
-from conftest import clone, ragged_pairs
 from hlbd_fast import DeferredLossSync, FastTrainer, Strategy
 from hlbd_fast.strategies.cuda_graph import CUDAGraphStep
 from hlbd_fast.strategies.data import DataLoaderWorkers, DevicePreload
@@ -58,8 +58,7 @@ def reference(dropout: float = 0.0) -> nn.Module:
     from hlbd_fast.models import Seq2SeqTransformer
 
     torch.manual_seed(0)
-    return Seq2SeqTransformer(vocab_size=23, d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=64,
-                              dropout=dropout, max_length=32)
+    return Seq2SeqTransformer(vocab_size=23, d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=64, dropout=dropout, max_length=32)
 
 
 def padded_pairs(n: int = 42, extra: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,8 +68,9 @@ def padded_pairs(n: int = 42, extra: int = 6) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat([src, z], 1), torch.cat([tgt, z], 1)
 
 
-def train(base: nn.Module, strategies: list[Strategy], device: str = "cuda", epochs: int = 2, data: Any = None,
-          **fit: Any) -> tuple[nn.Module, Any, FastTrainer]:
+def train(
+    base: nn.Module, strategies: list[Strategy], device: str = "cuda", epochs: int = 2, data: Any = None, **fit: Any
+) -> tuple[nn.Module, Any, FastTrainer]:
     """Train a copy of ``base`` with Adam(lr=1e-3, eps=1e-2), seed 7, micro-batch 4; returns (model, history, trainer)."""
     model = clone(base).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=LR, eps=EPS)
@@ -231,7 +231,7 @@ def test_resume_with_captured_graphs_equals_a_straight_run(tmp_path, fp32_only, 
         assert (tmp_path / "last.pt").exists() and first[2].epoch == 1
         resumed = train(base, strategies(), epochs=3, checkpoint_dir=tmp_path, resume=True)
     assert graph_warnings(record) == []
-    for _, h, t in (straight, first, resumed):
+    for _, _, t in (straight, first, resumed):
         assert t.roles.step.report().fallback is None and t.roles.step.graphing
     assert resumed[2].roles.step.graphs >= 1 and resumed[2].roles.step.report().graphs >= 1
     assert len(resumed[1].losses) == 3
@@ -277,6 +277,7 @@ def torchrun_env(monkeypatch):
 def test_nccl_world_of_one(torchrun_env, fp32_only, started_by):
     """DistributedTraining(backend='nccl') on one GPU: it joins (or starts) the group, trains, and is the plain loop."""
     import torch.distributed as dist
+
     from hlbd_fast.strategies.distributed import DistributedTraining
 
     if started_by == "tcp":

@@ -62,9 +62,7 @@ def test_bundled_has_600_pairs_in_fixed_order() -> None:
     assert pairs == load_hlbd()
     assert all(isinstance(s, str) and s and isinstance(t, str) and t for s, t in pairs)
     # 6 pairs per concept, in DEFAULT_LEVELS order, all with the same target
-    assert [s for s, _ in pairs[:6]] == [
-        "🌧️", "下雨", "It is raining", "xià yǔ", "雨が降っている", "비가 와요"
-    ]
+    assert [s for s, _ in pairs[:6]] == ["🌧️", "下雨", "It is raining", "xià yǔ", "雨が降っている", "비가 와요"]
     targets = [t for _, t in pairs]
     for i in range(0, 600, 6):
         assert len(set(targets[i : i + 6])) == 1
@@ -378,8 +376,7 @@ def test_tokenizer_failed_save_keeps_existing_file(tmp_path: Path, monkeypatch: 
 
 
 # ----------------------------------------------------------------- datasets
-PAIRS8 = [("a", "甲"), ("bb", "乙乙"), ("ccc", "丙"), ("d", "丁丁丁"),
-          ("e", "戊"), ("ff", "己"), ("g", "庚"), ("hh", "辛辛")]
+PAIRS8 = [("a", "甲"), ("bb", "乙乙"), ("ccc", "丙"), ("d", "丁丁丁"), ("e", "戊"), ("ff", "己"), ("g", "庚"), ("hh", "辛辛")]
 
 
 def test_encode_pairs_format() -> None:

@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
-from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 from hlbd_fast import DeferredLossSync, FastTrainer, GradientAccumulation, Strategy, StrategyConflictError
 from hlbd_fast.strategies.data import DataLoaderWorkers, DevicePreload
 from hlbd_fast.strategies.padding import row_lengths
@@ -54,10 +54,12 @@ def fit_pair(data, strategies, plain_data=None, epochs=2, batch_size=4, accumula
     ref, ours = clone(base), clone(base)
     torch.manual_seed(11)
     h_ref = FastTrainer(ref, strategies=[GradientAccumulation(accumulation)], seed=5, progress=False, lr=1e-3).fit(
-        data if plain_data is None else plain_data, epochs, batch_size=plain_batch_size or batch_size)
+        data if plain_data is None else plain_data, epochs, batch_size=plain_batch_size or batch_size
+    )
     torch.manual_seed(11)
     h = FastTrainer(ours, strategies=[GradientAccumulation(accumulation), *strategies], seed=5, progress=False, lr=1e-3).fit(
-        data, epochs, batch_size=batch_size)
+        data, epochs, batch_size=batch_size
+    )
     return ref, ours, h_ref, h
 
 
@@ -92,8 +94,9 @@ def test_gpu_preload_pair_dataset_and_reference_model_train_exactly_like_the_pla
     tokenizer = CharTokenizer.from_pairs(pairs)
     ds = PairDataset(pairs, tokenizer, max_length=24)
     torch.manual_seed(0)
-    base = Seq2SeqTransformer(vocab_size=tokenizer.vocab_size, d_model=16, n_encoder_layers=1, n_decoder_layers=1,
-                              n_heads=2, d_ff=32, dropout=0.1, max_length=24)
+    base = Seq2SeqTransformer(
+        vocab_size=tokenizer.vocab_size, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32, dropout=0.1, max_length=24
+    )
     ref, ours = clone(base), clone(base)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # truncation notices of the tokenizer
@@ -163,8 +166,7 @@ def test_gpu_preload_pad_rows_keep_the_reference_model_finite():
     from hlbd_fast.models import Seq2SeqTransformer
 
     torch.manual_seed(0)
-    model = Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32,
-                               dropout=0.1, max_length=16)
+    model = Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32, dropout=0.1, max_length=16)
     h = FastTrainer(model, strategies=[DevicePreload(last_batch="pad")], seed=0, progress=False).fit(ragged_pairs(n=10), 2, batch_size=4)
     assert all(torch.isfinite(torch.tensor(h.losses)))
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -236,12 +238,15 @@ class Triples(Dataset):
         return torch.ones(2, dtype=torch.long), torch.full((3,), 2), 1
 
 
-@pytest.mark.parametrize("data, match", [
-    (DataLoader(Stream(), batch_size=2), "needs tensors or a map-style Dataset"),
-    (Ragged(), "could not stack.*pad them in the Dataset"),
-    (Triples(), r"\(src, tgt\) pairs.*3 items"),
-    (Pairs(torch.full((4, 3), 99), torch.full((4, 3), 2)), "token id 99.*vocabulary"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (DataLoader(Stream(), batch_size=2), "needs tensors or a map-style Dataset"),
+        (Ragged(), "could not stack.*pad them in the Dataset"),
+        (Triples(), r"\(src, tgt\) pairs.*3 items"),
+        (Pairs(torch.full((4, 3), 99), torch.full((4, 3), 2)), "token id 99.*vocabulary"),
+    ],
+)
 def test_gpu_preload_refuses_data_it_cannot_preload(data, match):
     trainer = FastTrainer(TinySeq2Seq(), strategies=[DevicePreload()], progress=False)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -327,8 +332,7 @@ def test_workers_refuse_a_tokenizer_that_can_grow():
     with pytest.raises(ValueError, match="can still grow"):  # also inside a Subset
         trainer.fit(Subset(Pairs(src, tgt, tokenizer=tok(is_frozen=False)), [0, 1, 2]), 1)
     # without processes there is nothing to diverge
-    FastTrainer(TinySeq2Seq(), strategies=[DataLoaderWorkers(num_workers=0)], progress=False).fit(
-        Pairs(src, tgt, tokenizer=tok(is_frozen=False)), 1)
+    FastTrainer(TinySeq2Seq(), strategies=[DataLoaderWorkers(num_workers=0)], progress=False).fit(Pairs(src, tgt, tokenizer=tok(is_frozen=False)), 1)
 
 
 def test_workers_warn_about_a_tokenizer_they_cannot_judge():
@@ -341,10 +345,15 @@ def test_workers_warn_about_a_tokenizer_they_cannot_judge():
 def test_workers_bad_inputs():
     with pytest.raises(ValueError, match="pass the Dataset"):
         FastTrainer(TinySeq2Seq(), strategies=[DataLoaderWorkers(num_workers=1)], progress=False).fit(
-            DataLoader(TensorDataset(*ragged_pairs(n=8)), batch_size=4), 1)
-    for kwargs, match in [({"num_workers": -1}, "num_workers"), ({"num_workers": 1.5}, "num_workers"),
-                          ({"num_workers": True}, "num_workers"), ({"pin_memory": "yes"}, "pin_memory"),
-                          ({"persistent_workers": None}, "persistent_workers")]:
+            DataLoader(TensorDataset(*ragged_pairs(n=8)), batch_size=4), 1
+        )
+    for kwargs, match in [
+        ({"num_workers": -1}, "num_workers"),
+        ({"num_workers": 1.5}, "num_workers"),
+        ({"num_workers": True}, "num_workers"),
+        ({"pin_memory": "yes"}, "pin_memory"),
+        ({"persistent_workers": None}, "persistent_workers"),
+    ]:
         with pytest.raises(ValueError, match=match):
             DataLoaderWorkers(**kwargs)
 

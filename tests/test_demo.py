@@ -27,8 +27,15 @@ def small_hlbd(tmp_path):
 def test_run_demo_prints_table_and_generations_and_writes_histories(small_hlbd, tmp_path, capsys):
     out = tmp_path / "out"
     result = demo.run_demo(
-        epochs=2, baseline_epochs=1, preset="fastest", data=str(small_hlbd), device="cpu",
-        out=str(out), seed=0, model_overrides=TINY, progress=False,
+        epochs=2,
+        baseline_epochs=1,
+        preset="fastest",
+        data=str(small_hlbd),
+        device="cpu",
+        out=str(out),
+        seed=0,
+        model_overrides=TINY,
+        progress=False,
     )
     text = capsys.readouterr().out
 
@@ -71,8 +78,7 @@ def test_run_demo_prints_table_and_generations_and_writes_histories(small_hlbd, 
 
 
 def test_run_demo_baseline_preset_runs_once(small_hlbd, capsys):
-    result = demo.run_demo(epochs=1, baseline_epochs=3, preset="baseline", data=str(small_hlbd), device="cpu",
-                           model_overrides=TINY, progress=False)
+    result = demo.run_demo(epochs=1, baseline_epochs=3, preset="baseline", data=str(small_hlbd), device="cpu", model_overrides=TINY, progress=False)
     assert set(result) == {"baseline", "generations"}
     assert len(result["baseline"]["losses"]) == 1  # --epochs, not --baseline-epochs, when the preset is the baseline
     assert capsys.readouterr().out.count("training '") == 1
@@ -106,7 +112,7 @@ def test_data_file_without_samples(tmp_path, capsys):
 
 def test_data_file_that_is_not_json(tmp_path, capsys):
     bad = tmp_path / "broken.json"
-    bad.write_text("[{\"concept\": ", encoding="utf-8")
+    bad.write_text('[{"concept": ', encoding="utf-8")
     line = _bad(["--data", str(bad)], capsys)
     assert "not valid JSON" in line and "line 1" in line
     assert line == f"hlbd-fast demo: error: --data {str(bad)!r}: not valid JSON (Expecting value at line 1, column 14)"
@@ -133,10 +139,13 @@ def test_data_sample_errors_name_the_path_once(tmp_path, capsys):
     assert line.count("odd.json") == 1
 
 
-@pytest.mark.parametrize("device, words", [
-    ("tpu-nonsense", "is not a device name"),
-    ("meta", "only cpu and cuda are supported"),
-])
+@pytest.mark.parametrize(
+    "device, words",
+    [
+        ("tpu-nonsense", "is not a device name"),
+        ("meta", "only cpu and cuda are supported"),
+    ],
+)
 def test_bad_device(device, words, capsys):
     line = _bad(["--device", device], capsys)
     assert f"--device {device}" in line.replace("'", "") and words in line
@@ -169,6 +178,7 @@ def test_non_integer_epochs_is_an_argparse_error(capsys):
 @pytest.fixture
 def no_training(monkeypatch):
     """Fail the test if the demo reads its data or builds a trainer."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the demo started work although an output path cannot be written")
 
@@ -192,8 +202,7 @@ def _unwritable_out(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["under a file", "an existing file", "a file it writes is a directory"])
 def test_unwritable_out_is_refused_before_any_work(kind, small_hlbd, tmp_path, capsys, no_training):
     out = _unwritable_out(tmp_path, kind)
-    line = _bad(["--out", str(out), "--data", str(small_hlbd), "--device", "cpu", "--epochs", "1",
-                 "--baseline-epochs", "0", "--no-progress"], capsys)
+    line = _bad(["--out", str(out), "--data", str(small_hlbd), "--device", "cpu", "--epochs", "1", "--baseline-epochs", "0", "--no-progress"], capsys)
     assert line.startswith("hlbd-fast demo: error: --out ") and str(out) in line
     assert (tmp_path / "a-file").read_text(encoding="utf-8") == "not a folder"
 
@@ -214,15 +223,15 @@ def test_out_path_that_is_a_file(small_hlbd, tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.write_text("", encoding="utf-8")
     with pytest.raises(demo.DemoError, match="--out"):
-        demo.run_demo(epochs=1, baseline_epochs=0, data=str(small_hlbd), device="cpu", out=str(taken),
-                      model_overrides=TINY, progress=False)
+        demo.run_demo(epochs=1, baseline_epochs=0, data=str(small_hlbd), device="cpu", out=str(taken), model_overrides=TINY, progress=False)
 
 
 def test_run_demo_shows_what_each_run_learned_and_the_learning_phase(small_hlbd, tmp_path, capsys):
     """Quality side by side after the same epochs; then the fast preset to convergence, with exact match."""
     out = tmp_path / "out"
-    result = demo.run_demo(epochs=3, baseline_epochs=1, data=str(small_hlbd), device="cpu", out=str(out),
-                           model_overrides=TINY, progress=False, learn_epochs=60, learn_lr=1e-2)
+    result = demo.run_demo(
+        epochs=3, baseline_epochs=1, data=str(small_hlbd), device="cpu", out=str(out), model_overrides=TINY, progress=False, learn_epochs=60, learn_lr=1e-2
+    )
     text = capsys.readouterr().out
     assert "| run | after epochs | eval loss | token accuracy | exact match |" in text
     base, fast = result["baseline"], result["fastest"]
@@ -236,15 +245,21 @@ def test_run_demo_shows_what_each_run_learned_and_the_learning_phase(small_hlbd,
 
 
 def test_holdout_keeps_pairs_out_of_training(small_hlbd, capsys):
-    result = demo.run_demo(epochs=1, baseline_epochs=1, data=str(small_hlbd), device="cpu", model_overrides=TINY,
-                           progress=False, holdout=0.25)
+    result = demo.run_demo(epochs=1, baseline_epochs=1, data=str(small_hlbd), device="cpu", model_overrides=TINY, progress=False, holdout=0.25)
     text = capsys.readouterr().out
     assert "HLBD: 12 pairs, 3 held out for evaluation" in text and "evaluated on 3 held-out pairs" in text
     assert result["baseline"]["quality"]["samples"] == 3
 
 
-@pytest.mark.parametrize("kw, match", [({"holdout": 1.0}, "--holdout 1.0"), ({"holdout": -0.1}, "--holdout -0.1"),
-                                       ({"learn_epochs": -1}, "--learn-epochs -1"), ({"learn_lr": 0.0}, "--learn-lr 0.0")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"holdout": 1.0}, "--holdout 1.0"),
+        ({"holdout": -0.1}, "--holdout -0.1"),
+        ({"learn_epochs": -1}, "--learn-epochs -1"),
+        ({"learn_lr": 0.0}, "--learn-lr 0.0"),
+    ],
+)
 def test_bad_quality_options_are_refused_before_any_work(small_hlbd, kw, match):
     with pytest.raises(demo.DemoError, match=match):
         demo.run_demo(epochs=1, baseline_epochs=1, data=str(small_hlbd), device="cpu", model_overrides=TINY, **kw)

@@ -23,13 +23,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from hlbd_fast import DeferredLossSync, FastTrainer, GradientAccumulation, NonFiniteLossError, Strategy, StrategyConflictError
+from hlbd_fast import DeferredLossSync, FastTrainer, GradientAccumulation, NonFiniteLossError, Strategy
+from hlbd_fast.checkpoint import read_checkpoint
 from hlbd_fast.strategies import DataLoaderWorkers, DevicePreload, Distribution
 from hlbd_fast.strategies.distributed import DistributedTraining, shard_batches
-from hlbd_fast.checkpoint import read_checkpoint
-from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 
 WORLD = 2
 SEED = 7
@@ -94,8 +94,7 @@ def _one_token_tail():
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     init = torch.load(os.path.join(out_dir, "init.pt"))
     data45, data33 = ragged_pairs(n=45), ragged_pairs(n=33)
@@ -267,9 +266,10 @@ def test_micro_batch_normalisation_is_the_classic_ddp_loop(ddp_runs):
             for idx in step:
                 s, t = src[idx], tgt[idx]
                 logits = model(s, t[:, :-1])
-                mean = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1), ignore_index=0, reduction="sum"
-                ) / (t[:, 1:] != 0).sum()
+                mean = (
+                    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1), ignore_index=0, reduction="sum")
+                    / (t[:, 1:] != 0).sum()
+                )
                 means.append(mean.item())
                 total = total + mean / WORLD
             total.backward()
@@ -364,12 +364,15 @@ def test_no_op_without_torchrun(no_env, tiny_model, pairs, caplog):
 
 
 # ---------------------------------------------------------------- bad set-ups
-@pytest.mark.parametrize("env,match", [
-    ({"WORLD_SIZE": "2"}, "RANK is not"),
-    ({"RANK": "0"}, "WORLD_SIZE is not"),
-    ({"RANK": "2", "WORLD_SIZE": "2"}, "0 <= RANK < WORLD_SIZE"),
-    ({"RANK": "a", "WORLD_SIZE": "2"}, "must be integers"),
-])
+@pytest.mark.parametrize(
+    "env,match",
+    [
+        ({"WORLD_SIZE": "2"}, "RANK is not"),
+        ({"RANK": "0"}, "WORLD_SIZE is not"),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "0 <= RANK < WORLD_SIZE"),
+        ({"RANK": "a", "WORLD_SIZE": "2"}, "must be integers"),
+    ],
+)
 def test_half_set_torchrun_variables_are_refused(no_env, monkeypatch, env, match):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -406,8 +409,7 @@ def test_unknown_backend_is_refused():
 @pytest.fixture
 def world_of_one(no_env, monkeypatch):
     """torchrun's variables for a 1-process run; the group the strategy starts is destroyed after."""
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(_free_port())}.items():
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
         monkeypatch.setenv(k, v)
     yield
     if dist.is_initialized():
@@ -441,13 +443,12 @@ def test_unpad_under_torchrun_is_the_one_process_unpad(world_of_one, pairs):
     from hlbd_fast.models import Seq2SeqTransformer
 
     torch.manual_seed(0)
-    base = Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32,
-                              dropout=0.0, max_length=16)
+    base = Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32, dropout=0.0, max_length=16)
     a, b = clone(base), clone(base)
-    ha = FastTrainer(a, strategies=[DistributedTraining(), Unpad(), GradientAccumulation(2)], seed=3, lr=LR,
-                     optimizer=_sgd(a), progress=False).fit(pairs, 2, batch_size=8)
-    hb = FastTrainer(b, strategies=[Unpad(), GradientAccumulation(2)], seed=3, optimizer=_sgd(b),
-                     progress=False).fit(pairs, 2, batch_size=8)
+    ha = FastTrainer(a, strategies=[DistributedTraining(), Unpad(), GradientAccumulation(2)], seed=3, lr=LR, optimizer=_sgd(a), progress=False).fit(
+        pairs, 2, batch_size=8
+    )
+    hb = FastTrainer(b, strategies=[Unpad(), GradientAccumulation(2)], seed=3, optimizer=_sgd(b), progress=False).fit(pairs, 2, batch_size=8)
     assert ha.losses == hb.losses and [r.tokens for r in ha] == [r.tokens for r in hb]
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
@@ -456,6 +457,7 @@ def test_unpad_under_torchrun_is_the_one_process_unpad(world_of_one, pairs):
 def test_unpad_of_torch_layers_under_torchrun_is_the_one_process_unpad(world_of_one, pairs):
     """The packed nn.Transformer layers run inside torch's DDP wrapper as they do alone."""
     from conftest import TorchSeq2Seq
+
     from hlbd_fast import Unpad
 
     base = TorchSeq2Seq()

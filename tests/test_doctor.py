@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
 import textwrap
 import warnings
 from collections import Counter
 
 import pytest
 import torch
+from conftest import TinySeq2Seq, ragged_pairs
+from cuda_standin import StandInBackend
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from hlbd_fast import DeferredLossSync, EagerLossSync, FastDropout, GradientAccumulation, Strategy
-from hlbd_fast import doctor
-from hlbd_fast.strategies.cuda_graph import CUDAGraphStep
-from hlbd_fast.strategies.data import DevicePreload
-from hlbd_fast.strategies.padding import TrimPadding
+from hlbd_fast import DeferredLossSync, EagerLossSync, FastDropout, GradientAccumulation, Strategy, doctor
 from hlbd_fast.doctor import Diagnosis, DoctorError, diagnose, main
 from hlbd_fast.doctor.probe import is_sync_warning
+from hlbd_fast.strategies.cuda_graph import CUDAGraphStep
+from hlbd_fast.strategies.data import DevicePreload
 from hlbd_fast.strategies.dropout import torch_draws_dropout_serially
-from conftest import TinySeq2Seq, ragged_pairs
-from cuda_standin import StandInBackend
+from hlbd_fast.strategies.padding import TrimPadding
 
 BATCH = 8
 HEADS = 4
@@ -392,8 +389,7 @@ def test_a_graph_step_that_fell_back_is_reported(one_thread):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # CUDAGraphStep's own fallback warning
-        d = diagnose(TinySeq2Seq(), ragged_pairs(n=24), strategies=[DevicePreload(), DeferredLossSync(), CUDAGraphStep()],
-                     steps=2, batch_size=4, warmup=1)
+        d = diagnose(TinySeq2Seq(), ragged_pairs(n=24), strategies=[DevicePreload(), DeferredLossSync(), CUDAGraphStep()], steps=2, batch_size=4, warmup=1)
     assert "device is cpu" in d.run_info["CUDAGraphStep"]["fallback"]
     assert any(n.startswith("CUDAGraphStep ran the eager step instead of graphs") for n in d.notes)
     assert not any("the warm-up ran" in n for n in d.notes)  # nothing to capture: no warm-up epochs
@@ -407,8 +403,7 @@ def test_unpad_recommended_for_a_model_that_runs_padding_free(one_thread):
     src, tgt = ragged_pairs(n=64)
     src[::8, :] = torch.randint(4, 23, (8, src.shape[1]))  # one long row in every batch of 8: little to trim
     torch.manual_seed(0)
-    model = Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32,
-                               dropout=0.0, max_length=16)
+    model = Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32, dropout=0.0, max_length=16)
     d = diagnose(model, (src, tgt), strategies=[DevicePreload(), TrimPadding(multiple_of=1)], steps=2, warmup=1, batch_size=8)
     assert any("Unpad" in r.strategies for r in d.recommendations), [r.text for r in d.recommendations]
     d2 = diagnose(TinySeq2Seq(), (src, tgt), strategies=[DevicePreload(), TrimPadding(multiple_of=1)], steps=2, warmup=1, batch_size=8)
@@ -423,8 +418,7 @@ def test_unpads_own_length_reads_are_a_note_not_a_recommendation(one_thread):
 
     src, tgt = ragged_pairs(n=32)
     torch.manual_seed(0)
-    model = Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32,
-                               dropout=0.0, max_length=16)
+    model = Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32, dropout=0.0, max_length=16)
     d = diagnose(model, (src, tgt), strategies=[DevicePreload(), Unpad()], steps=2, warmup=1, batch_size=8)
     note = next(n for n in d.notes if n.startswith("Unpad reads each packing's size back"))
     assert "2 per step" in note  # the sources' packing and the targets'

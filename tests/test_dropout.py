@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import clone, ragged_pairs
 from torch import nn
 
-from hlbd_fast import Compile, FastDropout, FastTrainer, DevicePreload, GradientCheckpointing, StrategyConflictError, TrimPadding
+from hlbd_fast import Compile, DevicePreload, FastDropout, FastTrainer, GradientCheckpointing, StrategyConflictError, TrimPadding
 from hlbd_fast.models import Seq2SeqTransformer
 from hlbd_fast.strategies import dropout as dropout_mod
 from hlbd_fast.strategies.dropout import fast_dropout, torch_draws_dropout_serially
-from conftest import clone, ragged_pairs
 
 VOCAB = 50
 serial_only = pytest.mark.skipif(
@@ -24,8 +24,7 @@ serial_only = pytest.mark.skipif(
 
 def tiny_transformer(dropout: float = 0.1, seed: int = 0) -> Seq2SeqTransformer:
     torch.manual_seed(seed)
-    return Seq2SeqTransformer(vocab_size=VOCAB, d_model=32, n_encoder_layers=2, n_decoder_layers=2,
-                              n_heads=2, d_ff=64, dropout=dropout, max_length=16)
+    return Seq2SeqTransformer(vocab_size=VOCAB, d_model=32, n_encoder_layers=2, n_decoder_layers=2, n_heads=2, d_ff=64, dropout=dropout, max_length=16)
 
 
 @pytest.fixture
@@ -316,8 +315,7 @@ def test_the_kernel_lives_for_one_fit_even_when_it_fails(data):
             return self.inner(src, tgt)
 
     x = torch.ones(50, 50)
-    cases = ((tiny_transformer(dropout=0.1), "fit"), (Boom(), "raises"), (tiny_transformer(dropout=0.1), "train_epoch"),
-             (Boom(), "train_epoch raises"))
+    cases = ((tiny_transformer(dropout=0.1), "fit"), (Boom(), "raises"), (tiny_transformer(dropout=0.1), "train_epoch"), (Boom(), "train_epoch raises"))
     for model, how in cases:
         strategy = FastDropout()
         trainer = FastTrainer(model, strategies=[strategy], seed=3, progress=False)

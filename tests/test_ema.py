@@ -8,10 +8,10 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import TinySeq2Seq, ragged_pairs
 from cuda_standin import StandInBackend
-from hlbd_fast import CheckpointError, DeferredLossSync, FastTrainer, DevicePreload, Strategy, load_weights
+
+from hlbd_fast import CheckpointError, DeferredLossSync, DevicePreload, FastTrainer, Strategy, load_weights
 from hlbd_fast.strategies.cuda_graph import CUDAGraphStep
 from hlbd_fast.strategies.ema import EMA
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import TinySeq2Seq, clone, ragged_pairs
+
 from hlbd_fast import DevicePreload, FastTrainer, GradientAccumulation, Strategy, TrimPadding, load_weights
 from hlbd_fast.models import Seq2SeqTransformer
 
@@ -23,8 +23,7 @@ def make(model=None, **kw):
 
 def reference(dropout=0.0):
     torch.manual_seed(0)
-    return Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32,
-                              dropout=dropout, max_length=16)
+    return Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32, dropout=dropout, max_length=16)
 
 
 def by_hand(model, src, tgt):
@@ -183,13 +182,16 @@ def test_keep_best_accuracy_is_best_high(tmp_path):
     assert t.history.best.value == max(accs)
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"keep_best": "eval_loss", "checkpoint_dir": "x"}, "needs eval_data"),
-    ({"keep_best": "eval_loss", "eval_data": ragged_pairs(n=4)}, "needs checkpoint_dir"),
-    ({"keep_best": "loss", "eval_data": ragged_pairs(n=4), "checkpoint_dir": "x"}, "keep_best='loss' is not one of"),
-    ({"eval_data": ragged_pairs(n=4), "eval_every": 0}, "eval_every=0"),
-    ({"eval_data": [1, 2]}, "data must be a"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"keep_best": "eval_loss", "checkpoint_dir": "x"}, "needs eval_data"),
+        ({"keep_best": "eval_loss", "eval_data": ragged_pairs(n=4)}, "needs checkpoint_dir"),
+        ({"keep_best": "loss", "eval_data": ragged_pairs(n=4), "checkpoint_dir": "x"}, "keep_best='loss' is not one of"),
+        ({"eval_data": ragged_pairs(n=4), "eval_every": 0}, "eval_every=0"),
+        ({"eval_data": [1, 2]}, "data must be a"),
+    ],
+)
 def test_fit_evaluation_arguments_are_checked_before_training(kw, match):
     t = make()
     with pytest.raises((ValueError, TypeError), match=match):

@@ -30,7 +30,12 @@ def test_quick_learning_runs_as_a_script_then_resumes(tmp_path, capsys):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "hlbd_quick_learning.py"), "--epochs", "2", "--tiny", "--checkpoint-dir", str(ckpt), "--no-progress"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, encoding="utf-8", timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -67,9 +72,11 @@ def test_custom_strategy_script(capsys):
     main = load_example("custom_strategy")["main"]
     assert main(["--epochs", "2", "--tiny", "--log-every", "1", "--warmup", "3", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert ("roles: {'distribution': 'Distribution', 'precision': 'Precision', 'optimizer': 'OptimizerFactory', "
-            "'accumulation': 'GradientAccumulation', 'batches': 'BatchSource', 'forward': 'Forward', 'step': 'StepRunner', "
-            "'readback': 'DeferredLossSync'}") in out
+    assert (
+        "roles: {'distribution': 'Distribution', 'precision': 'Precision', 'optimizer': 'OptimizerFactory', "
+        "'accumulation': 'GradientAccumulation', 'batches': 'BatchSource', 'forward': 'Forward', 'step': 'StepRunner', "
+        "'readback': 'DeferredLossSync'}"
+    ) in out
     # 48 pairs / 16 = 3 micro-batches = 2 steps per epoch; a norm for each of the 4 steps
     assert [int(s) for s in re.findall(r"^\s+step\s+(\d+): \d+\.\d+$", out, flags=re.M)] == [1, 2, 3, 4]
     assert "lr now: 0.001 (target 0.001, warm-up 3 steps)" in out
@@ -93,6 +100,7 @@ class Spy(Strategy):
     def __init__(self) -> None:
         self.lrs: list[float] = []
         self.norms: list[float] = []
+
     def before_clip(self, trainer) -> None:
         self.lrs.append(trainer.optimizer.param_groups[0]["lr"])
         # max_norm=inf: returns the total norm and scales the gradients by exactly 1

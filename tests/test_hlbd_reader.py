@@ -59,9 +59,7 @@ def test_literal_subset_matches_python(tmp_path: Path) -> None:
     assert load_hlbd_samples(p) == expected
     (s,) = expected
     assert s["level_5"]["英文"] == "It's ] raining\n" and s["level_4"]["拼音"] == "xià ] yǔ"
-    assert load_hlbd(p) == [
-        ("🌧️", "下雨了。"), ("It's ] raining", "下雨了。"), ("xià ] yǔ", "下雨了。")
-    ]
+    assert load_hlbd(p) == [("🌧️", "下雨了。"), ("It's ] raining", "下雨了。"), ("xià ] yǔ", "下雨了。")]
 
 
 def test_random_literals_match_python(tmp_path: Path) -> None:
@@ -75,7 +73,7 @@ def test_random_literals_match_python(tmp_path: Path) -> None:
         return {
             "concept": text(),
             "level_6": {"中文": text()},
-            "x": [rnd.randint(-10**20, 10**20), rnd.random(), (text(), None), {1: True}],
+            "x": [rnd.randint(-(10**20), 10**20), rnd.random(), (text(), None), {1: True}],
         }
 
     samples = [sample() for _ in range(300)]
@@ -185,8 +183,7 @@ def test_literal_memory_is_close_to_json(tmp_path: Path) -> None:
         return "".join(rnd.choice(han) for _ in range(n))
 
     samples = [
-        {"concept": f"c{i}", "level_1": {"emoji": "🌧️"}, "level_2": {"短语": t(3)},
-         "level_5": {"英文": f"it's sample {i}"}, "level_6": {"中文": t(15)}}
+        {"concept": f"c{i}", "level_1": {"emoji": "🌧️"}, "level_2": {"短语": t(3)}, "level_5": {"英文": f"it's sample {i}"}, "level_6": {"中文": t(15)}}
         for i in range(2500)
     ]
     p_json = _write(tmp_path, "d.json", json.dumps(samples, ensure_ascii=False, indent=1))

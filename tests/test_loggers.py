@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import TinySeq2Seq, ragged_pairs
+
 from hlbd_fast import DeferredLossSync, FastTrainer, Strategy
 from hlbd_fast.strategies.base import Distribution
 from hlbd_fast.strategies.loggers import CSV_COLUMNS, CSVLogger, TensorBoardLogger

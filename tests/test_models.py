@@ -15,8 +15,14 @@ from hlbd_fast.data import BOS_ID, EOS_ID, PAD_ID, CharTokenizer, encode_pairs
 from hlbd_fast.models import ModelConfig, Seq2SeqTransformer, build_model
 
 TINY = dict(
-    vocab_size=50, d_model=32, n_encoder_layers=1, n_decoder_layers=1,
-    n_heads=4, d_ff=64, dropout=0.0, max_length=64,
+    vocab_size=50,
+    d_model=32,
+    n_encoder_layers=1,
+    n_decoder_layers=1,
+    n_heads=4,
+    d_ff=64,
+    dropout=0.0,
+    max_length=64,
 )
 
 
@@ -26,16 +32,20 @@ def tiny(**overrides: object) -> Seq2SeqTransformer:
 
 
 def padded_batch(
-    b: int = 4, length: int = 64, src_lens: tuple[int, ...] = (7, 3, 10, 5),
-    tgt_lens: tuple[int, ...] = (9, 4, 6, 12), vocab: int = 50, seed: int = 0,
+    b: int = 4,
+    length: int = 64,
+    src_lens: tuple[int, ...] = (7, 3, 10, 5),
+    tgt_lens: tuple[int, ...] = (9, 4, 6, 12),
+    vocab: int = 50,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded random token batch."""
     g = torch.Generator().manual_seed(seed)
     src = torch.randint(4, vocab, (b, length), generator=g)
     tgt = torch.randint(4, vocab, (b, length), generator=g)
     for i in range(b):
-        src[i, src_lens[i]:] = PAD_ID
-        tgt[i, tgt_lens[i]:] = PAD_ID
+        src[i, src_lens[i] :] = PAD_ID
+        tgt[i, tgt_lens[i] :] = PAD_ID
         tgt[i, 0] = BOS_ID
     return src, tgt
 
@@ -43,9 +53,17 @@ def padded_batch(
 # ------------------------------------------------------------------ basics
 def test_default_config_is_the_hlbd_setup() -> None:
     cfg = ModelConfig()
-    assert (cfg.vocab_size, cfg.d_model, cfg.n_encoder_layers, cfg.n_decoder_layers,
-            cfg.n_heads, cfg.d_ff, cfg.dropout, cfg.max_length, cfg.pad_id) == (
-        5000, 256, 3, 3, 8, 1024, 0.1, 64, 0)
+    assert (cfg.vocab_size, cfg.d_model, cfg.n_encoder_layers, cfg.n_decoder_layers, cfg.n_heads, cfg.d_ff, cfg.dropout, cfg.max_length, cfg.pad_id) == (
+        5000,
+        256,
+        3,
+        3,
+        8,
+        1024,
+        0.1,
+        64,
+        0,
+    )
     m = Seq2SeqTransformer()
     assert m.vocab_size == 5000 and m.pad_id == 0 and m.max_length == 64
     assert isinstance(m.encoder_layers, nn.ModuleList) and len(m.encoder_layers) == 3
@@ -210,8 +228,14 @@ def test_compile_fullgraph_inductor() -> None:
 
 # ---------------------------------------------------------------- training
 TRAIN_PAIRS = [
-    ("🌧️", "下雨了。"), ("下雨", "下雨了。"), ("❤️", "我爱你。"), ("I love you", "我爱你。"),
-    ("愛してる", "我爱你。"), ("사랑해", "我爱你。"), ("☀️", "太阳出来了。"), ("cat", "小猫睡觉。"),
+    ("🌧️", "下雨了。"),
+    ("下雨", "下雨了。"),
+    ("❤️", "我爱你。"),
+    ("I love you", "我爱你。"),
+    ("愛してる", "我爱你。"),
+    ("사랑해", "我爱你。"),
+    ("☀️", "太阳出来了。"),
+    ("cat", "小猫睡觉。"),
 ]
 
 
@@ -219,14 +243,12 @@ def test_short_training_learns_and_generates() -> None:
     torch.manual_seed(0)
     tok = CharTokenizer.from_pairs(TRAIN_PAIRS)
     src, tgt = encode_pairs(TRAIN_PAIRS, tok, max_length=12)
-    m = build_model(tok, d_model=64, n_heads=4, d_ff=128, n_encoder_layers=2,
-                    n_decoder_layers=2, dropout=0.0, max_length=12)
+    m = build_model(tok, d_model=64, n_heads=4, d_ff=128, n_encoder_layers=2, n_decoder_layers=2, dropout=0.0, max_length=12)
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     losses = []
     for _ in range(200):
         logits = m(src, tgt[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, m.vocab_size), tgt[:, 1:].reshape(-1),
-                               ignore_index=PAD_ID)
+        loss = F.cross_entropy(logits.reshape(-1, m.vocab_size), tgt[:, 1:].reshape(-1), ignore_index=PAD_ID)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -241,7 +263,7 @@ def test_short_training_learns_and_generates() -> None:
     assert decoded == [t for _, t in TRAIN_PAIRS]
     # each row ends with EOS, then padding
     for row, (_, t) in zip(out.tolist(), TRAIN_PAIRS):
-        assert row[len(t)] == EOS_ID and all(x == PAD_ID for x in row[len(t) + 1:])
+        assert row[len(t)] == EOS_ID and all(x == PAD_ID for x in row[len(t) + 1 :])
 
     g = torch.Generator().manual_seed(0)
     sampled = m.generate(src[:2], max_new_tokens=5, greedy=False, temperature=0.7, generator=g)

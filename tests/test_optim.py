@@ -8,12 +8,12 @@ import types
 
 import pytest
 import torch
+from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 
 from hlbd_fast import FastTrainer, StrategyConflictError
 from hlbd_fast.models import Seq2SeqTransformer
 from hlbd_fast.strategies import optim as optim_module
 from hlbd_fast.strategies.optim import FusedAdamW, fused_adamw
-from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 VOCAB = 50
@@ -21,8 +21,7 @@ VOCAB = 50
 
 def tiny_transformer(seed: int = 0) -> Seq2SeqTransformer:
     torch.manual_seed(seed)
-    return Seq2SeqTransformer(vocab_size=VOCAB, d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=2,
-                              d_ff=64, dropout=0.0, max_length=16)
+    return Seq2SeqTransformer(vocab_size=VOCAB, d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=64, dropout=0.0, max_length=16)
 
 
 def tiny_gru(seed: int = 0) -> TinySeq2Seq:
@@ -182,9 +181,7 @@ def test_capturable_on_cpu_is_an_error():
 
 
 def test_repr_and_function():
-    assert repr(FusedAdamW()) == (
-        "FusedAdamW(lr=None, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0, eight_bit=False, capturable=False)"
-    )
+    assert repr(FusedAdamW()) == ("FusedAdamW(lr=None, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0, eight_bit=False, capturable=False)")
     p = [torch.nn.Parameter(torch.randn(3))]
     opt = fused_adamw(p, lr=1e-3)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["lr"] == 1e-3

@@ -6,9 +6,9 @@ import collections
 
 import pytest
 import torch
+from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 from torch import nn
 
-from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 from hlbd_fast import DeferredLossSync, FastTrainer, GradientAccumulation, Strategy
 from hlbd_fast.strategies.data import DataLoaderWorkers, DevicePreload
 from hlbd_fast.strategies.padding import TrimCheck, TrimPadding, row_lengths, verify_trim
@@ -25,8 +25,7 @@ def reference_model() -> nn.Module:
     from hlbd_fast.models import Seq2SeqTransformer
 
     torch.manual_seed(0)
-    return Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2,
-                              d_ff=32, dropout=0.0, max_length=32, pad_id=0)
+    return Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32, dropout=0.0, max_length=32, pad_id=0)
 
 
 class PoolsOverPadding(nn.Module):
@@ -206,10 +205,14 @@ def test_trimmed_training_of_the_reference_model_equals_untrimmed():
     src, tgt = padded_pairs()
     base = reference_model()
     ref, ours = clone(base), clone(base)
-    t_ref = FastTrainer(ref, optimizer=torch.optim.SGD(ref.parameters(), lr=0.5), strategies=[GradientAccumulation(2)],
-                        seed=2, progress=False)
-    t = FastTrainer(ours, optimizer=torch.optim.SGD(ours.parameters(), lr=0.5),
-                    strategies=[GradientAccumulation(2), DevicePreload(), TrimPadding(multiple_of=1, check=True)], seed=2, progress=False)
+    t_ref = FastTrainer(ref, optimizer=torch.optim.SGD(ref.parameters(), lr=0.5), strategies=[GradientAccumulation(2)], seed=2, progress=False)
+    t = FastTrainer(
+        ours,
+        optimizer=torch.optim.SGD(ours.parameters(), lr=0.5),
+        strategies=[GradientAccumulation(2), DevicePreload(), TrimPadding(multiple_of=1, check=True)],
+        seed=2,
+        progress=False,
+    )
     h_ref, h = t_ref.fit((src, tgt), 2, batch_size=4), t.fit((src, tgt), 2, batch_size=4)
     assert max_rel_diff(ref, ours) < 1e-5
     assert h.losses == pytest.approx(h_ref.losses, rel=1e-5)
@@ -225,8 +228,9 @@ def test_with_gpu_preload_the_cut_needs_no_read_back(monkeypatch, last_batch):
 
     monkeypatch.setattr(TrimPadding, "_device_lengths", no_sync)
     shapes = Shapes()
-    h = FastTrainer(TinySeq2Seq(), strategies=[DevicePreload(last_batch=last_batch), TrimPadding(multiple_of=1), shapes],
-                    seed=1, progress=False).fit(padded_pairs(), 2, batch_size=4)
+    h = FastTrainer(TinySeq2Seq(), strategies=[DevicePreload(last_batch=last_batch), TrimPadding(multiple_of=1), shapes], seed=1, progress=False).fit(
+        padded_pairs(), 2, batch_size=4
+    )
     assert len(h) == 2 and max(w for w, _ in shapes.widths) <= 10
 
 
@@ -235,26 +239,28 @@ def test_without_a_length_provider_the_lengths_are_read_from_the_batch():
     shapes = Shapes()
     FastTrainer(TinySeq2Seq(), strategies=[TrimPadding(multiple_of=1), shapes], seed=1, progress=False).fit((src, tgt), 1, batch_size=4)
     trainer = FastTrainer(TinySeq2Seq(), seed=1, progress=False)
-    expected = [(int(row_lengths(s, 0).max()), max(2, int(row_lengths(t, 0).max())))
-                for s, t in trainer.host_batches(trainer.make_source((src, tgt), 4), 0)]
+    expected = [(int(row_lengths(s, 0).max()), max(2, int(row_lengths(t, 0).max()))) for s, t in trainer.host_batches(trainer.make_source((src, tgt), 4), 0)]
     assert shapes.widths == expected
 
 
 # ---------------------------------------------------------------------------- bad arguments
-@pytest.mark.parametrize("kwargs, match", [
-    ({"multiple_of": 0}, "multiple_of must be an integer >= 1"),
-    ({"multiple_of": -8}, "multiple_of must be an integer >= 1"),
-    ({"multiple_of": 2.5}, "multiple_of must be an integer >= 1"),
-    ({"multiple_of": True}, "multiple_of must be an integer >= 1"),
-    ({"buckets": ()}, "non-empty sequence"),
-    ({"buckets": "16,32"}, "non-empty sequence"),
-    ({"buckets": 16}, "non-empty sequence"),
-    ({"buckets": (32, 16)}, "strictly increasing"),
-    ({"buckets": (16, 16)}, "strictly increasing"),
-    ({"buckets": (0, 16)}, "integer >= 1"),
-    ({"buckets": (8, 16.0)}, "integer >= 1"),
-    ({"check": "yes"}, "check must be True or False"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"multiple_of": 0}, "multiple_of must be an integer >= 1"),
+        ({"multiple_of": -8}, "multiple_of must be an integer >= 1"),
+        ({"multiple_of": 2.5}, "multiple_of must be an integer >= 1"),
+        ({"multiple_of": True}, "multiple_of must be an integer >= 1"),
+        ({"buckets": ()}, "non-empty sequence"),
+        ({"buckets": "16,32"}, "non-empty sequence"),
+        ({"buckets": 16}, "non-empty sequence"),
+        ({"buckets": (32, 16)}, "strictly increasing"),
+        ({"buckets": (16, 16)}, "strictly increasing"),
+        ({"buckets": (0, 16)}, "integer >= 1"),
+        ({"buckets": (8, 16.0)}, "integer >= 1"),
+        ({"check": "yes"}, "check must be True or False"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrimPadding(**kwargs)

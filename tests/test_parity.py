@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import signal
 import os
+import signal
 
 import pytest
 import torch
+from conftest import clone, max_rel_diff, ragged_pairs
 from torch.utils.data import DataLoader, TensorDataset
 
 from hlbd_fast import DeferredLossSync, FastTrainer, GradientAccumulation, Strategy
-from conftest import clone, max_rel_diff, ragged_pairs
 
 
 def seed_train_epoch(model, dataloader, optimizer, criterion, device, accumulation_steps=8):
@@ -43,7 +43,7 @@ def fixed_loader(src, tgt, batch_size, epoch):
 def test_accumulation_equals_big_batch(tiny_model, pairs):
     """(a) micro-batch 4 x GradientAccumulation(8) == batch 32, token-normalised, ragged lengths."""
     src, tgt = ragged_pairs(n=70)  # 70 = 2 full steps of 32 + a leftover of 6
-    tokens_per_mb = [(tgt[i:i + 4, 1:] != 0).sum().item() for i in range(0, 32, 4)]
+    tokens_per_mb = [(tgt[i : i + 4, 1:] != 0).sum().item() for i in range(0, 32, 4)]
     assert len(set(tokens_per_mb)) > 1, "the test needs micro-batches with different token counts"
     a, b = clone(tiny_model), clone(tiny_model)
     ta = FastTrainer(a, strategies=[GradientAccumulation(8)], seed=1, progress=False)
@@ -64,8 +64,7 @@ def test_micro_batch_normalisation_reproduces_seed_loop(tiny_model, pairs):
     opt_ref = torch.optim.Adam(ref.parameters(), lr=5e-3)
     opt_ours = torch.optim.Adam(ours.parameters(), lr=5e-3)
     crit = torch.nn.CrossEntropyLoss(ignore_index=0)
-    trainer = FastTrainer(ours, optimizer=opt_ours, strategies=[GradientAccumulation(8)],
-                          loss_normalization="micro_batch", progress=False)
+    trainer = FastTrainer(ours, optimizer=opt_ours, strategies=[GradientAccumulation(8)], loss_normalization="micro_batch", progress=False)
     for epoch in range(2):
         loss_ref = seed_train_epoch(ref, fixed_loader(src, tgt, 4, epoch), opt_ref, crit, "cpu", 8)
         loss_ours = trainer.train_epoch(fixed_loader(src, tgt, 4, epoch))
@@ -92,6 +91,7 @@ def _trainer(model, **kw):
 def test_resume_at_epoch_boundary_equals_uninterrupted(tiny_model, pairs, tmp_path):
     """(d) fit 1 epoch, save, load into a new trainer, fit to 3 == fit 3 at once (dropout on)."""
     from conftest import TinySeq2Seq
+
     torch.manual_seed(0)
     base = TinySeq2Seq(dropout=0.3)
     full, part, resumed = clone(base), clone(base), clone(base)
@@ -152,6 +152,7 @@ def test_resume_mid_epoch_equals_uninterrupted(pairs, tmp_path, data_kind):
     the stop must be the one before the loop looked at the next batch.
     """
     from conftest import TinySeq2Seq
+
     torch.manual_seed(0)
     base = TinySeq2Seq(dropout=0.3)
     full, part = clone(base), clone(base)
@@ -167,8 +168,7 @@ def test_resume_mid_epoch_equals_uninterrupted(pairs, tmp_path, data_kind):
     torch.manual_seed(7)
     stopper = StopAfter(7, use_signal=True)  # epoch 1 has 5 steps: stop in epoch 2
     with pytest.raises(KeyboardInterrupt):
-        FastTrainer(part, strategies=[GradientAccumulation(2), stopper], seed=5, progress=False).fit(
-            data, 2, batch_size=4, checkpoint_dir=tmp_path)
+        FastTrainer(part, strategies=[GradientAccumulation(2), stopper], seed=5, progress=False).fit(data, 2, batch_size=4, checkpoint_dir=tmp_path)
     assert (tmp_path / "last.pt").exists()
 
     torch.manual_seed(999)
@@ -190,10 +190,12 @@ def test_no_strategies_is_the_plain_fp32_loop(tiny_model, pairs):
     opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
     order = trainer.epoch_order(len(src), 0)
     for i in range(0, len(src), 8):
-        s, t = src[order[i:i + 8]], tgt[order[i:i + 8]]
+        s, t = src[order[i : i + 8]], tgt[order[i : i + 8]]
         logits = ref(s, t[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1),
-                                                 ignore_index=0, reduction="sum") / (t[:, 1:] != 0).sum()
+        loss = (
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1), ignore_index=0, reduction="sum")
+            / (t[:, 1:] != 0).sum()
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
         opt.step()

@@ -7,12 +7,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import clone, ragged_pairs
 
-from hlbd_fast.strategies import Capability, Computes, Context
 from hlbd_fast import FastTrainer, Strategy, StrategyConflictError
 from hlbd_fast.history import EpochRecord
 from hlbd_fast.models import Seq2SeqTransformer
-from hlbd_fast.strategies import Precision, precision
+from hlbd_fast.strategies import Capability, Computes, Context, Precision, precision
 from hlbd_fast.strategies.precision import (
     MixedPrecision,
     autocast_context,
@@ -21,7 +21,6 @@ from hlbd_fast.strategies.precision import (
     resolve_dtype,
     scaler_step,
 )
-from conftest import clone, ragged_pairs
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 VOCAB = 50
@@ -29,8 +28,7 @@ VOCAB = 50
 
 def tiny_transformer(seed: int = 0, dropout: float = 0.0) -> Seq2SeqTransformer:
     torch.manual_seed(seed)
-    return Seq2SeqTransformer(vocab_size=VOCAB, d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=2,
-                              d_ff=64, dropout=dropout, max_length=16)
+    return Seq2SeqTransformer(vocab_size=VOCAB, d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=64, dropout=dropout, max_length=16)
 
 
 @pytest.fixture
@@ -215,8 +213,9 @@ def test_fp16_many_skips_and_collapsed_scale_warn_once(fp16_on_cpu, data):
     assert len(messages) == 1 and "epoch 2 skipped 15 of 15 optimizer steps" in messages[0]
     # the scale collapsing below 1 (gradients overflow even unscaled) is its own warning
     mp.scaler.update(new_scale=0.25)
-    record = EpochRecord(epoch=2, loss=1.0, seconds=1.0, tokens_per_second=1.0, optimizer_steps=10,
-                         skipped_steps=10, micro_batches=10, empty_micro_batches=0, tokens=100)
+    record = EpochRecord(
+        epoch=2, loss=1.0, seconds=1.0, tokens_per_second=1.0, optimizer_steps=10, skipped_steps=10, micro_batches=10, empty_micro_batches=0, tokens=100
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mp.on_epoch_end(None, record)  # type: ignore[arg-type]

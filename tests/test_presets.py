@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
+from conftest import TinySeq2Seq, ragged_pairs
 from torch.utils.data import DataLoader, TensorDataset
 
-from hlbd_fast import DeferredLossSync, FastDropout, FastTrainer, MixedPrecision, StrategyConflictError, presets
+from hlbd_fast import DeferredLossSync, FastTrainer, MixedPrecision, StrategyConflictError, presets
 from hlbd_fast.data import CharTokenizer, encode_pairs, load_hlbd
 from hlbd_fast.models import Seq2SeqTransformer
 from hlbd_fast.strategies.precision import cpu_has_native_bf16
-from conftest import TinySeq2Seq, ragged_pairs
 
 TINY = dict(d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=4, d_ff=64, dropout=0.0)
 #: What MixedPrecision("auto") resolves to on this machine's CPU.
@@ -144,8 +144,7 @@ def test_unknown_preset_names_the_choices():
 
 
 def test_from_preset_keyword_arguments_override_and_extend():
-    trainer = FastTrainer.from_preset(TinySeq2Seq(), "fastest", device="cpu", batch_size=8, lr=1e-3,
-                                      strategies=[], progress=False)
+    trainer = FastTrainer.from_preset(TinySeq2Seq(), "fastest", device="cpu", batch_size=8, lr=1e-3, strategies=[], progress=False)
     assert (trainer.batch_size, trainer.lr) == (8, 1e-3)
     # strategies= is appended to the preset's: a second loss-read policy conflicts with DeferredLossSync
     with pytest.raises(StrategyConflictError, match="DeferredLossSync.*DeferredLossSync.*'readback'"):
@@ -182,9 +181,7 @@ def test_fastest_on_cpu_stays_within_2_percent_of_the_plain_loop(hlbd_tensors, p
     initial, plain = plain_run
     model = copy.deepcopy(initial)
     preset = presets.fastest("cpu")
-    preset = dataclasses.replace(
-        preset, strategies=tuple(MixedPrecision(precision) if isinstance(s, MixedPrecision) else s for s in preset.strategies)
-    )
+    preset = dataclasses.replace(preset, strategies=tuple(MixedPrecision(precision) if isinstance(s, MixedPrecision) else s for s in preset.strategies))
     trainer = FastTrainer.from_preset(model, preset, device="cpu", lr=3e-3, seed=7, progress=False)
     fast = trainer.fit((src, tgt), epochs=5)
     assert plain.losses[-1] < 0.8 * plain.losses[0], f"the loss barely moved: {plain.losses}"

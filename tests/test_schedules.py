@@ -8,8 +8,8 @@ import signal
 
 import pytest
 import torch
-
 from conftest import TinySeq2Seq, clone, ragged_pairs
+
 from hlbd_fast import CheckpointError, FastTrainer, GradientAccumulation, Strategy
 from hlbd_fast.schedules import warmup_cosine, warmup_cosine_factor
 
@@ -39,10 +39,17 @@ def test_warmup_cosine_factor():
     assert all(a >= b for a, b in zip(f[4:], f[5:]))  # decays after the warm-up
 
 
-@pytest.mark.parametrize("args, match", [
-    ((-1, 10), "warmup_steps"), ((5, 5), "must exceed warmup_steps"), ((0, 0), "total_steps"),
-    ((1, 10, 1.5), "min_ratio"), ((1, 10, -0.1), "min_ratio"), ((1.5, 10), "warmup_steps"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((-1, 10), "warmup_steps"),
+        ((5, 5), "must exceed warmup_steps"),
+        ((0, 0), "total_steps"),
+        ((1, 10, 1.5), "min_ratio"),
+        ((1, 10, -0.1), "min_ratio"),
+        ((1.5, 10), "warmup_steps"),
+    ],
+)
 def test_warmup_cosine_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         warmup_cosine(*args)

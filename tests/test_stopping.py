@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import TinySeq2Seq, ragged_pairs
+
 from hlbd_fast import FastTrainer, Strategy
 from hlbd_fast.checkpoint import read_checkpoint
 from hlbd_fast.strategies.stopping import EarlyStopping, StopReport

@@ -7,8 +7,8 @@ import signal
 
 import pytest
 import torch
-
 from conftest import TinySeq2Seq, clone, ragged_pairs
+
 from hlbd_fast import FastTrainer, GradientAccumulation, Strategy, StrategyConflictError
 from hlbd_fast.strategies import (
     ROLES,
@@ -34,8 +34,14 @@ def make(model=None, **kw):
 def test_without_strategies_every_role_holds_its_plain_default():
     t = make()
     defaults = {
-        "distribution": Distribution, "precision": Precision, "optimizer": OptimizerFactory,
-        "accumulation": Accumulation, "batches": BatchSource, "forward": Forward, "step": StepRunner, "readback": LossReadback,
+        "distribution": Distribution,
+        "precision": Precision,
+        "optimizer": OptimizerFactory,
+        "accumulation": Accumulation,
+        "batches": BatchSource,
+        "forward": Forward,
+        "step": StepRunner,
+        "readback": LossReadback,
     }
     assert tuple(defaults) == ROLES
     for role, cls in defaults.items():
@@ -271,5 +277,4 @@ def test_hooks_see_the_trainer_in_loop_order(pairs):
             seen.append("on_epoch_end")
 
     make(strategies=[Order()]).fit(ragged_pairs(n=8), 1, batch_size=8)
-    assert seen == ["setup", "wrap_model", "on_epoch_start", "prepare_batch", "on_step_start", "before_clip",
-                    "on_step_end", "on_loss_read", "on_epoch_end"]
+    assert seen == ["setup", "wrap_model", "on_epoch_start", "prepare_batch", "on_step_start", "before_clip", "on_step_end", "on_loss_read", "on_epoch_end"]

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from conftest import TinySeq2Seq, clone, ragged_pairs
 from torch.utils.data import DataLoader, TensorDataset
 
 from hlbd_fast import (
@@ -19,9 +19,8 @@ from hlbd_fast import (
     Strategy,
     StrategyConflictError,
 )
-from hlbd_fast.strategies import OptimizerFactory
 from hlbd_fast.checkpoint import read_checkpoint
-from conftest import TinySeq2Seq, clone, ragged_pairs
+from hlbd_fast.strategies import OptimizerFactory
 
 
 def make(model=None, **kw):
@@ -232,20 +231,23 @@ def test_logits_narrower_than_the_vocabulary_are_named(pairs):
         make(Narrow()).fit(pairs, 1, batch_size=8)
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"lr": True}, "lr=True"),
-    ({"lr": float("inf")}, "lr=inf.*finite"),
-    ({"lr": float("nan")}, "lr=nan"),
-    ({"lr": "1e-3"}, "lr='1e-3'"),
-    ({"max_grad_norm": "1"}, "max_grad_norm='1'"),
-    ({"max_grad_norm": float("nan")}, "max_grad_norm=nan"),
-    ({"pad_id": 23}, "pad_id=23 is outside the model's vocabulary of 23"),
-    ({"pad_id": -1}, "pad_id=-1"),
-    ({"pad_id": 1.0}, "pad_id=1.0"),
-    ({"progress": "yes"}, "progress='yes'"),
-    ({"seed": 1.5}, "seed=1.5"),
-    ({"strategies": GradientAccumulation(2)}, "list of Strategy instances"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"lr": True}, "lr=True"),
+        ({"lr": float("inf")}, "lr=inf.*finite"),
+        ({"lr": float("nan")}, "lr=nan"),
+        ({"lr": "1e-3"}, "lr='1e-3'"),
+        ({"max_grad_norm": "1"}, "max_grad_norm='1'"),
+        ({"max_grad_norm": float("nan")}, "max_grad_norm=nan"),
+        ({"pad_id": 23}, "pad_id=23 is outside the model's vocabulary of 23"),
+        ({"pad_id": -1}, "pad_id=-1"),
+        ({"pad_id": 1.0}, "pad_id=1.0"),
+        ({"progress": "yes"}, "progress='yes'"),
+        ({"seed": 1.5}, "seed=1.5"),
+        ({"strategies": GradientAccumulation(2)}, "list of Strategy instances"),
+    ],
+)
 def test_bad_values_are_refused_naming_the_argument(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make(**kw)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TinySeq2Seq, TorchSeq2Seq, clone, ragged_pairs
 from torch import nn
 
-from conftest import TinySeq2Seq, TorchSeq2Seq, clone, ragged_pairs
 from hlbd_fast import (
     Compile,
     DeferredLossSync,
@@ -29,8 +29,7 @@ from hlbd_fast.packing import UnpadBatch, source_packing, target_packing
 
 def reference(dropout: float = 0.0, seed: int = 0) -> Seq2SeqTransformer:
     torch.manual_seed(seed)
-    return Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=2, n_decoder_layers=2, n_heads=2, d_ff=32,
-                              dropout=dropout, max_length=32)
+    return Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=2, n_decoder_layers=2, n_heads=2, d_ff=32, dropout=dropout, max_length=32)
 
 
 def padded(n: int = 40, extra: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,10 +183,13 @@ def test_training_equals_the_padded_loop_with_adam():
     assert weight_diffs(ours, ref, skip_key_biases=True) < 1e-4
 
 
-@pytest.mark.parametrize("name, strategies, reference_strategies", [
-    ("accumulation + deferred sync", [GradientAccumulation(2), DeferredLossSync()], [GradientAccumulation(2)]),
-    ("preload + trim + fused adamw", [DevicePreload(), TrimPadding(multiple_of=1), FusedAdamW()], [FusedAdamW()]),
-])
+@pytest.mark.parametrize(
+    "name, strategies, reference_strategies",
+    [
+        ("accumulation + deferred sync", [GradientAccumulation(2), DeferredLossSync()], [GradientAccumulation(2)]),
+        ("preload + trim + fused adamw", [DevicePreload(), TrimPadding(multiple_of=1), FusedAdamW()], [FusedAdamW()]),
+    ],
+)
 def test_combines_with_the_other_exact_strategies(name, strategies, reference_strategies):
     data = padded()
     base = reference()
@@ -248,8 +250,7 @@ def test_a_model_without_the_protocol_is_refused_when_the_trainer_is_built():
 
 def test_a_model_that_lets_padding_leak_is_refused_before_any_step():
     torch.manual_seed(0)
-    model = LeakyReference(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32,
-                           dropout=0.0, max_length=32)
+    model = LeakyReference(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32, dropout=0.0, max_length=32)
     before = [p.detach().clone() for p in model.parameters()]
     t = FastTrainer(model, strategies=[Unpad()], progress=False)
     with pytest.raises(ValueError, match="Unpad refused this model on its first batch.*padding reach real positions"):
@@ -297,13 +298,13 @@ def test_dropout_attention_is_sdpa_with_dropout_for_the_same_draws(kind):
     """The packed model's CPU attention with dropout: SDPA's computation, the same masks for the same seed."""
     from hlbd_fast.models.transformer import dropout_attention
 
-    b, h, l, d = 5, 2, 7, 8
-    s = 4 if kind == "cross" else l
-    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for n in (l, s, s))
+    b, h, length, d = 5, 2, 7, 8
+    s = 4 if kind == "cross" else length
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for n in (length, s, s))
     keep = torch.rand(b, 1, 1, s) > 0.4
     keep[..., 0] = True
     mask = None if kind == "causal" else keep
-    grad = torch.randn(b, h, l, d)
+    grad = torch.randn(b, h, length, d)
     outs = []
     for fn in (F.scaled_dot_product_attention, dropout_attention):
         torch.manual_seed(9)
@@ -387,10 +388,14 @@ def test_a_torch_transformer_with_adam_evaluation_and_filler_rows():
 
 
 @pytestmark_torch_layers
-@pytest.mark.parametrize("strategies, reference_strategies", [
-    ([GradientAccumulation(2), DeferredLossSync()], [GradientAccumulation(2)]),
-    ([DevicePreload(), TrimPadding(multiple_of=1), FusedAdamW()], [FusedAdamW()]),
-], ids=["accumulation + deferred sync", "preload + trim + fused adamw"])
+@pytest.mark.parametrize(
+    "strategies, reference_strategies",
+    [
+        ([GradientAccumulation(2), DeferredLossSync()], [GradientAccumulation(2)]),
+        ([DevicePreload(), TrimPadding(multiple_of=1), FusedAdamW()], [FusedAdamW()]),
+    ],
+    ids=["accumulation + deferred sync", "preload + trim + fused adamw"],
+)
 def test_a_torch_transformer_combines_with_the_other_exact_strategies(strategies, reference_strategies):
     data = padded()
     base = TorchSeq2Seq(norm_first=True)

@@ -8,6 +8,7 @@ from .history import EpochRecord, History
 from .meter import Figures, NonFiniteError, NonFiniteGradientError, NonFiniteLossError
 from .presets import Preset
 from .strategies import (
+    EMA,
     ROLES,
     AllowTF32,
     Compile,
@@ -19,7 +20,6 @@ from .strategies import (
     DistributedTraining,
     EagerLossSync,
     EarlyStopping,
-    EMA,
     FastDropout,
     FusedAdamW,
     GradientAccumulation,

@@ -37,7 +37,7 @@ def _remove_stale_temporaries(path: Path) -> None:
         for other in path.parent.iterdir():
             if not other.name.startswith(prefix):
                 continue
-            pid = other.name[len(prefix):]
+            pid = other.name[len(prefix) :]
             if pid.isdigit() and not _pid_alive(int(pid)):
                 with contextlib.suppress(OSError):
                     other.unlink()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .strategies.base import Strategy
 
 #: FastTrainer's ``loss_normalization`` values.
 NORMALISATIONS = ("tokens", "micro_batch")
@@ -112,8 +115,7 @@ def check_token_dtype(name: str, t: torch.Tensor, where: str) -> None:
     """Token ids must be int64 (what ``nn.Embedding`` and ``cross_entropy`` targets take everywhere)."""
     if t.dtype != torch.int64:
         raise TypeError(
-            f"{where}: {name} has dtype {t.dtype}; token ids must be torch.int64 (int64 is what cross_entropy's "
-            f"targets need). Convert once with {name}.long()"
+            f"{where}: {name} has dtype {t.dtype}; token ids must be torch.int64 (int64 is what cross_entropy's targets need). Convert once with {name}.long()"
         )
 
 
@@ -158,7 +160,7 @@ def token_loss_sum(logits: torch.Tensor, tgt_out: torch.Tensor, pad_id: int) -> 
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=pad_id, reduction="sum")
 
 
-def check_strategy_list(strategies: Any) -> tuple[Strategy, ...]:
+def check_strategy_list(strategies: Any) -> tuple["Strategy", ...]:
     """The trainer's strategies as a tuple: ``None`` is none; classes, non-strategies and repeats are refused."""
     from .strategies.base import Strategy
 

@@ -83,8 +83,7 @@ def validate_tensors(src: Any, tgt: Any, vocab_size: int | None, where: str = "b
         raise ValueError(f"{where}: src has {src.shape[0]} rows but tgt has {tgt.shape[0]}; they must pair up row by row")
     if tgt.shape[1] < 2:
         raise ValueError(
-            f"{where}: tgt has length {tgt.shape[1]}; targets need at least 2 tokens "
-            "(the model reads tgt[:, :-1] and predicts tgt[:, 1:]); add a bos token"
+            f"{where}: tgt has length {tgt.shape[1]}; targets need at least 2 tokens (the model reads tgt[:, :-1] and predicts tgt[:, 1:]); add a bos token"
         )
     if src.numel() == 0 or tgt.numel() == 0:
         return
@@ -110,9 +109,7 @@ def make_source(data: Any, batch_size: int, shuffle: bool, vocab_size: int | Non
         validate_tensors(data[0], data[1], vocab_size, where="data")
         source = DataSource((data[0], data[1]), None, None, batch_size, shuffle)
     else:
-        raise TypeError(
-            f"data must be a (src, tgt) pair of int64 tensors, a Dataset or a DataLoader; got {type(data).__name__}"
-        )
+        raise TypeError(f"data must be a (src, tgt) pair of int64 tensors, a Dataset or a DataLoader; got {type(data).__name__}")
     try:
         n = len(source)
     except TypeError:

@@ -95,8 +95,22 @@ from .strategies import (
 )
 from .trainer import FastTrainer
 
-__all__ = ["ROWS", "CPU_DEFAULT_ROWS", "CPU_TIME_BUDGET_S", "resolve_rows", "reference_data", "machine_info", "BenchError",
-           "RowRecipe", "RowSpec", "RowResult", "compare_rows", "run_bench", "format_table", "main"]
+__all__ = [
+    "ROWS",
+    "CPU_DEFAULT_ROWS",
+    "CPU_TIME_BUDGET_S",
+    "resolve_rows",
+    "reference_data",
+    "machine_info",
+    "BenchError",
+    "RowRecipe",
+    "RowSpec",
+    "RowResult",
+    "compare_rows",
+    "run_bench",
+    "format_table",
+    "main",
+]
 
 log = logging.getLogger("hlbd_fast")
 
@@ -138,8 +152,7 @@ class RowRecipe:
         roles = {s.role for s in added if s.role is not None} if self.replace_role else set()
         replaced = [s for s in base.strategies if s.role in roles]
         kept = tuple(s for s in base.strategies if all(s is not x for x in (*dropped, *replaced)))
-        preset = dataclasses.replace(base, name=self.preset_name or base.name, strategies=(*kept, *added),
-                                     batch_size=self.batch_size or base.batch_size)
+        preset = dataclasses.replace(base, name=self.preset_name or base.name, strategies=(*kept, *added), batch_size=self.batch_size or base.batch_size)
         parts = (self.note, _listed("replaces", replaced), _listed("without", dropped))
         return RowSpec(preset, "; ".join(p for p in parts if p))
 
@@ -173,16 +186,14 @@ _RECIPES: tuple[RowRecipe, ...] = (
     _plus("+trim padding", TrimPadding),
     _plus("+fast dropout", FastDropout),
     _plus("+unpad", Unpad),
-    RowRecipe("careful loop", _careful_loop,
-              note="batch 32, each batch trimmed to its longest row, Adam, loss read every step: a hand-written loop's work"),
+    RowRecipe("careful loop", _careful_loop, note="batch 32, each batch trimmed to its longest row, Adam, loss read every step: a hand-written loop's work"),
     RowRecipe("quick", quick),
     RowRecipe("extreme", extreme),
     RowRecipe("fastest", fastest),
     # the CPU fastest without bf16 autocast: exact up to rounding
     RowRecipe("fastest fp32", fastest, drop=(MixedPrecision,), preset_name="fastest fp32"),
     # the compiled model draws its own dropout masks, and Unpad's shapes change every batch: neither combines with Compile
-    RowRecipe("fastest+compile", fastest, add=(functools.partial(Compile, dynamic=True),), drop=(FastDropout, Unpad),
-              preset_name="fastest+"),
+    RowRecipe("fastest+compile", fastest, add=(functools.partial(Compile, dynamic=True),), drop=(FastDropout, Unpad), preset_name="fastest+"),
 )
 
 #: Every row by name: a :class:`RowRecipe`, which takes the device and returns a :class:`RowSpec`.
@@ -283,8 +294,18 @@ class RowResult:
     loss_compared_at_epoch: int | None = None  # the epoch at which loss_rel_diff compares the two losses
 
     #: The keys of a row without figures, in the order the report has always had them (after the first six fields).
-    _UNTRAINED: ClassVar[tuple[str, ...]] = ("s_per_epoch", "speedup", "speedup_rounds", "speedup_epochs", "final_loss", "loss_rel_diff",
-                  "compile_s", "peak_mem_mb", "syncs_per_step", "losses")
+    _UNTRAINED: ClassVar[tuple[str, ...]] = (
+        "s_per_epoch",
+        "speedup",
+        "speedup_rounds",
+        "speedup_epochs",
+        "final_loss",
+        "loss_rel_diff",
+        "compile_s",
+        "peak_mem_mb",
+        "syncs_per_step",
+        "losses",
+    )
     #: Keys written only once compare_rows has set them.
     _WHEN_COMPARED: ClassVar[tuple[str, ...]] = ("paired_rounds", "speedup_per_round", "loss_compared_at_epoch")
 
@@ -460,8 +481,12 @@ class _Row:
         def build() -> None:
             self.spec = self._build()
             self.trainer = FastTrainer.from_preset(
-                copy.deepcopy(initial), self.spec.preset,
-                strategies=(_EpochLog(self.name, self.epochs),), device=device, seed=seed, progress=False,
+                copy.deepcopy(initial),
+                self.spec.preset,
+                strategies=(_EpochLog(self.name, self.epochs),),
+                device=device,
+                seed=seed,
+                progress=False,
             )
             self.history = self.trainer.history
             self.rng = rng_state()  # as the trainer's seed left it
@@ -496,15 +521,13 @@ class _Row:
         """Mark the row as cut short (or skipped) by the time budget."""
         if self.skipped_after is None:
             self.skipped_after = self.done
-            log.info("  %s: %s", self.name, self.skipped_error if self.done == 0 else
-                     f"stopped after {self.done} epoch(s): the time budget was spent")
+            log.info("  %s: %s", self.name, self.skipped_error if self.done == 0 else f"stopped after {self.done} epoch(s): the time budget was spent")
 
     def finish(self, device: torch.device, data: Any = None) -> RowResult:
         """Take the row's result (kept in :attr:`result`; with ``data``, its token accuracy), then free what it holds."""
         if self.error is None and self.done:
             assert self.history is not None
-            log.info("  %s: %.2f s/epoch, final loss %.4f (%.0f s)", self.name, self.history.s_per_epoch(),
-                     self.history.losses[-1], self.wall_s)
+            log.info("  %s: %.2f s/epoch, final loss %.4f (%.0f s)", self.name, self.history.s_per_epoch(), self.history.losses[-1], self.wall_s)
         accuracy = self._token_accuracy(data)
         self.result = self._result(accuracy)
         self.release(device)
@@ -534,13 +557,17 @@ class _Row:
             note = "; ".join(x for x in (note, f"stopped after {self.done} epoch(s): time budget spent") if x)
         return self._measured(self.trainer, self.history, self.spec.preset, epochs, note, accuracy)
 
-    def _measured(self, trainer: FastTrainer, history: History, preset: Preset, epochs: int, note: str,
-                  accuracy: float | None) -> RowResult:
+    def _measured(self, trainer: FastTrainer, history: History, preset: Preset, epochs: int, note: str, accuracy: float | None) -> RowResult:
         """The result of a row that trained: its figures from the trainer and its history."""
         steps = sum(r.optimizer_steps for r in history.records)
         info = reports_dict(trainer.reports())
         return RowResult(
-            name=self.name, epochs=epochs, error=None, note=note, warnings=self.warnings[:5], wall_s=self.wall_s,
+            name=self.name,
+            epochs=epochs,
+            error=None,
+            note=note,
+            warnings=self.warnings[:5],
+            wall_s=self.wall_s,
             s_per_epoch=history.s_per_epoch(),
             epoch_seconds=history.seconds,
             epoch_rounds=list(self.rounds) or None,
@@ -618,8 +645,14 @@ class _Plan:
     interleave: bool  # rounds of one epoch of every row (else one row after the other)
 
 
-def _plan(rows: Sequence[str] | str | None, epochs: int | None, device: str | torch.device | None,
-          row_epochs: Mapping[str, int] | None, table: RowTable, interleave: bool | None) -> _Plan:
+def _plan(
+    rows: Sequence[str] | str | None,
+    epochs: int | None,
+    device: str | torch.device | None,
+    row_epochs: Mapping[str, int] | None,
+    table: RowTable,
+    interleave: bool | None,
+) -> _Plan:
     """Check the arguments of a run (a :class:`BenchError` names the bad one) and fill in the defaults."""
     dev = _device(device)
     names = resolve_rows(rows, dev, table)
@@ -685,8 +718,9 @@ def run_bench(
     return report
 
 
-def _measure(plan: _Plan, table: RowTable, data: tuple[torch.Tensor, torch.Tensor], initial: nn.Module, seed: int,
-             time_budget_s: float | None) -> list[RowResult]:
+def _measure(
+    plan: _Plan, table: RowTable, data: tuple[torch.Tensor, torch.Tensor], initial: nn.Module, seed: int, time_budget_s: float | None
+) -> list[RowResult]:
     """Every row of ``plan`` trained in its order; their results, in the plan's order."""
     dev = plan.device
     rows = [_Row(name, functools.partial(_spec, table, name, dev), plan.row_epochs.get(name, plan.epochs)) for name in plan.names]
@@ -709,7 +743,11 @@ def _check_out(out: str | os.PathLike[str] | None) -> Path | None:
         return check_writable_dir(out, "--out")
     except ValueError as e:
         raise BenchError(str(e)) from None
-def _inputs(data: tuple[torch.Tensor, torch.Tensor] | None, model_factory: Callable[[], nn.Module] | None, seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], nn.Module]:
+
+
+def _inputs(
+    data: tuple[torch.Tensor, torch.Tensor] | None, model_factory: Callable[[], nn.Module] | None, seed: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], nn.Module]:
     """The data (default: the bundled HLBD pairs) and the initial model on the host, built under ``seed``."""
     if data is None:
         data, vocab = reference_data()
@@ -725,8 +763,7 @@ def _inputs(data: tuple[torch.Tensor, torch.Tensor] | None, model_factory: Calla
     return data, copy.deepcopy(initial).cpu()
 
 
-def _config(plan: _Plan, data: tuple[torch.Tensor, torch.Tensor], initial: nn.Module, seed: int,
-            budget: float | None) -> dict[str, Any]:
+def _config(plan: _Plan, data: tuple[torch.Tensor, torch.Tensor], initial: nn.Module, seed: int, budget: float | None) -> dict[str, Any]:
     """The report's ``config``: what was run, and what each column means."""
     interleave, dev = plan.interleave, plan.device
     return {
@@ -744,25 +781,26 @@ def _config(plan: _Plan, data: tuple[torch.Tensor, torch.Tensor], initial: nn.Mo
         "order": "interleaved: rounds of one epoch of every row" if interleave else "sequential: one row after the other",
         "s_per_epoch": "median wall seconds of the epochs after the first (the only epoch when 1)",
         "speedup": "median over the rounds both rows completed, after the first (the only round when 1), of the baseline's "
-        "epoch seconds over the row's in the same round; 'ratio of' counts those rounds" if interleave
+        "epoch seconds over the row's in the same round; 'ratio of' counts those rounds"
+        if interleave
         else "baseline s/epoch over the row's; 'ratio of' counts the epochs the thinner of the two s/epoch figures rests on",
-        "peak_mem_mb": "not measured in interleaved order (every row's trainer stays alive); use --order sequential" if interleave
-        else "CUDA: torch.cuda.max_memory_allocated, reset per row" if dev.type == "cuda"
+        "peak_mem_mb": "not measured in interleaved order (every row's trainer stays alive); use --order sequential"
+        if interleave
+        else "CUDA: torch.cuda.max_memory_allocated, reset per row"
+        if dev.type == "cuda"
         else "CPU: peak resident set of the process sampled every 50 ms during the row",
         "syncs_per_step": "loss read-backs per optimizer step, counted (one host-device sync each)",
     }
 
 
-def _run_interleaved(rows: list[_Row], data: tuple[torch.Tensor, torch.Tensor], dev: torch.device, budget: _Budget,
-                     initial: nn.Module, seed: int) -> None:
+def _run_interleaved(rows: list[_Row], data: tuple[torch.Tensor, torch.Tensor], dev: torch.device, budget: _Budget, initial: nn.Module, seed: int) -> None:
     """Round after round, one epoch of every row with epochs left; the budget ends whole rounds only."""
     for i, row in enumerate(rows, 1):
         row.begin(f"[{i}/{len(rows)}]", initial, dev, seed)
     round_no, last_round_s = 0, 0.0
     while any(row.active for row in rows):
         if round_no and not budget.allows(last_round_s):
-            log.info("time budget: another round (about %.1f s) would end after %.0f s; stopping after round %d",
-                     last_round_s, budget.seconds, round_no)
+            log.info("time budget: another round (about %.1f s) would end after %.0f s; stopping after round %d", last_round_s, budget.seconds, round_no)
             break
         round_no += 1
         t0 = time.perf_counter()
@@ -779,8 +817,7 @@ def _run_interleaved(rows: list[_Row], data: tuple[torch.Tensor, torch.Tensor], 
             row.finish(dev, data)
 
 
-def _run_sequential(rows: list[_Row], data: tuple[torch.Tensor, torch.Tensor], dev: torch.device, budget: _Budget,
-                    initial: nn.Module, seed: int) -> None:
+def _run_sequential(rows: list[_Row], data: tuple[torch.Tensor, torch.Tensor], dev: torch.device, budget: _Budget, initial: nn.Module, seed: int) -> None:
     """One row after the other, each with its peak memory; after the first row, no epoch starts once the budget is spent."""
     for i, row in enumerate(rows, 1):
         if i > 1 and budget.spent():
@@ -887,8 +924,9 @@ def format_table(report: dict[str, Any]) -> str:
     lines += [_table_line(RowResult.from_dict(r), c["epochs"]) for r in report["rows"]]
     lines.append("")
     speedup = f"speedup: {c['speedup']}; " if c.get("speedup") else ""
-    lines.append(f"s/epoch: {c['s_per_epoch']}; {speedup}peak MB: {c['peak_mem_mb']}; syncs/step: {c['syncs_per_step']}; "
-                 f"order: {c.get('order', 'sequential')}.")
+    lines.append(
+        f"s/epoch: {c['s_per_epoch']}; {speedup}peak MB: {c['peak_mem_mb']}; syncs/step: {c['syncs_per_step']}; order: {c.get('order', 'sequential')}."
+    )
     return "\n".join(lines)
 
 
@@ -971,13 +1009,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench_results", help="folder for bench.json and bench.png (default: bench_results)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--budget", type=float, default=None,
-                   help=f"seconds the run may take, about (default: {CPU_TIME_BUDGET_S:.0f} on CPU, none on CUDA; 0: none): "
-                        "interleaved, no round starts that would end later (the first always runs); sequential, no "
-                        "epoch starts after it (the first row always runs)")
-    p.add_argument("--order", choices=("auto", "interleaved", "sequential"), default="auto",
-                   help="interleaved: rounds of one epoch of every row, so that a drifting machine speed slows all rows "
-                        "alike; sequential: one row after the other (default: interleaved on CPU, sequential on CUDA)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"seconds the run may take, about (default: {CPU_TIME_BUDGET_S:.0f} on CPU, none on CUDA; 0: none): "
+        "interleaved, no round starts that would end later (the first always runs); sequential, no "
+        "epoch starts after it (the first row always runs)",
+    )
+    p.add_argument(
+        "--order",
+        choices=("auto", "interleaved", "sequential"),
+        default="auto",
+        help="interleaved: rounds of one epoch of every row, so that a drifting machine speed slows all rows "
+        "alike; sequential: one row after the other (default: interleaved on CPU, sequential on CUDA)",
+    )
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # a small model and 64 pairs: smoke tests
 
 
@@ -1015,8 +1061,7 @@ def _check_arguments(args: argparse.Namespace) -> _Plan:
         _check_epochs(args.baseline_epochs, "--baseline-epochs")
     if args.threads is not None and args.threads < 1:
         raise BenchError(f"--threads {args.threads} must be >= 1")
-    return _plan(args.rows, args.epochs, args.device, _row_epochs(args), ROWS,
-                 None if args.order == "auto" else args.order == "interleaved")
+    return _plan(args.rows, args.epochs, args.device, _row_epochs(args), ROWS, None if args.order == "auto" else args.order == "interleaved")
 
 
 def _row_epochs(args: argparse.Namespace) -> dict[str, int] | None:

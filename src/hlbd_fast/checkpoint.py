@@ -110,10 +110,7 @@ def _torch_load(source: Any, path: Path, what: str) -> Any:
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read is a damaged or foreign file
-        raise CheckpointError(
-            f"checkpoint {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            f"{what}"
-        ) from None
+        raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {what}") from None
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -161,10 +158,7 @@ def _directory_message(path: Path) -> str:
         there = f"it holds neither, but {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}"
     else:
         there = f"it holds neither: fit(checkpoint_dir={str(path)!r}) writes {CHECKPOINT_NAME} there"
-    return (
-        f"checkpoint {path} is a directory, not a checkpoint file; pass a file in it, "
-        f"{path / _BEST_NAME} or {path / CHECKPOINT_NAME} ({there})"
-    )
+    return f"checkpoint {path} is a directory, not a checkpoint file; pass a file in it, {path / _BEST_NAME} or {path / CHECKPOINT_NAME} ({there})"
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -249,8 +243,7 @@ def check_resume(resume: dict[str, Any], source: Any, distribution: Any) -> None
         )
     if saved_world is not None and saved_world != distribution.world_size:
         raise ValueError(
-            f"the checkpoint stopped mid-epoch with {saved_world} processes; this run has "
-            f"{distribution.world_size}. Resume with the same number of processes"
+            f"the checkpoint stopped mid-epoch with {saved_world} processes; this run has {distribution.world_size}. Resume with the same number of processes"
         )
     n = source.num_batches(distribution)
     if source.loader is None and n is not None and resume["micro_batch_in_epoch"] > n:
@@ -317,8 +310,7 @@ def check_model_config(model: nn.Module, state: dict[str, Any], where: str = "th
 def _warn_soft_config(soft: list[str], where: str, here: str, stacklevel: int) -> None:
     if soft:
         warnings.warn(
-            f"{where} was trained with other dropout settings than {here} has ({'; '.join(soft)}); "
-            f"{here} keeps its own",
+            f"{where} was trained with other dropout settings than {here} has ({'; '.join(soft)}); {here} keeps its own",
             stacklevel=stacklevel + 1,
         )
 

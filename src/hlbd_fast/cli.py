@@ -87,5 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     return args.run(args)
 
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

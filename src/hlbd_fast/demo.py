@@ -105,13 +105,19 @@ def _without_origin(message: str, data: str | os.PathLike[str] | None) -> str:
     if data is not None:
         for origin in (str(Path(data)), str(data)):
             if message.startswith(f"{origin}: "):
-                return message[len(origin) + 2:]
+                return message[len(origin) + 2 :]
     return message
 
 
 def _check_options(
-    epochs: int, baseline_epochs: int, preset: str, device: str | None, out: str | os.PathLike[str] | None,
-    holdout: float = 0.0, learn_epochs: int = 0, learn_lr: float = 1e-3,
+    epochs: int,
+    baseline_epochs: int,
+    preset: str,
+    device: str | None,
+    out: str | os.PathLike[str] | None,
+    holdout: float = 0.0,
+    learn_epochs: int = 0,
+    learn_lr: float = 1e-3,
 ) -> torch.device:
     """The device; every option is checked (and ``--out`` created) before any work, else a DemoError."""
     dev = _device(device)
@@ -199,8 +205,9 @@ def run_demo(
     return {name: _summary(r) for name, r in runs.items()} | {"generations": generations}
 
 
-def _speed_phase(initial: torch.nn.Module, d: DemoData, preset: str, epochs: int, baseline_epochs: int,
-                 dev: torch.device, seed: int, progress: bool) -> dict[str, dict[str, Any]]:
+def _speed_phase(
+    initial: torch.nn.Module, d: DemoData, preset: str, epochs: int, baseline_epochs: int, dev: torch.device, seed: int, progress: bool
+) -> dict[str, dict[str, Any]]:
     """Both runs from the same weights and order; each evaluated after the baseline's epoch count."""
     runs: dict[str, dict[str, Any]] = {}
     shared = min(n for _, n in _plan(preset, epochs, baseline_epochs) if n > 0)
@@ -215,18 +222,23 @@ def _speed_phase(initial: torch.nn.Module, d: DemoData, preset: str, epochs: int
         quality = trainer.evaluate(d.eval, generate=True)  # not timed
         t0 = time.perf_counter()
         history = trainer.fit(d.train, epochs=n_epochs)
-        runs[name] = {"history": history, "total_s": seconds + time.perf_counter() - t0, "trainer": trainer,
-                      "quality": quality, "quality_epoch": min(shared, n_epochs)}
+        runs[name] = {
+            "history": history,
+            "total_s": seconds + time.perf_counter() - t0,
+            "trainer": trainer,
+            "quality": quality,
+            "quality_epoch": min(shared, n_epochs),
+        }
     return runs
 
 
-def _learn_phase(initial: torch.nn.Module, d: DemoData, preset: str, epochs: int, lr: float,
-                 dev: torch.device, seed: int, progress: bool) -> dict[str, Any]:
+def _learn_phase(initial: torch.nn.Module, d: DemoData, preset: str, epochs: int, lr: float, dev: torch.device, seed: int, progress: bool) -> dict[str, Any]:
     """``preset`` from fresh weights to convergence: warm-up and cosine at ``lr``; exact match at the end."""
     steps = epochs * -(-d.train[0].shape[0] // get_preset(preset, device=dev).batch_size)
     schedule = warmup_cosine(max(1, steps // 20), steps)
-    trainer = FastTrainer.from_preset(copy.deepcopy(initial), get_preset(preset, device=dev), device=dev, seed=seed,
-                                      progress=progress, lr=lr, scheduler=schedule)
+    trainer = FastTrainer.from_preset(
+        copy.deepcopy(initial), get_preset(preset, device=dev), device=dev, seed=seed, progress=progress, lr=lr, scheduler=schedule
+    )
     print(f"learning: '{preset}' for {epochs} epochs at lr {lr:g} (5% warm-up, cosine decay) ...")
     t0 = time.perf_counter()
     history = trainer.fit(d.train, epochs=epochs, eval_data=d.eval, eval_every=max(1, epochs // 6))  # the curve's eval points
@@ -242,8 +254,7 @@ def _learn_phase(initial: torch.nn.Module, d: DemoData, preset: str, epochs: int
 
 def _summary(r: dict[str, Any]) -> dict[str, Any]:
     h: History = r["history"]
-    return {"losses": h.losses, "s_per_epoch": h.s_per_epoch(), "total_s": r["total_s"], "quality": r["quality"],
-            "quality_epoch": r["quality_epoch"]}
+    return {"losses": h.losses, "s_per_epoch": h.s_per_epoch(), "total_s": r["total_s"], "quality": r["quality"], "quality_epoch": r["quality_epoch"]}
 
 
 def _print_table(runs: dict[str, dict[str, Any]]) -> None:
@@ -326,8 +337,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=None, help="write history JSON (and a PNG with matplotlib) in this directory (checked before training)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--holdout", type=float, default=0.0, help="share of the pairs kept out of training and evaluated on (default 0: evaluate on the training pairs)")
-    p.add_argument("--learn-epochs", type=int, default=LEARN_EPOCHS, help=f"epochs of the learning phase: the fast preset to convergence (default {LEARN_EPOCHS}; 0 skips it)")
+    p.add_argument(
+        "--holdout", type=float, default=0.0, help="share of the pairs kept out of training and evaluated on (default 0: evaluate on the training pairs)"
+    )
+    p.add_argument(
+        "--learn-epochs",
+        type=int,
+        default=LEARN_EPOCHS,
+        help=f"epochs of the learning phase: the fast preset to convergence (default {LEARN_EPOCHS}; 0 skips it)",
+    )
     p.add_argument("--learn-lr", type=float, default=LEARN_LR, help=f"learning rate of the learning phase (default {LEARN_LR:g})")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
@@ -337,8 +355,19 @@ def run(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     baseline_epochs = args.baseline_epochs if args.baseline_epochs is not None else (args.epochs if cuda else min(2, args.epochs))
     try:
-        run_demo(args.epochs, baseline_epochs, args.preset, args.data, args.device, args.out, args.seed,
-                 progress=not args.no_progress, holdout=args.holdout, learn_epochs=args.learn_epochs, learn_lr=args.learn_lr)
+        run_demo(
+            args.epochs,
+            baseline_epochs,
+            args.preset,
+            args.data,
+            args.device,
+            args.out,
+            args.seed,
+            progress=not args.no_progress,
+            holdout=args.holdout,
+            learn_epochs=args.learn_epochs,
+            learn_lr=args.learn_lr,
+        )
     except DemoError as e:
         print(f"hlbd-fast demo: error: {e}", file=sys.stderr)
         return 2

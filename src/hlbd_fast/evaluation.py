@@ -21,9 +21,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ._validation import token_loss_sum, token_pair
+from ._validation import check_positive_int, token_loss_sum, token_pair
 from .batches import DataSource, move
-from ._validation import check_positive_int
 from .checkpoint import rng_state, set_rng_state, write_trainer_checkpoint
 from .history import Best
 from .strategies.padding import row_lengths

@@ -118,8 +118,5 @@ class History:
     def __str__(self) -> str:
         lines = ["epoch  loss      s/epoch  tok/s     steps  skipped"]
         for r in self.records:
-            lines.append(
-                f"{r.epoch:>5}  {r.loss:<8.4f}  {r.seconds:>7.2f}  {r.tokens_per_second:>8.0f}  "
-                f"{r.optimizer_steps:>5}  {r.skipped_steps:>7}"
-            )
+            lines.append(f"{r.epoch:>5}  {r.loss:<8.4f}  {r.seconds:>7.2f}  {r.tokens_per_second:>8.0f}  {r.optimizer_steps:>5}  {r.skipped_steps:>7}")
         return "\n".join(lines)

@@ -21,11 +21,11 @@ from .strategies.compile import Compile
 from .strategies.cuda_graph import CUDAGraphStep
 from .strategies.data import DataLoaderWorkers, DevicePreload
 from .strategies.dropout import FastDropout
+from .strategies.needs import Context
 from .strategies.optim import FusedAdamW
 from .strategies.padding import TrimPadding
 from .strategies.precision import MixedPrecision
 from .strategies.tf32 import AllowTF32
-from .strategies.needs import Context
 from .strategies.unpad import Unpad
 
 log = logging.getLogger("hlbd_fast")
@@ -69,8 +69,9 @@ class Preset:
         Raises:
             ValueError: a class the preset does not hold (nothing would change).
         """
-        missing = [k.__name__ if isinstance(k, type) else repr(k) for k in kinds
-                   if not (isinstance(k, type) and any(isinstance(s, k) for s in self.strategies))]
+        missing = [
+            k.__name__ if isinstance(k, type) else repr(k) for k in kinds if not (isinstance(k, type) and any(isinstance(s, k) for s in self.strategies))
+        ]
         if missing:
             held = [type(s).__name__ for s in self.strategies]
             raise ValueError(f"Preset {self.name!r} holds no {', '.join(missing)} to leave out; it holds {held}")

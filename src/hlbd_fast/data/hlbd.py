@@ -83,9 +83,7 @@ TARGET_LEVEL: LevelKey = ("level_6", "中文")
 PathLike = Union[str, "os.PathLike[str]"]
 
 _BUNDLED_ORIGIN = "<bundled HLBD sample>"
-_SAMPLES_ASSIGN = re.compile(
-    r"(?:(?<![\w.])samples\s*(?::[^=\n]{0,80})?=|[\"']samples[\"']\s*:)\s*\["
-)
+_SAMPLES_ASSIGN = re.compile(r"(?:(?<![\w.])samples\s*(?::[^=\n]{0,80})?=|[\"']samples[\"']\s*:)\s*\[")
 _MAX_UNWRAP = 16
 
 
@@ -113,8 +111,16 @@ _ESCAPE = re.compile(
     re.S,
 )
 _SIMPLE_ESCAPES = {
-    "\\": "\\", "'": "'", '"': '"', "a": "\a", "b": "\b",
-    "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
+    "\\": "\\",
+    "'": "'",
+    '"': '"',
+    "a": "\a",
+    "b": "\b",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+    "v": "\v",
 }
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _NUMBER = re.compile(
@@ -123,8 +129,12 @@ _NUMBER = re.compile(
 )
 _NAME = re.compile(r"[A-Za-z_]\w*")
 _KEYWORDS: dict[str, Any] = {
-    "True": True, "False": False, "None": None,
-    "true": True, "false": False, "null": None,  # JSON spellings
+    "True": True,
+    "False": False,
+    "None": None,
+    "true": True,
+    "false": False,
+    "null": None,  # JSON spellings
 }
 _TOKEN = re.compile(r"[A-Za-z_]\w*|[-+.\d][\w.]*|\S")
 _BRACKETS = {"[": "]", "(": ")", "{": "}"}
@@ -185,8 +195,7 @@ def _unexpected(text: str, pos: int, stack: list[_Frame], expected: str) -> _Lit
     if pos >= len(text) and stack:
         top = stack[-1]
         return _LiteralError(
-            f"no matching closing bracket for {top.opener!r} at {_line_col(text, top.pos)} "
-            f"(reached the end of the file while expecting {expected})"
+            f"no matching closing bracket for {top.opener!r} at {_line_col(text, top.pos)} (reached the end of the file while expecting {expected})"
         )
     return _LiteralError(f"expected {expected} at {_line_col(text, pos)}, found {_found(text, pos)}")
 
@@ -241,8 +250,7 @@ def _one_string(text: str, pos: int) -> tuple[str, int]:
     prefix, quote = m.groups()
     if prefix.lower() not in ("", "r", "u"):
         raise _LiteralError(
-            f"{prefix}{quote}...{quote} string at {_line_col(text, pos)}: only plain, r and u "
-            "strings are accepted (not bytes or f-strings); remove the prefix"
+            f"{prefix}{quote}...{quote} string at {_line_col(text, pos)}: only plain, r and u strings are accepted (not bytes or f-strings); remove the prefix"
         )
     rest = _STRING_REST[quote].match(text, m.end())
     if rest is None:
@@ -274,10 +282,7 @@ def _number(text: str, pos: int, s: str) -> int | float:
             return int(s, 0)
         return float(s)
     except ValueError as e:
-        raise _LiteralError(
-            f"invalid number {s[:40]!r} at {_line_col(text, pos)} ({e}); decimal "
-            "integers cannot start with 0"
-        ) from None
+        raise _LiteralError(f"invalid number {s[:40]!r} at {_line_col(text, pos)} ({e}); decimal integers cannot start with 0") from None
 
 
 def _scalar(text: str, pos: int, stack: list[_Frame]) -> tuple[Any, int]:
@@ -300,16 +305,11 @@ def _dict_key(text: str, pos: int, key: Any, keys: dict[str, str]) -> Any:
     try:
         hash(key)
     except TypeError:
-        raise _LiteralError(
-            f"a {type(key).__name__} cannot be a dict key (before {_line_col(text, pos)}); "
-            "use a string"
-        ) from None
+        raise _LiteralError(f"a {type(key).__name__} cannot be a dict key (before {_line_col(text, pos)}); use a string") from None
     return key
 
 
-def _deliver(
-    text: str, pos: int, stack: list[_Frame], value: Any, keys: dict[str, str]
-) -> tuple[Any, int, bool]:
+def _deliver(text: str, pos: int, stack: list[_Frame], value: Any, keys: dict[str, str]) -> tuple[Any, int, bool]:
     """Put a finished ``value`` into the open containers, closing those that end here.
 
     Returns ``(value, end, True)`` once the outermost value is complete, else
@@ -389,10 +389,7 @@ def _samples_from_text(text: str, origin: str) -> list[Any]:
             value, _ = _parse_array_at(text, m.end() - 1)
         except _LiteralError as e:
             if first_error is None:
-                first_error = (
-                    f"'samples = [...]' at {_line_col(text, m.start())} is not a JSON "
-                    f"array or a Python literal of the accepted kinds: {e}"
-                )
+                first_error = f"'samples = [...]' at {_line_col(text, m.start())} is not a JSON array or a Python literal of the accepted kinds: {e}"
             continue
         if value and all(isinstance(s, dict) for s in value):
             return value  # a real sample list wins over e.g. `samples = []` in prose
@@ -416,8 +413,7 @@ def _load_json(text: str, origin: str) -> tuple[Any, str | None]:
         return None, f"{origin}: not valid JSON ({e.msg} at {_line_col(text, e.pos)})"
     except RecursionError:
         return None, (
-            f"{origin}: not valid JSON (brackets nested too deeply for Python's json "
-            "module; HLBD samples nest 3 levels, so brackets are probably unbalanced)"
+            f"{origin}: not valid JSON (brackets nested too deeply for Python's json module; HLBD samples nest 3 levels, so brackets are probably unbalanced)"
         )
     except ValueError as e:  # e.g. an int longer than Python's digit limit
         return None, f"{origin}: not valid JSON ({e})"
@@ -430,15 +426,8 @@ def _samples_from_json(data: Any, origin: str) -> list[Any]:
     elif isinstance(data, dict) and isinstance(data.get("samples"), list):
         samples = data["samples"]
     else:
-        got = (
-            f"an object with keys {sorted(data)[:8]}"
-            if isinstance(data, dict)
-            else f"a JSON {type(data).__name__}"
-        )
-        raise ValueError(
-            f"{origin}: no HLBD samples found; looked for a top-level JSON "
-            f"list of samples or an object with a 'samples' list, got {got}"
-        )
+        got = f"an object with keys {sorted(data)[:8]}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        raise ValueError(f"{origin}: no HLBD samples found; looked for a top-level JSON list of samples or an object with a 'samples' list, got {got}")
     if not samples:
         raise ValueError(f"{origin}: the samples list is empty")
     return samples
@@ -479,28 +468,16 @@ def _read_samples(path: PathLike) -> list[Any]:
 def _check_level_keys(value: Any, name: str) -> tuple[LevelKey, ...]:
     """``value`` as a tuple of ``(level, key)`` string pairs; ``name`` is used in errors."""
     if isinstance(value, (str, bytes)):
-        raise ValueError(
-            f"{name} must be a sequence of (level, key) pairs such as "
-            f"{DEFAULT_LEVELS[:2]!r}, got a string"
-        )
+        raise ValueError(f"{name} must be a sequence of (level, key) pairs such as {DEFAULT_LEVELS[:2]!r}, got a string")
     out: list[LevelKey] = []
     for item in value:
-        if (
-            isinstance(item, (str, bytes))
-            or len(item) != 2
-            or not all(isinstance(x, str) and x for x in item)
-        ):
-            raise ValueError(
-                f"{name} entries must be (level, key) pairs of non-empty strings "
-                f"such as ('level_5', '英文'), got {item!r}"
-            )
+        if isinstance(item, (str, bytes)) or len(item) != 2 or not all(isinstance(x, str) and x for x in item):
+            raise ValueError(f"{name} entries must be (level, key) pairs of non-empty strings such as ('level_5', '英文'), got {item!r}")
         out.append((item[0], item[1]))
     return tuple(out)
 
 
-def _field_text(
-    sample: dict[str, Any], level: str, key: str, origin: str, index: int
-) -> str | None:
+def _field_text(sample: dict[str, Any], level: str, key: str, origin: str, index: int) -> str | None:
     """Text at ``sample[level][key]`` (unwrapping ``{key: {key: text}}``), or None."""
     where = f"{origin}: sample {index}"
     concept = sample.get("concept")
@@ -510,26 +487,18 @@ def _field_text(
     if level_obj is None:
         return None
     if not isinstance(level_obj, dict):
-        raise ValueError(
-            f"{where}: {level!r} must be an object like {{{key!r}: \"text\"}}, "
-            f"got {type(level_obj).__name__}"
-        )
+        raise ValueError(f'{where}: {level!r} must be an object like {{{key!r}: "text"}}, got {type(level_obj).__name__}')
     value = level_obj.get(key)
     depth = 0
     while isinstance(value, dict):
         depth += 1
         if key not in value or depth > _MAX_UNWRAP:
-            raise ValueError(
-                f"{where}: {level}.{key} is an object without a {key!r} entry; "
-                "expected text"
-            )
+            raise ValueError(f"{where}: {level}.{key} is an object without a {key!r} entry; expected text")
         value = value[key]
     if value is None:
         return None
     if not isinstance(value, str):
-        raise ValueError(
-            f"{where}: {level}.{key} must be text, got {type(value).__name__} {value!r:.60}"
-        )
+        raise ValueError(f"{where}: {level}.{key} must be text, got {type(value).__name__} {value!r:.60}")
     value = value.strip()
     return value or None
 
@@ -566,10 +535,7 @@ def samples_to_pairs(
     pairs: list[tuple[str, str]] = []
     for index, sample in enumerate(samples):
         if not isinstance(sample, dict):
-            raise ValueError(
-                f"{origin}: sample {index} must be an object (dict) with "
-                f"'level_N' keys, got {type(sample).__name__} {sample!r:.60}"
-            )
+            raise ValueError(f"{origin}: sample {index} must be an object (dict) with 'level_N' keys, got {type(sample).__name__} {sample!r:.60}")
         tgt = _field_text(sample, *target_t, origin, index)
         sources = [_field_text(sample, lv, key, origin, index) for lv, key in levels_t]
         if tgt is None:

@@ -136,15 +136,10 @@ class CharTokenizer:
         """
         chars = tuple(chars)
         if not chars:
-            raise ValueError(
-                "CharTokenizer needs at least one character; build it with "
-                "CharTokenizer.from_texts(texts) from a non-empty list of texts"
-            )
+            raise ValueError("CharTokenizer needs at least one character; build it with CharTokenizer.from_texts(texts) from a non-empty list of texts")
         for c in chars:
             if not isinstance(c, str) or len(c) != 1:
-                raise ValueError(
-                    f"CharTokenizer chars must be single characters, got {c!r}"
-                )
+                raise ValueError(f"CharTokenizer chars must be single characters, got {c!r}")
             if _lone_surrogate(c):
                 raise _surrogate_error(c, "CharTokenizer chars")
         if len(set(chars)) != len(chars):
@@ -153,9 +148,7 @@ class CharTokenizer:
         if vocab_size is None:
             vocab_size = needed
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
-            raise ValueError(
-                f"vocab_size must be an int or None, got {type(vocab_size).__name__}"
-            )
+            raise ValueError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
         if vocab_size < needed:
             raise ValueError(
                 f"vocab_size={vocab_size} is too small: the texts contain "
@@ -164,9 +157,7 @@ class CharTokenizer:
                 f"vocab_size >= {needed} or vocab_size=None"
             )
         self._chars: tuple[str, ...] = chars
-        self._char_to_id: dict[str, int] = {
-            c: i + NUM_SPECIAL_TOKENS for i, c in enumerate(chars)
-        }
+        self._char_to_id: dict[str, int] = {c: i + NUM_SPECIAL_TOKENS for i, c in enumerate(chars)}
         self._vocab_size: int = vocab_size
         self.unknown_count: int = 0
         self.truncated_count: int = 0
@@ -175,9 +166,7 @@ class CharTokenizer:
 
     # ------------------------------------------------------------------ build
     @classmethod
-    def from_texts(
-        cls, texts: Iterable[str], vocab_size: int | None = None
-    ) -> CharTokenizer:
+    def from_texts(cls, texts: Iterable[str], vocab_size: int | None = None) -> CharTokenizer:
         """Build a tokenizer from all characters of ``texts``.
 
         Characters are sorted by code point, so the same texts always give the
@@ -195,28 +184,17 @@ class CharTokenizer:
                 message names both numbers).
         """
         if isinstance(texts, str):
-            raise ValueError(
-                "texts must be a list of strings, not a single string; "
-                "wrap it: CharTokenizer.from_texts([text])"
-            )
+            raise ValueError("texts must be a list of strings, not a single string; wrap it: CharTokenizer.from_texts([text])")
         texts = list(texts)
         if not texts:
-            raise ValueError(
-                "texts is empty: CharTokenizer.from_texts needs the list of all "
-                "source and target texts to build its vocabulary"
-            )
+            raise ValueError("texts is empty: CharTokenizer.from_texts needs the list of all source and target texts to build its vocabulary")
         charset: set[str] = set()
         for i, t in enumerate(texts):
             if not isinstance(t, str):
-                raise ValueError(
-                    f"texts[{i}] is a {type(t).__name__}, expected str"
-                )
+                raise ValueError(f"texts[{i}] is a {type(t).__name__}, expected str")
             charset.update(t)
         if not charset:
-            raise ValueError(
-                f"texts holds {len(texts)} empty strings and no characters; "
-                "pass the real source and target texts"
-            )
+            raise ValueError(f"texts holds {len(texts)} empty strings and no characters; pass the real source and target texts")
         bad = _lone_surrogate(sorted(charset))
         if bad is not None:
             i = next(i for i, t in enumerate(texts) if bad in t)
@@ -224,9 +202,7 @@ class CharTokenizer:
         return cls(sorted(charset), vocab_size=vocab_size)
 
     @classmethod
-    def from_pairs(
-        cls, pairs: Iterable[Sequence[str]], vocab_size: int | None = None
-    ) -> CharTokenizer:
+    def from_pairs(cls, pairs: Iterable[Sequence[str]], vocab_size: int | None = None) -> CharTokenizer:
         """Build a tokenizer from both sides of ``(source, target)`` pairs.
 
         Equivalent to ``from_texts([s for s, _ in pairs] + [t for _, t in pairs])``.
@@ -275,9 +251,7 @@ class CharTokenizer:
 
     def __repr__(self) -> str:
         """Short description with the sizes."""
-        return (
-            f"CharTokenizer(num_chars={self.num_chars}, vocab_size={self.vocab_size})"
-        )
+        return f"CharTokenizer(num_chars={self.num_chars}, vocab_size={self.vocab_size})"
 
     def token_to_id(self, char: str) -> int:
         """Id of one character (``UNK_ID`` when unknown; does not count it)."""
@@ -292,9 +266,7 @@ class CharTokenizer:
             return self._chars[idx]
         if 0 <= token_id < self._vocab_size:
             return UNK_TEXT
-        raise ValueError(
-            f"token id {token_id} is outside the vocabulary [0, {self._vocab_size})"
-        )
+        raise ValueError(f"token id {token_id} is outside the vocabulary [0, {self._vocab_size})")
 
     # --------------------------------------------------------------- encode
     def encode(
@@ -333,14 +305,9 @@ class CharTokenizer:
         eos = add_special_tokens if add_eos is None else add_eos
         n_special = int(bos) + int(eos)
         if isinstance(max_length, bool) or not isinstance(max_length, int):
-            raise ValueError(
-                f"max_length must be an int, got {type(max_length).__name__}"
-            )
+            raise ValueError(f"max_length must be an int, got {type(max_length).__name__}")
         if max_length < n_special + 1:
-            raise ValueError(
-                f"max_length={max_length} is too small: it must hold at least one "
-                f"character plus {n_special} special token(s)"
-            )
+            raise ValueError(f"max_length={max_length} is too small: it must hold at least one character plus {n_special} special token(s)")
         body = self._fit(text, max_length, n_special)
         ids: list[int] = [BOS_ID] if bos else []
         ids.extend(self._lookup(body, text))
@@ -359,9 +326,7 @@ class CharTokenizer:
             self._warned_truncation = True
             warnings.warn(
                 f"text of {len(text)} characters truncated to {room} characters "
-                f"(max_length={max_length}"
-                + (f" with {n_special} special token(s)" if n_special else "")
-                + "); raise max_length to keep whole texts. Further "
+                f"(max_length={max_length}" + (f" with {n_special} special token(s)" if n_special else "") + "); raise max_length to keep whole texts. Further "
                 "truncations are counted in tokenizer.truncated_count "
                 "without another warning.",
                 UserWarning,
@@ -405,16 +370,8 @@ class CharTokenizer:
             ValueError: if ``texts`` is a single string.
         """
         if isinstance(texts, str):
-            raise ValueError(
-                "texts must be a list of strings, not a single string; "
-                "use encode(text) or encode_batch([text])"
-            )
-        rows = [
-            self.encode(
-                t, max_length, add_special_tokens, add_bos=add_bos, add_eos=add_eos
-            )
-            for t in texts
-        ]
+            raise ValueError("texts must be a list of strings, not a single string; use encode(text) or encode_batch([text])")
+        rows = [self.encode(t, max_length, add_special_tokens, add_bos=add_bos, add_eos=add_eos) for t in texts]
         if not rows:
             return torch.empty((0, max_length), dtype=torch.long)
         return torch.tensor(rows, dtype=torch.long)
@@ -435,10 +392,7 @@ class CharTokenizer:
         """
         if isinstance(ids, torch.Tensor):
             if ids.dim() != 1:
-                raise ValueError(
-                    f"decode expects a 1-D tensor, got shape {tuple(ids.shape)}; "
-                    "use decode_batch for 2-D tensors"
-                )
+                raise ValueError(f"decode expects a 1-D tensor, got shape {tuple(ids.shape)}; use decode_batch for 2-D tensors")
             ids = ids.tolist()
         out: list[str] = []
         chars = self._chars
@@ -450,22 +404,16 @@ class CharTokenizer:
             if i == PAD_ID or i == BOS_ID:
                 continue
             if not 0 <= i < self._vocab_size:
-                raise ValueError(
-                    f"token id {i} is outside the vocabulary [0, {self._vocab_size})"
-                )
+                raise ValueError(f"token id {i} is outside the vocabulary [0, {self._vocab_size})")
             j = i - NUM_SPECIAL_TOKENS
             out.append(chars[j] if 0 <= j < n else UNK_TEXT)
         return "".join(out)
 
-    def decode_batch(
-        self, ids: torch.Tensor | Sequence[Sequence[int]]
-    ) -> list[str]:
+    def decode_batch(self, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
         """Decode each row of a 2-D tensor (or list of id lists)."""
         if isinstance(ids, torch.Tensor):
             if ids.dim() != 2:
-                raise ValueError(
-                    f"decode_batch expects a 2-D tensor, got shape {tuple(ids.shape)}"
-                )
+                raise ValueError(f"decode_batch expects a 2-D tensor, got shape {tuple(ids.shape)}")
             ids = ids.tolist()
         return [self.decode(row) for row in ids]
 
@@ -488,13 +436,9 @@ class CharTokenizer:
             ValueError: if ``data`` is not a saved ``CharTokenizer``.
         """
         if not isinstance(data, dict) or data.get("format") != _FORMAT_NAME:
-            raise ValueError(
-                f"not a saved CharTokenizer (expected format={_FORMAT_NAME!r})"
-            )
+            raise ValueError(f"not a saved CharTokenizer (expected format={_FORMAT_NAME!r})")
         if data.get("version") != _FORMAT_VERSION:
-            raise ValueError(
-                f"unsupported CharTokenizer file version {data.get('version')!r}"
-            )
+            raise ValueError(f"unsupported CharTokenizer file version {data.get('version')!r}")
         chars = data.get("chars")
         if not isinstance(chars, str):
             raise ValueError("saved CharTokenizer has no 'chars' string")
@@ -519,10 +463,7 @@ class CharTokenizer:
             data = text.encode("utf-8")
         except UnicodeEncodeError as e:
             bad = e.object[e.start]
-            raise ValueError(
-                f"cannot save the tokenizer to {p}: {_surrogate_error(bad, 'its vocabulary')}; "
-                f"{p} was not touched"
-            ) from None
+            raise ValueError(f"cannot save the tokenizer to {p}: {_surrogate_error(bad, 'its vocabulary')}; {p} was not touched") from None
         atomic_write(p, lambda f: f.write(data))
         return p
 
@@ -554,30 +495,20 @@ def _check_pairs(pairs: Sequence[Sequence[str]]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for i, pair in enumerate(pairs):
         if isinstance(pair, (str, bytes)) or len(pair) != 2:
-            raise ValueError(
-                f"pairs[{i}] must be a (source, target) pair, got {pair!r}"
-            )
+            raise ValueError(f"pairs[{i}] must be a (source, target) pair, got {pair!r}")
         s, t = pair
         if not isinstance(s, str) or not isinstance(t, str):
-            raise ValueError(
-                f"pairs[{i}] must hold two strings, got "
-                f"({type(s).__name__}, {type(t).__name__})"
-            )
+            raise ValueError(f"pairs[{i}] must hold two strings, got ({type(s).__name__}, {type(t).__name__})")
         out.append((s, t))
     if not out:
-        raise ValueError(
-            "pairs is empty: pass the (source, target) pairs, e.g. from load_hlbd()"
-        )
+        raise ValueError("pairs is empty: pass the (source, target) pairs, e.g. from load_hlbd()")
     return out
 
 
 def _check_tokenizer(tokenizer: Any) -> None:
     """Refuse a tokenizer whose vocabulary is not frozen."""
     if not getattr(tokenizer, "is_frozen", False):
-        raise ValueError(
-            "tokenizer must have a frozen vocabulary (tokenizer.is_frozen is not "
-            "True); build a CharTokenizer once from all texts before encoding"
-        )
+        raise ValueError("tokenizer must have a frozen vocabulary (tokenizer.is_frozen is not True); build a CharTokenizer once from all texts before encoding")
 
 
 def encode_pairs(
@@ -604,12 +535,8 @@ def encode_pairs(
     """
     checked = _check_pairs(pairs)
     _check_tokenizer(tokenizer)
-    src = tokenizer.encode_batch(
-        [s for s, _ in checked], max_length, add_bos=False, add_eos=src_eos
-    )
-    tgt = tokenizer.encode_batch(
-        [t for _, t in checked], max_length, add_special_tokens=add_special_tokens
-    )
+    src = tokenizer.encode_batch([s for s, _ in checked], max_length, add_bos=False, add_eos=src_eos)
+    tgt = tokenizer.encode_batch([t for _, t in checked], max_length, add_special_tokens=add_special_tokens)
     return src, tgt
 
 
@@ -649,9 +576,7 @@ class PairDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             add_special_tokens=add_special_tokens,
             src_eos=src_eos,
         )
-        logger.debug(
-            "PairDataset: encoded %d pairs to length %d", len(self.pairs), max_length
-        )
+        logger.debug("PairDataset: encoded %d pairs to length %d", len(self.pairs), max_length)
 
     def __len__(self) -> int:
         """Return the number of pairs."""

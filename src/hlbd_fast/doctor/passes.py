@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from .._validation import check_positive_int
+from ..history import reports_dict
 from ..strategies.base import Strategy
 from ..strategies.unpad import unpad_mode
-from ..history import reports_dict
 from ..trainer import FastTrainer
 from .probe import Probe, SyncCounter, forward_hooks
 from .report import ClassTime, Diagnosis, DoctorError, ModuleTime, OpTime, SyncSource
@@ -184,10 +184,7 @@ def _measure(trainer: FastTrainer, probe: Probe, data: Any, steps: int, warmup: 
     eager = not compiled and not probe.replaced_step
     notes: list[str] = []
     if not eager:
-        notes.append(
-            "the model runs compiled or as a captured step, so modules cannot be timed one by one; "
-            "diagnose without Compile/CUDAGraphStep to see them"
-        )
+        notes.append("the model runs compiled or as a captured step, so modules cannot be timed one by one; diagnose without Compile/CUDAGraphStep to see them")
     run = functools.partial(_run_pass, trainer, probe, data)
     run("warmup", _warmup_steps(trainer, warmup))
     _warm_every_shape(trainer, probe, data, notes)
@@ -297,7 +294,8 @@ def _graph_breaks(trainer: FastTrainer, before: dict[str, int], compiled: bool) 
     elif isinstance(info, (list, tuple)):  # Compile: [{"reason", "where", "count"}]
         listed = [
             (f"{r.get('reason')} at {r.get('where')}" if r.get("where") else str(r.get("reason")), int(r.get("count", 1)))
-            if isinstance(r, dict) else (str(r), 1)
+            if isinstance(r, dict)
+            else (str(r), 1)
             for r in info
         ]
         reasons = sorted(listed, key=lambda r: r[1], reverse=True) or reasons
@@ -416,8 +414,7 @@ def _caveats(trainer: FastTrainer, probe: Probe) -> list[str]:
         notes.append(f"CUDAGraphStep ran the eager step instead of graphs ({fallback}): these are the eager step's times")
     if probe.replaced_step:
         notes.append(
-            f"{type(trainer.roles.step).__name__} runs the whole step; what it does besides the model's forward "
-            "and the loss read-backs is under 'other'"
+            f"{type(trainer.roles.step).__name__} runs the whole step; what it does besides the model's forward and the loss read-backs is under 'other'"
         )
     notes.append("forward is the model's own forward; computing the loss from its output counts under backward")
     if trainer.device.type == "cpu":

@@ -133,8 +133,10 @@ def _render(d: Diagnosis) -> str:
 
 def _render_header(d: Diagnosis) -> list[str]:
     strategies = ", ".join(d.strategies) or "none (the plain fp32 loop)"
-    dev_line = "n/a on CPU (everything runs on the host)" if d.device_s is None else (
-        f"{_ms(d.device_s)} ms busy per step ({pct(d.device_s / d.step_s) if d.step_s > 0 else '?'} of the wall time)"
+    dev_line = (
+        "n/a on CPU (everything runs on the host)"
+        if d.device_s is None
+        else (f"{_ms(d.device_s)} ms busy per step ({pct(d.device_s / d.step_s) if d.step_s > 0 else '?'} of the wall time)")
     )
     return [
         f"hlbd_fast doctor: {d.model} on {d.device}; {d.steps} steps of {d.accumulation} x {d.batch_size} samples",

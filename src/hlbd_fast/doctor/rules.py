@@ -14,12 +14,23 @@ from .probe import READ_LABEL, SYNC_OPS
 from .report import ClassTime, Diagnosis, ModuleTime, Recommendation, SyncSource, pct
 
 _MATMUL_OPS = (
-    "aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_addmm_activation",
-    "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
-    "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
-    "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_flash_attention_forward",
-    "aten::_flash_attention_backward", "aten::_efficient_attention_forward", "aten::_efficient_attention_backward",
-    "aten::mkldnn_linear", "aten::_mkldnn_linear",
+    "aten::addmm",
+    "aten::mm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::addbmm",
+    "aten::_addmm_activation",
+    "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    "aten::_flash_attention_forward",
+    "aten::_flash_attention_backward",
+    "aten::_efficient_attention_forward",
+    "aten::_efficient_attention_backward",
+    "aten::mkldnn_linear",
+    "aten::_mkldnn_linear",
 )
 
 
@@ -60,11 +71,7 @@ def _class_evidence(d: Diagnosis, c: ClassTime) -> _ClassEvidence:
 
 def _stands_out(c: ClassTime, ev: _ClassEvidence) -> bool:
     """A user's class that dominates, or any class that reads values back or loops in Python."""
-    return (
-        (c.share >= 0.2 and not _is_builtin(c.cls))
-        or (ev.n_sync >= 1 and c.share >= 0.05)
-        or (bool(ev.loopers) and c.share >= 0.1)
-    )
+    return (c.share >= 0.2 and not _is_builtin(c.cls)) or (ev.n_sync >= 1 and c.share >= 0.05) or (bool(ev.loopers) and c.share >= 0.1)
 
 
 def _facts(d: Diagnosis, kernels_per_step: float, unpad_capable: bool = False) -> _Facts:
@@ -104,8 +111,10 @@ def _slow_class(d: Diagnosis, f: _Facts, c: ClassTime) -> Recommendation | None:
             f"it runs {m.child} {m.max_child_calls / m.calls:.0f} times per call: a Python loop "
             "(over the batch or the heads?); batch it into one tensor operation"
         )
-    advice = "move statistics and logging out of the training step (or compute them on the device and read them once)" if ev.n_sync else (
-        "vectorise it" if ev.loopers else "look at what it computes per call"
+    advice = (
+        "move statistics and logging out of the training step (or compute them on the device and read them once)"
+        if ev.n_sync
+        else ("vectorise it" if ev.loopers else "look at what it computes per call")
     )
     return Recommendation("; ".join(parts) + f". {advice[0].upper()}{advice[1:]}.", c.share, [])
 
@@ -173,9 +182,7 @@ def _data_loading(d: Diagnosis, f: _Facts) -> Recommendation | None:
         return None
     if d.device.startswith("cuda"):
         return Recommendation(f"loading data takes {pct(data)} of step time: DevicePreload() keeps the whole dataset on the GPU", data, ["DevicePreload"])
-    return Recommendation(
-        f"loading data takes {pct(data)} of step time: DataLoaderWorkers() prepares batches in worker processes", data, ["DataLoaderWorkers"]
-    )
+    return Recommendation(f"loading data takes {pct(data)} of step time: DataLoaderWorkers() prepares batches in worker processes", data, ["DataLoaderWorkers"])
 
 
 def _padding_rule(d: Diagnosis, f: _Facts) -> Recommendation | None:

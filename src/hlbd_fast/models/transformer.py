@@ -88,21 +88,14 @@ class ModelConfig:
         for name in ("n_encoder_layers", "n_decoder_layers"):
             check_positive_int(name, getattr(self, name), "ModelConfig", minimum=0)
         if self.d_model % self.n_heads:
-            raise ValueError(
-                f"ModelConfig.d_model={self.d_model} must be divisible by "
-                f"n_heads={self.n_heads}"
-            )
+            raise ValueError(f"ModelConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not 0 <= self.pad_id < self.vocab_size:
-            raise ValueError(
-                f"ModelConfig.pad_id={self.pad_id} must be in [0, vocab_size={self.vocab_size})"
-            )
+            raise ValueError(f"ModelConfig.pad_id={self.pad_id} must be in [0, vocab_size={self.vocab_size})")
 
 
-def dropout_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, dropout_p: float
-) -> torch.Tensor:
+def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, dropout_p: float) -> torch.Tensor:
     """What ``scaled_dot_product_attention`` computes with ``dropout_p > 0``, in fp32, written out.
 
     On a CPU, SDPA with dropout takes torch's generic math path (its fused kernel has no
@@ -127,7 +120,11 @@ def dropout_attention(
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal)``, by its fastest CPU route.
@@ -201,17 +198,13 @@ class MultiHeadAttention(nn.Module):
             q, k, v = self.qkv(x).chunk(3, dim=-1)
         dropout_p = self.dropout if self.training else 0.0
         if dropout_p > 0.0:  # torch's own dropout attention: the plain loop's
-            y = F.scaled_dot_product_attention(
-                self._heads(q), self._heads(k), self._heads(v), attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
-            )
+            y = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
         else:
             y = attention(self._heads(q), self._heads(k), self._heads(v), attn_mask, is_causal)
         out: torch.Tensor = self.out(y.transpose(1, 2).reshape(b, t, d))
         return out
 
-    def _packed(
-        self, x: torch.Tensor, memory: torch.Tensor | None, is_causal: bool, packing: Packing, memory_packing: Packing | None
-    ) -> torch.Tensor:
+    def _packed(self, x: torch.Tensor, memory: torch.Tensor | None, is_causal: bool, packing: Packing, memory_packing: Packing | None) -> torch.Tensor:
         """Projections on packed rows; attention per sequence on the unpacked ``[B, L]`` layout."""
         if self.cross:
             if memory is None or memory_packing is None:
@@ -288,9 +281,7 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """``x`` ``[B,T,D]``, ``memory`` ``[B,S,D]``, ``src_mask`` boolean ``[B,1,1,S]``; packed: ``[N,D]`` rows."""
         x = x + self.drop(self.self_attn(self.norm1(x), is_causal=True, packing=packing))
-        x = x + self.drop(
-            self.cross_attn(self.norm2(x), memory, attn_mask=src_mask, packing=packing, memory_packing=memory_packing)
-        )
+        x = x + self.drop(self.cross_attn(self.norm2(x), memory, attn_mask=src_mask, packing=packing, memory_packing=memory_packing))
         out: torch.Tensor = x + self.drop(self.ff(self.norm3(x)))
         return out
 
@@ -298,20 +289,11 @@ class DecoderLayer(nn.Module):
 def _check_tokens(name: str, tokens: Any, max_length: int) -> None:
     """Shape/dtype checks only (never reads values)."""
     if not isinstance(tokens, torch.Tensor):
-        raise ValueError(
-            f"{name} must be a torch.Tensor of token ids with shape [batch, length], "
-            f"got {type(tokens).__name__}"
-        )
+        raise ValueError(f"{name} must be a torch.Tensor of token ids with shape [batch, length], got {type(tokens).__name__}")
     if tokens.dim() != 2:
-        raise ValueError(
-            f"{name} must be 2-D [batch, length], got shape {tuple(tokens.shape)}; "
-            "add a batch dimension with .unsqueeze(0)"
-        )
+        raise ValueError(f"{name} must be 2-D [batch, length], got shape {tuple(tokens.shape)}; add a batch dimension with .unsqueeze(0)")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ValueError(
-            f"{name} must hold integer token ids (e.g. torch.long), got {tokens.dtype}; "
-            "convert with .long()"
-        )
+        raise ValueError(f"{name} must hold integer token ids (e.g. torch.long), got {tokens.dtype}; convert with .long()")
     if tokens.shape[1] > max_length:
         raise ValueError(
             f"{name} has length {tokens.shape[1]}, longer than the model's "
@@ -356,10 +338,7 @@ class Seq2SeqTransformer(nn.Module):
         if config is None:
             config = ModelConfig(**overrides)
         elif not isinstance(config, ModelConfig):
-            raise TypeError(
-                f"config must be a ModelConfig or None, got {type(config).__name__}; "
-                "pass hyper-parameters as keyword arguments"
-            )
+            raise TypeError(f"config must be a ModelConfig or None, got {type(config).__name__}; pass hyper-parameters as keyword arguments")
         elif overrides:
             config = dataclasses.replace(config, **overrides)
         self.config: ModelConfig = config
@@ -372,14 +351,8 @@ class Seq2SeqTransformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, d)
         self.pos_embed = nn.Embedding(config.max_length, d)
         self.embed_drop = nn.Dropout(config.dropout)
-        self.encoder_layers = nn.ModuleList(
-            EncoderLayer(d, config.n_heads, config.d_ff, config.dropout)
-            for _ in range(config.n_encoder_layers)
-        )
-        self.decoder_layers = nn.ModuleList(
-            DecoderLayer(d, config.n_heads, config.d_ff, config.dropout)
-            for _ in range(config.n_decoder_layers)
-        )
+        self.encoder_layers = nn.ModuleList(EncoderLayer(d, config.n_heads, config.d_ff, config.dropout) for _ in range(config.n_encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(d, config.n_heads, config.d_ff, config.dropout) for _ in range(config.n_decoder_layers))
         self.encoder_norm = nn.LayerNorm(d)
         self.decoder_norm = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
@@ -427,9 +400,7 @@ class Seq2SeqTransformer(nn.Module):
             x = layer(x, src_mask)
         return self.encoder_norm(x), src_mask
 
-    def decode(
-        self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor
-    ) -> torch.Tensor:
+    def decode(self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         """Run the decoder on ``tgt`` ``[B,T]``: returns logits ``[B,T,V]``."""
         _check_tokens("tgt", tgt, self.max_length)
         x = self._embed(tgt)
@@ -454,10 +425,7 @@ class Seq2SeqTransformer(nn.Module):
         _check_tokens("src", src_tokens, self.max_length)
         _check_tokens("tgt", tgt_tokens, self.max_length)
         if src_tokens.shape[0] != tgt_tokens.shape[0]:
-            raise ValueError(
-                f"src and tgt batch sizes differ: {src_tokens.shape[0]} vs "
-                f"{tgt_tokens.shape[0]}"
-            )
+            raise ValueError(f"src and tgt batch sizes differ: {src_tokens.shape[0]} vs {tgt_tokens.shape[0]}")
 
     def forward(self, src_tokens: torch.Tensor, tgt_tokens: torch.Tensor, unpad: UnpadBatch | None = None) -> torch.Tensor:
         """Logits ``[B,T,V]`` for source ids ``[B,S]`` and decoder input ids ``[B,T]``.
@@ -574,17 +542,12 @@ def build_model(tokenizer_or_vocab_size: Any = 5000, **overrides: Any) -> Seq2Se
             optionally ``pad_id``) such as ``CharTokenizer``.
         **overrides: any :class:`ModelConfig` field.
     """
-    if isinstance(tokenizer_or_vocab_size, int) and not isinstance(
-        tokenizer_or_vocab_size, bool
-    ):
+    if isinstance(tokenizer_or_vocab_size, int) and not isinstance(tokenizer_or_vocab_size, bool):
         overrides.setdefault("vocab_size", tokenizer_or_vocab_size)
     elif hasattr(tokenizer_or_vocab_size, "vocab_size"):
         overrides.setdefault("vocab_size", int(tokenizer_or_vocab_size.vocab_size))
         if hasattr(tokenizer_or_vocab_size, "pad_id"):
             overrides.setdefault("pad_id", int(tokenizer_or_vocab_size.pad_id))
     else:
-        raise ValueError(
-            "tokenizer_or_vocab_size must be an int or a tokenizer with a "
-            f"vocab_size attribute, got {type(tokenizer_or_vocab_size).__name__}"
-        )
+        raise ValueError(f"tokenizer_or_vocab_size must be an int or a tokenizer with a vocab_size attribute, got {type(tokenizer_or_vocab_size).__name__}")
     return Seq2SeqTransformer(ModelConfig(**overrides))

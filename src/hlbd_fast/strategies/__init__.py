@@ -77,4 +77,3 @@ __all__ = [
     "verify_trim",
     "verify_unpad",
 ]
-

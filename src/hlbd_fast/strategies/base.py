@@ -89,6 +89,7 @@ ROLES: tuple[str, ...] = ("distribution", "precision", "optimizer", "accumulatio
 
 _BAR_REFRESH_S = 0.5  # the default read-back policy reads the loss at most this often, for the bar
 
+
 class StrategyConflictError(ValueError):
     """Two strategies fill the same role, or cannot be combined."""
 
@@ -255,10 +256,7 @@ class GivenOptimizer(OptimizerFactory):
         mine = {id(p) for p in trainer.model.parameters()}
         theirs = [p for g in self.optimizer.param_groups for p in g["params"]]
         if not theirs or any(id(p) not in mine for p in theirs):
-            raise ValueError(
-                "optimizer does not hold this model's parameters; build it from model.parameters() "
-                "after moving the model to its device"
-            )
+            raise ValueError("optimizer does not hold this model's parameters; build it from model.parameters() after moving the model to its device")
         return self.optimizer
 
     def __repr__(self) -> str:
@@ -463,10 +461,7 @@ def resolve_roles(strategies: Iterable[Strategy], optimizer: torch.optim.Optimiz
         if other is s:
             continue
         if isinstance(other, GivenOptimizer):
-            problems.append(
-                f"an optimizer ({type(other.optimizer).__name__}) was given to FastTrainer and strategy {s!r} "
-                "builds one too; keep one of them"
-            )
+            problems.append(f"an optimizer ({type(other.optimizer).__name__}) was given to FastTrainer and strategy {s!r} builds one too; keep one of them")
         else:
             problems.append(f"strategies {other!r} and {s!r} both fill the role '{s.role}' (only one may); keep one of them")
     return Roles(**filled), problems

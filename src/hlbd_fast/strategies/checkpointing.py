@@ -161,10 +161,7 @@ class GradientCheckpointing(Strategy):
     def declare(self, context: Context) -> Declaration:
         """It replaces the chosen layers' forward, and reads the RNG state in each checkpointed forward."""
         layers = "GradientCheckpointing runs the chosen layers' forward under torch.utils.checkpoint"
-        rng = (
-            "torch.utils.checkpoint reads the random generator's state in every checkpointed forward, to recompute "
-            "the same dropout masks in backward"
-        )
+        rng = "torch.utils.checkpoint reads the random generator's state in every checkpointed forward, to recompute the same dropout masks in backward"
         return Declaration(
             provides=(Need(Capability.LAYER_FORWARD, layers), Need(Capability.RNG_STATE_IN_FORWARD, rng)),
             forbids=(Need(Capability.LAYER_FORWARD, layers),),

@@ -9,12 +9,11 @@ As a plain function for a hand-written loop::
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -92,9 +91,7 @@ def _strip_compile_id(reason: str) -> str:
 def _input_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     """Shapes, dtypes and devices of the tensor arguments (what compiled code specialises on)."""
     items = list(args) + [kwargs[k] for k in sorted(kwargs)]
-    return tuple(
-        (tuple(a.shape), str(a.dtype), a.device.type) if isinstance(a, torch.Tensor) else type(a).__name__ for a in items
-    )
+    return tuple((tuple(a.shape), str(a.dtype), a.device.type) if isinstance(a, torch.Tensor) else type(a).__name__ for a in items)
 
 
 # ---------------------------------------------------------------------------- the wrapper
@@ -210,7 +207,7 @@ class CompiledModel(nn.Module):
     def _note_recompile(self, key: tuple[Any, ...]) -> None:
         reasons = []
         for code, entries in _guard_failures().items():
-            fresh = entries[self._guards_mark.get(code, 0):]
+            fresh = entries[self._guards_mark.get(code, 0) :]
             if fresh:  # the first failure is the newest cache entry's: one per recompiled frame
                 reasons.append(_strip_compile_id(fresh[0]))
         if not reasons:
@@ -336,8 +333,7 @@ def _validate(mode: Any, fullgraph: Any, dynamic: Any, strict: Any, backend: Any
         raise ValueError(f"Compile(dynamic={dynamic!r}): dynamic must be True, False or None (automatic)")
     if not (callable(backend) or (isinstance(backend, str) and backend)):
         raise ValueError(
-            f"Compile(backend={backend!r}): backend must be a torch.compile backend name (e.g. 'inductor', 'eager', "
-            "'aot_eager') or a callable backend"
+            f"Compile(backend={backend!r}): backend must be a torch.compile backend name (e.g. 'inductor', 'eager', 'aot_eager') or a callable backend"
         )
     if isinstance(backend, str):
         import torch._dynamo
@@ -426,9 +422,7 @@ class Compile(Strategy):
 
     def wrap_model(self, trainer: "FastTrainer", model: nn.Module) -> nn.Module:
         """Return the compiled wrapper of ``model``; compilation happens at the first call."""
-        self._compiled = CompiledModel(
-            model, mode=self.mode, fullgraph=self.fullgraph, dynamic=self.dynamic, strict=self.strict, backend=self.backend
-        )
+        self._compiled = CompiledModel(model, mode=self.mode, fullgraph=self.fullgraph, dynamic=self.dynamic, strict=self.strict, backend=self.backend)
         return self._compiled
 
     def declare(self, context: Context) -> Declaration:

@@ -15,7 +15,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -100,8 +100,7 @@ def _signature(trainer: "FastTrainer") -> tuple[Any, ...]:
     """
     opt = trainer.optimizer
     groups = tuple(
-        tuple((k, ("tensor", id(v)) if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k != "params")
-        + ((id(g["params"]), len(g["params"])),)
+        tuple((k, ("tensor", id(v)) if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k != "params") + ((id(g["params"]), len(g["params"])),)
         for g in opt.param_groups
     )
     return (id(opt), id(opt.state), id(opt.param_groups), groups, trainer.meter.values.data_ptr(), trainer.meter.step_index.data_ptr())
@@ -256,12 +255,7 @@ class _StepGraph:
     @classmethod
     def allocate(cls, key: StepKey, device: torch.device) -> "_StepGraph":
         _, rows, s_len, t_len, s_dtype, t_dtype = key
-        return cls(
-            [
-                (torch.empty((r, s_len), dtype=s_dtype, device=device), torch.empty((r, t_len), dtype=t_dtype, device=device))
-                for r in rows
-            ]
-        )
+        return cls([(torch.empty((r, s_len), dtype=s_dtype, device=device), torch.empty((r, t_len), dtype=t_dtype, device=device)) for r in rows])
 
     def load(self, micro_batches: list[Any], pad_id: int) -> None:
         for (bs, bt), b in zip(self.batches, micro_batches):
@@ -361,8 +355,7 @@ class CUDAGraphStep(StepRunner):
                 Need(Capability.RNG_STATE_IN_FORWARD, "capture refuses reading the CUDA generator's state"),
                 Need(
                     Capability.HOST_STEP_DECISION,
-                    "a replayed graph cannot let the host decide whether to step (fp16's GradScaler); use "
-                    "MixedPrecision('bf16'), which needs no scaler",
+                    "a replayed graph cannot let the host decide whether to step (fp16's GradScaler); use MixedPrecision('bf16'), which needs no scaler",
                 ),
                 Need(Capability.MICRO_BATCH_READS, f"{replay}, so it cannot stop to read the loss; use DeferredLossSync()"),
                 Need(Capability.HOST_STEP_HOOKS, f"{replay}: host work in a step hook would run once, at capture"),

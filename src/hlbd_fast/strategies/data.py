@@ -189,8 +189,7 @@ class DevicePreload(BatchSource):
                 )
             if loader.batch_size is None:
                 raise ValueError(
-                    "DevicePreload needs a fixed batch size; this DataLoader uses a batch_sampler. "
-                    "Pass its dataset and batch_size to fit() instead"
+                    "DevicePreload needs a fixed batch size; this DataLoader uses a batch_sampler. Pass its dataset and batch_size to fit() instead"
                 )
             batch_size = loader.batch_size
             shuffle = isinstance(loader.sampler, RandomSampler)

@@ -136,10 +136,7 @@ class DistributedTraining(Distribution):
 
     def __init__(self, backend: str | None = None, find_unused_parameters: bool = False) -> None:
         if backend is not None and backend not in _BACKENDS:
-            raise ValueError(
-                f"DistributedTraining(backend={backend!r}): backend must be one of {_BACKENDS}, "
-                "or None (nccl on CUDA, gloo on CPU)"
-            )
+            raise ValueError(f"DistributedTraining(backend={backend!r}): backend must be one of {_BACKENDS}, or None (nccl on CUDA, gloo on CPU)")
         self.backend = backend
         self.find_unused_parameters = bool(find_unused_parameters)
         self._active = _launched()
@@ -182,10 +179,7 @@ class DistributedTraining(Distribution):
         backend = str(dist.get_backend()) if dist.is_initialized() else self.backend or ("nccl" if device.type == "cuda" else "gloo")
         if backend == "nccl" and device.type != "cuda":
             why = "this machine has no CUDA device" if not torch.cuda.is_available() else f"the trainer's device is {device}"
-            raise ValueError(
-                f"backend 'nccl' needs CUDA tensors, but {why}; use backend='gloo' "
-                "(or None: nccl on CUDA, gloo on CPU), or train on CUDA"
-            )
+            raise ValueError(f"backend 'nccl' needs CUDA tensors, but {why}; use backend='gloo' (or None: nccl on CUDA, gloo on CPU), or train on CUDA")
         if device.type == "cuda":
             torch.cuda.set_device(device)  # before any CUDA work: nccl binds each process to the current device
         if not dist.is_initialized():
@@ -218,15 +212,15 @@ class DistributedTraining(Distribution):
                 log.addFilter(_QUIET)
         log.info(
             "DistributedTraining: %d processes, backend %s, rank 0 on %s; global batch = batch_size x %d x accumulation steps",
-            self._world, dist.get_backend(), trainer.device, self._world,
+            self._world,
+            dist.get_backend(),
+            trainer.device,
+            self._world,
         )
 
     def wrap_model(self, trainer: "FastTrainer", model: nn.Module) -> nn.Module:
         if isinstance(model, TorchDDP):
-            raise ValueError(
-                "the model is already wrapped in torch's DistributedDataParallel; pass the bare module "
-                "and let DistributedTraining() wrap it once"
-            )
+            raise ValueError("the model is already wrapped in torch's DistributedDataParallel; pass the bare module and let DistributedTraining() wrap it once")
         if not self._active:
             return model
         assert self._device is not None
@@ -306,8 +300,6 @@ class DistributedTraining(Distribution):
 
     def stand_ins(self, trainer: "FastTrainer") -> int:
         return self._stand_ins
-
-
 
 
 def _check_rendezvous() -> None:

@@ -145,9 +145,7 @@ class CSVLogger(_Logger):
             _write_rows(self.path, self._columns, kept)
 
     def on_loss_read(self, trainer: "FastTrainer", figures: "Figures") -> None:
-        self._write(
-            {"kind": "read", "epoch": trainer.epoch + 1, "step": trainer.global_step, "loss": figures.loss, "tokens": int(figures.tokens)}
-        )
+        self._write({"kind": "read", "epoch": trainer.epoch + 1, "step": trainer.global_step, "loss": figures.loss, "tokens": int(figures.tokens)})
 
     def on_epoch_end(self, trainer: "FastTrainer", record: "EpochRecord") -> None:
         row: dict[str, Any] = {
@@ -192,8 +190,7 @@ def _summary_writer() -> Any:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
         raise ImportError(
-            "TensorBoardLogger needs the tensorboard package, which is not installed: pip install hlbd-fast[tensorboard] "
-            "(or pip install tensorboard)"
+            "TensorBoardLogger needs the tensorboard package, which is not installed: pip install hlbd-fast[tensorboard] (or pip install tensorboard)"
         ) from e
     return SummaryWriter
 

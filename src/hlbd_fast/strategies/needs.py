@@ -109,8 +109,7 @@ def _host_step_hooks(s: "Strategy") -> Need | None:
         return None
     return Need(
         Capability.HOST_STEP_HOOKS,
-        f"{type(s).__name__}.{' and .'.join(hooks)} runs Python at every step (declare step_hook_work = 'device' "
-        "if it only queues device work)",
+        f"{type(s).__name__}.{' and .'.join(hooks)} runs Python at every step (declare step_hook_work = 'device' if it only queues device work)",
     )
 
 
@@ -149,7 +148,6 @@ def check_strategies(strategies: Iterable["Strategy"], context: Context) -> list
                 seen.add(pair)
                 brings = next(n.why for n in o.provides if n.what is need.what)
                 problems.append(
-                    f"{s!r} cannot run with {other!r}: {need.why}, and {type(other).__name__} brings "
-                    f"{need.what.value} ({brings}). Keep one of them"
+                    f"{s!r} cannot run with {other!r}: {need.why}, and {type(other).__name__} brings {need.what.value} ({brings}). Keep one of them"
                 )
     return problems

@@ -33,8 +33,7 @@ def _import_bnb() -> Any:
         return importlib.import_module("bitsandbytes")
     except ImportError as e:
         raise ImportError(
-            f"FusedAdamW(eight_bit=True) needs bitsandbytes, which is not installed ({e}); {_BNB_HINT}, "
-            "or use FusedAdamW() without eight_bit"
+            f"FusedAdamW(eight_bit=True) needs bitsandbytes, which is not installed ({e}); {_BNB_HINT}, or use FusedAdamW() without eight_bit"
         ) from e
 
 
@@ -70,10 +69,7 @@ def fused_adamw(
     first = params[0]["params"][0] if params and isinstance(params[0], dict) else (params[0] if params else None)
     device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
     if capturable and device.type != "cuda":
-        raise ValueError(
-            f"FusedAdamW(capturable=True) is for capturing the step in a CUDA graph; the parameters are on "
-            f"{device}. Use capturable=False there"
-        )
+        raise ValueError(f"FusedAdamW(capturable=True) is for capturing the step in a CUDA graph; the parameters are on {device}. Use capturable=False there")
     kwargs: dict[str, Any] = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if capturable:
         kwargs["capturable"] = True
@@ -148,6 +144,4 @@ class FusedAdamW(OptimizerFactory):
             bnb = _import_bnb()
             log.info("FusedAdamW: bitsandbytes AdamW8bit")
             return bnb.optim.AdamW8bit(params, lr=lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
-        return fused_adamw(
-            params, lr=lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay, capturable=self.capturable
-        )
+        return fused_adamw(params, lr=lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay, capturable=self.capturable)

@@ -113,8 +113,7 @@ def resolve_dtype(dtype: str, device: str | torch.device) -> str:
         )
     if dtype == "bf16" and device.type == "cuda" and not _cuda_bf16(device, including_emulation=True):
         raise ValueError(
-            f"MixedPrecision(dtype='bf16'): the CUDA device {device} does not support bfloat16; "
-            "use MixedPrecision('fp16') or MixedPrecision('auto')"
+            f"MixedPrecision(dtype='bf16'): the CUDA device {device} does not support bfloat16; use MixedPrecision('fp16') or MixedPrecision('auto')"
         )
     return dtype
 
@@ -128,9 +127,7 @@ def autocast_context(device: str | torch.device, dtype: str) -> ContextManager[A
     return torch.autocast(device_type=device.type, dtype=_TORCH_DTYPE[resolved])
 
 
-def make_grad_scaler(
-    device: str | torch.device, init_scale: float = 2.0**16, growth_interval: int = 2000
-) -> torch.amp.GradScaler:
+def make_grad_scaler(device: str | torch.device, init_scale: float = 2.0**16, growth_interval: int = 2000) -> torch.amp.GradScaler:
     """A :class:`torch.amp.GradScaler` for fp16 training on ``device``: create ONE per run.
 
     A scaler created anew (every epoch, say) forgets the scale it found and starts again
@@ -304,13 +301,10 @@ class MixedPrecision(Precision):
         self._hooks_checked_at_fit = False
         self._calibrating = True
         # one scaler for the whole run: a new one per epoch would forget the scale it found
-        self._scaler = (
-            make_grad_scaler(trainer.device, self.init_scale, self.growth_interval) if resolved == "fp16" else None
-        )
+        self._scaler = make_grad_scaler(trainer.device, self.init_scale, self.growth_interval) if resolved == "fp16" else None
         if resolved == _FP32:
             logging.getLogger("hlbd_fast").info(
-                "MixedPrecision('auto'): this CPU has no native bf16 (AVX512-BF16/AMX); bf16 would be emulated "
-                "and slower than fp32, so autocast stays off"
+                "MixedPrecision('auto'): this CPU has no native bf16 (AVX512-BF16/AMX); bf16 would be emulated and slower than fp32, so autocast stays off"
             )
         elif resolved == "bf16" and trainer.device.type == "cpu" and not cpu_has_native_bf16():
             warnings.warn(
@@ -415,4 +409,3 @@ class MixedPrecision(Precision):
         if self._scaler is not None and state.get("scaler"):
             self._scaler.load_state_dict(state["scaler"])
             self._calibrating = False  # the saved scale was calibrated already
-

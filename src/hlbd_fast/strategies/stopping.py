@@ -77,10 +77,7 @@ class EarlyStopping(Strategy):
 
     def __init__(self, metric: str = "eval_loss", patience: int = 3, min_delta: float = 0.0) -> None:
         if not isinstance(metric, str) or not metric.startswith("eval_") or metric == "eval_":
-            raise ValueError(
-                f"EarlyStopping(metric={metric!r}): metric must be 'eval_' + an evaluation metric, "
-                "e.g. 'eval_loss' or 'eval_token_accuracy'"
-            )
+            raise ValueError(f"EarlyStopping(metric={metric!r}): metric must be 'eval_' + an evaluation metric, e.g. 'eval_loss' or 'eval_token_accuracy'")
         self.metric = metric
         self.patience = check_positive_int("patience", patience, "EarlyStopping")
         self.min_delta = check_number("min_delta", min_delta, "EarlyStopping", low=0.0, low_inclusive=True, hint=", e.g. 0.0")

@@ -264,8 +264,7 @@ class Unpad(Forward):
             self._proof = verify_unpad(trainer.model, batch, trainer.pad_id, multiple_of=multiple_of)
         except ValueError as e:
             raise ValueError(
-                f"Unpad refused this model on its first batch: {e}. (Unpad(check=False) skips this proof; use it only "
-                "for a model you have checked yourself)"
+                f"Unpad refused this model on its first batch: {e}. (Unpad(check=False) skips this proof; use it only for a model you have checked yourself)"
             ) from None
         self._verify = _no_check  # proven once
 

@@ -57,9 +57,12 @@ def check_layers(model: nn.Module) -> list[str]:
     for name, layer in packable_layers(model):
         for attn in _attentions(layer):
             why = (
-                "kdim/vdim differ from embed_dim" if not attn._qkv_same_embed_dim
-                else "add_bias_kv=True" if attn.bias_k is not None
-                else "add_zero_attn=True" if attn.add_zero_attn
+                "kdim/vdim differ from embed_dim"
+                if not attn._qkv_same_embed_dim
+                else "add_bias_kv=True"
+                if attn.bias_k is not None
+                else "add_zero_attn=True"
+                if attn.add_zero_attn
                 else None
             )
             if why is not None:
@@ -84,7 +87,13 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _attention_mask(
-    attn_mask: torch.Tensor | None, key_padding: torch.Tensor | None, is_causal: bool, b: int, h: int, lq: int, lk: int,
+    attn_mask: torch.Tensor | None,
+    key_padding: torch.Tensor | None,
+    is_causal: bool,
+    b: int,
+    h: int,
+    lq: int,
+    lk: int,
     dtype: torch.dtype,
 ) -> torch.Tensor | None:
     """The mask ``nn.MultiheadAttention`` applies, shaped for ``[B, H, Lq, Lk]``: bool (True = attend) or additive."""
@@ -105,15 +114,29 @@ def _attention_mask(
 
 # ---------------------------------------------------------------------------- packed attention
 def _packed_attention(
-    attn: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None, need_weights: bool = True, attn_mask: torch.Tensor | None = None,
-    average_attn_weights: bool = True, is_causal: bool = False,
+    attn: nn.MultiheadAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: torch.Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
 ) -> tuple[torch.Tensor, None]:
     """``nn.MultiheadAttention.forward`` on packed rows (installed on the instance while its layer runs packed)."""
     packings = getattr(attn, _PACKINGS, None)
     if packings is None:  # called outside a packed layer: the module as it is
-        return getattr(attn, _INNER)(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                                     attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return getattr(attn, _INNER)(
+            query,
+            key,
+            value,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
     pq, pk = packings
     d, h = attn.embed_dim, attn.num_heads
     w, bias = attn.in_proj_weight, attn.in_proj_bias
@@ -176,34 +199,51 @@ def _attending(layer: nn.Module, pairs: list[tuple[Packing, Packing]]) -> Iterat
             vars(attn).pop(_PACKINGS, None)
 
 
-def _encoder_forward(self: nn.TransformerEncoderLayer, src: torch.Tensor, src_mask: torch.Tensor | None = None,
-                     src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+def _encoder_forward(
+    self: nn.TransformerEncoderLayer,
+    src: torch.Tensor,
+    src_mask: torch.Tensor | None = None,
+    src_key_padding_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
     inner = getattr(self, _INNER)
     if not self._hlbd_unpad_packer.enabled or src_key_padding_mask is None or src.is_nested or src.dim() != 3:
         return inner(src, src_mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
     batch_first = self.self_attn.batch_first
     p = self._hlbd_unpad_packer.packing(src_key_padding_mask)
     with _attending(self, [(p, p)]):
-        out = inner(p.pack(_batch_major(src, batch_first)), src_mask=src_mask,
-                    src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
+        out = inner(p.pack(_batch_major(src, batch_first)), src_mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
     return _batch_major(p.unpack(out), batch_first)
 
 
-def _decoder_forward(self: nn.TransformerDecoderLayer, tgt: torch.Tensor, memory: torch.Tensor,
-                     tgt_mask: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
-                     tgt_key_padding_mask: torch.Tensor | None = None, memory_key_padding_mask: torch.Tensor | None = None,
-                     tgt_is_causal: bool = False, memory_is_causal: bool = False) -> torch.Tensor:
+def _decoder_forward(
+    self: nn.TransformerDecoderLayer,
+    tgt: torch.Tensor,
+    memory: torch.Tensor,
+    tgt_mask: torch.Tensor | None = None,
+    memory_mask: torch.Tensor | None = None,
+    tgt_key_padding_mask: torch.Tensor | None = None,
+    memory_key_padding_mask: torch.Tensor | None = None,
+    tgt_is_causal: bool = False,
+    memory_is_causal: bool = False,
+) -> torch.Tensor:
     inner = getattr(self, _INNER)
-    if (not self._hlbd_unpad_packer.enabled or tgt_key_padding_mask is None or memory_key_padding_mask is None
-            or tgt.is_nested or tgt.dim() != 3):
-        return inner(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
-                     tgt_is_causal, memory_is_causal)
+    if not self._hlbd_unpad_packer.enabled or tgt_key_padding_mask is None or memory_key_padding_mask is None or tgt.is_nested or tgt.dim() != 3:
+        return inner(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask, tgt_is_causal, memory_is_causal)
     batch_first = self.self_attn.batch_first
     pt = self._hlbd_unpad_packer.packing(tgt_key_padding_mask)
     pm = self._hlbd_unpad_packer.packing(memory_key_padding_mask)
     with _attending(self, [(pt, pt), (pt, pm)]):
-        out = inner(pt.pack(_batch_major(tgt, batch_first)), pm.pack(_batch_major(memory, batch_first)), tgt_mask,
-                    memory_mask, tgt_key_padding_mask, memory_key_padding_mask, tgt_is_causal, memory_is_causal)
+        out = inner(
+            pt.pack(_batch_major(tgt, batch_first)),
+            pm.pack(_batch_major(memory, batch_first)),
+            tgt_mask,
+            memory_mask,
+            tgt_key_padding_mask,
+            memory_key_padding_mask,
+            tgt_is_causal,
+            memory_is_causal,
+        )
     return _batch_major(pt.unpack(out), batch_first)
 
 
