@@ -314,7 +314,7 @@ def test_fastest_plus_compile_row_is_the_preset_with_compile():
     # FastDropout and Unpad refuse Compile (own masks; a new shape every batch): the row leaves them out and says so
     assert names == [type(s).__name__ for s in fastest("cpu").strategies if type(s).__name__ not in ("FastDropout", "Unpad")] + ["Compile"]
     assert spec.preset.strategies[-1].dynamic is True and spec.preset.batch_size == 32
-    assert spec.note == "without Unpad(check=True, multiple_of=None), FastDropout(exact=False)"
+    assert spec.note == "without Unpad(check=True, multiple_of=None, on_refusal='leave out'), FastDropout(exact=False)"
     FastTrainer(TinySeq2Seq(), strategies=spec.preset.strategies, progress=False)  # builds: no conflict left
 
 

@@ -258,6 +258,26 @@ def test_a_model_that_lets_padding_leak_is_refused_before_any_step():
     assert t.global_step == 0 and all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
 
 
+def test_fastest_leaves_out_what_a_leaking_model_refuses_and_trains_it_exactly():
+    """The user's APTModel case: attention over padded keys. fastest warns, leaves TrimPadding and Unpad out
+    (history.left_out says why) and trains what fastest without them trains, from the same weights."""
+    import warnings
+
+    from hlbd_fast import TrimPadding, presets
+
+    torch.manual_seed(0)
+    base = LeakyReference(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32, dropout=0.0, max_length=32)
+    a, b = clone(base), clone(base)
+    kw = {"device": "cpu", "progress": False, "seed": 4, "lr": 1e-3}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ha = FastTrainer.from_preset(a, "fastest", **kw).fit(padded(), 2, batch_size=8)
+    left = [str(w.message) for w in record if "left out of this run" in str(w.message)]
+    assert len(left) == 2 and sorted(ha.left_out) == ["TrimPadding", "Unpad"]
+    hb = FastTrainer.from_preset(b, presets.fastest("cpu").without(TrimPadding, Unpad), **kw).fit(padded(), 2, batch_size=8)
+    assert ha.losses == hb.losses and all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
 @pytest.mark.parametrize("other", [Compile(backend="eager")], ids=["compile"])
 def test_uncapturable_combinations_are_refused(other):
     with pytest.raises(StrategyConflictError, match=r"Compile\(.*cannot run with Unpad.*compiles again for every new shape"):

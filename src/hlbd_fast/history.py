@@ -70,6 +70,7 @@ class History:
     records: list[EpochRecord] = field(default_factory=list)
     best: Best | None = None  # fit(keep_best=...)'s best evaluation so far
     eval_seconds: float = 0.0  # wall seconds fit spent evaluating (not in any epoch's seconds)
+    left_out: dict[str, str] = field(default_factory=dict)  # strategies a preset brought whose proof failed, and why
 
     @property
     def losses(self) -> list[float]:
@@ -100,7 +101,7 @@ class History:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: ``{"epochs": [...], "best": {...} or None, "eval_seconds": s}``."""
         best = None if self.best is None else asdict(self.best)
-        return {"epochs": [asdict(r) for r in self.records], "best": best, "eval_seconds": self.eval_seconds}
+        return {"epochs": [asdict(r) for r in self.records], "best": best, "eval_seconds": self.eval_seconds, "left_out": dict(self.left_out)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "History":
@@ -108,7 +109,8 @@ class History:
         legacy = d.get("info") or {}
         best = d.get("best", legacy.get("best"))
         seconds = float(d.get("eval_seconds", legacy.get("eval_seconds", 0.0)))
-        return cls([EpochRecord(**r) for r in d.get("epochs", [])], None if best is None else Best(**best), seconds)
+        records = [EpochRecord(**r) for r in d.get("epochs", [])]
+        return cls(records, None if best is None else Best(**best), seconds, dict(d.get("left_out", {})))
 
     def save_json(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_dict` as indented JSON."""

@@ -18,8 +18,9 @@ refused under :class:`~hlbd_fast.strategies.CUDAGraphStep`.
 from __future__ import annotations
 
 import enum
+import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from torch import nn
 if TYPE_CHECKING:  # pragma: no cover
     from .base import Strategy
 
-__all__ = ["Capability", "Need", "Declaration", "Context", "Computes", "check_strategies", "declarations", "STEP_HOOKS"]
+__all__ = ["Capability", "Need", "Declaration", "Context", "Computes", "check_strategies", "declarations", "STEP_HOOKS", "ON_REFUSAL"]
 
 
 class Capability(enum.Enum):
@@ -92,6 +93,32 @@ class Declaration:
     def provided(self) -> set[Capability]:
         """The capabilities it provides."""
         return {n.what for n in self.provides}
+
+
+#: What a strategy with a proof does when its proof fails on the first batch: raise (a strategy
+#: the user listed) or leave itself out for the run with one warning (a strategy a preset brought).
+ON_REFUSAL: tuple[str, ...] = ("raise", "leave out")
+
+
+def refusal(name: str, measured: str) -> str:
+    """The message of a failed proof: what was measured, the fix in the model first, ``check=False`` last."""
+    return (
+        f"{name} refused this model on its first batch: {measured}: the model lets padding reach real positions. "
+        "The fix is in the model: mask padding keys in "
+        f"attention (pass a key padding mask for the source, decode causally) so that padding never reaches real "
+        f"positions; then {name} computes what the padded loop computes. {name}(check=False) skips the proof, and then "
+        "trains another model than the plain loop does (its logits at real positions change by the difference measured)"
+    )
+
+
+def leave_out(trainer: Any, name: str, measured: str) -> None:
+    """Record and say once that ``name`` is left out of this trainer's runs because its proof failed."""
+    reason = (
+        f"its proof failed on the first batch ({measured}); the run trains exactly as without it. To get its speed, "
+        "mask padding keys in the model's attention (see hlbd-fast doctor for what it would buy)"
+    )
+    trainer.history.left_out[name] = reason
+    warnings.warn(f"{name} is left out of this run: {reason}", RuntimeWarning, stacklevel=6)
 
 
 #: The hooks that run inside the step (captured once under CUDA graphs).

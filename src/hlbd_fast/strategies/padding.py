@@ -20,7 +20,7 @@ from torch import nn
 
 from .._validation import check_bool, check_positive_int, extract_logits, replace_pair, token_loss_sum, token_pair
 from .base import Strategy
-from .needs import Computes, Context, Declaration
+from .needs import ON_REFUSAL, Computes, Context, Declaration, leave_out, refusal
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import FastTrainer
@@ -163,14 +163,17 @@ class TrimPadding(Strategy):
             fits (a longer batch keeps its input length), so ``Compile`` sees a handful of
             shapes and :class:`CUDAGraphStep` captures one graph per bucket pair. Replaces
             ``multiple_of`` rounding when given.
-        check: run :func:`verify_trim` on the first batch that has padding to cut and raise
-            if the model is not trim-exact (two extra forward passes, once). On by default,
+        check: run :func:`verify_trim` on the first batch that has padding to cut and refuse
+            the model if it is not trim-exact (two extra forward passes, once). On by default,
             and in every preset: a model that lets padding reach real positions (as one
             without a source key-padding mask does) is refused instead of silently training
             something else. ``False`` skips the proof, for a model you checked yourself.
+        on_refusal: what a failed proof does: ``"raise"`` (the default: a strategy you
+            listed) or ``"leave out"``: trim nothing for the rest of the trainer's runs, with
+            one warning and an entry in ``history.left_out`` (how presets bring it).
     """
 
-    def __init__(self, multiple_of: int = 8, buckets: Sequence[int] | None = None, check: bool = True) -> None:
+    def __init__(self, multiple_of: int = 8, buckets: Sequence[int] | None = None, check: bool = True, on_refusal: str = "raise") -> None:
         check_positive_int("multiple_of", multiple_of, "TrimPadding", hint=" (1: no rounding)")
         if buckets is not None:
             if isinstance(buckets, (str, bytes)) or not isinstance(buckets, Sequence) or len(buckets) == 0:
@@ -183,11 +186,15 @@ class TrimPadding(Strategy):
         self.multiple_of = multiple_of
         self.buckets: tuple[int, ...] | None = buckets
         self.check = check_bool("check", check, "TrimPadding")
+        if on_refusal not in ON_REFUSAL:
+            raise ValueError(f"TrimPadding(on_refusal={on_refusal!r}) must be one of {ON_REFUSAL}")
+        self.on_refusal = on_refusal
+        self._left_out = False
         self._pad_id = 0
         self._model: nn.Module | None = None
         self._told_sync = False
         self._proof: TrimCheck | None = None
-        self._verify: Callable[[Any], None] = self._verify_batch if check else _no_check
+        self._verify: Callable[[Any, Any], None] = self._verify_batch if check else _no_check
 
     prepares_eval_batches = True  # a proven cut keeps the results: evaluation is trimmed alike
 
@@ -198,6 +205,7 @@ class TrimPadding(Strategy):
         self._pad_id = trainer.pad_id
         self._model = trainer.model
         self._proof = None
+        self._left_out = False
         self._verify = self._verify_batch if self.check else _no_check
 
     def report(self) -> TrimCheck | None:
@@ -215,11 +223,13 @@ class TrimPadding(Strategy):
         return min(k, length)
 
     def prepare_batch(self, trainer: "FastTrainer", batch: Any) -> Any:
+        self._verify(batch, trainer)
+        if self._left_out:
+            return batch
         src, tgt = token_pair(batch, "TrimPadding")
         lengths = trainer.known_lengths.lookup(batch)
         if lengths is None:
             lengths = self._device_lengths(src, tgt)
-        self._verify(batch)
         ks = self.keep_length(lengths[0], src.shape[1], _MIN_SRC)
         kt = self.keep_length(lengths[1], tgt.shape[1], _MIN_TGT)
         if ks == src.shape[1] and kt == tgt.shape[1]:
@@ -234,19 +244,21 @@ class TrimPadding(Strategy):
         ls, lt = both.tolist()  # host sync: the cut needs the longest row on the host; both read at once
         return int(ls), int(lt)
 
-    def _verify_batch(self, batch: Any) -> None:
+    def _verify_batch(self, batch: Any, trainer: "FastTrainer") -> None:
         assert self._model is not None, "TrimPadding.setup was not called"
         try:
             proof = verify_trim(self._model, batch, self._pad_id)
         except ValueError as e:
-            raise ValueError(
-                f"TrimPadding refused this model on its first batch with padding to cut: {e}. "
-                "(TrimPadding(check=False) skips this proof; use it only for a model you have checked yourself)"
-            ) from None
+            measured = str(e).split(". The model", 1)[0].removeprefix("verify_trim: ")
+            if self.on_refusal == "raise":
+                raise ValueError(refusal("TrimPadding", measured)) from None
+            self._left_out, self._verify = True, _no_check
+            leave_out(trainer, "TrimPadding", measured)
+            return
         if proof.columns_cut > 0:
             self._proof = proof
             self._verify = _no_check  # proven on a batch with padding to cut; never again
 
 
-def _no_check(batch: Any) -> None:
+def _no_check(batch: Any, trainer: Any) -> None:
     """The disabled check."""

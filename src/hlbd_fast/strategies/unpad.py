@@ -19,7 +19,7 @@ import contextlib
 import copy
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from torch import nn
 from .._validation import check_bool, check_positive_int, extract_logits, token_loss_sum, token_pair
 from ..packing import UnpadBatch
 from .base import Forward
-from .needs import Capability, Computes, Context, Declaration, Need
+from .needs import ON_REFUSAL, Capability, Computes, Context, Declaration, Need, leave_out, refusal
 from .unpad_layers import check_layers, packable_layers, packed_layers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -187,15 +187,23 @@ class Unpad(Forward):
 
     Args:
         check: prove the model on the first batch (two extra forwards, once).
+        on_refusal: ``"raise"`` (default) when the proof fails, or ``"leave out"``: run the
+            model padded for the rest of the trainer's runs, with one warning and an entry in
+            ``history.left_out`` (how presets bring it).
         multiple_of: round the packed rows up to a multiple of this; ``None`` (default):
             32 under CPU autocast, 8 under CUDA autocast, 1 otherwise.
     """
 
-    def __init__(self, check: bool = True, multiple_of: int | None = None) -> None:
+    def __init__(self, check: bool = True, multiple_of: int | None = None, on_refusal: str = "raise") -> None:
         self.check = check_bool("check", check, "Unpad")
+        if on_refusal not in ON_REFUSAL:
+            raise ValueError(f"Unpad(on_refusal={on_refusal!r}) must be one of {ON_REFUSAL}")
+        self._left_out = False
+        self._packer: Any = None
         if multiple_of is not None:
             check_positive_int("multiple_of", multiple_of, "Unpad", hint=" (1: no filler rows; None: by precision)")
         self.multiple_of = multiple_of
+        self.on_refusal = on_refusal
         self._mode: str | None = None
         self._proof: UnpadCheck | None = None
         self._verify: Callable[["FastTrainer", Any, int], None] = self._verify_batch
@@ -225,6 +233,7 @@ class Unpad(Forward):
     def setup(self, trainer: "FastTrainer") -> None:
         self._mode = unpad_mode(trainer.model)  # the declaration refused a model without one
         self._proof = None
+        self._left_out = False
         self._verify = self._verify_batch if self.check else _no_check
 
     def report(self) -> UnpadCheck | None:
@@ -241,7 +250,16 @@ class Unpad(Forward):
 
     def run_scope(self, trainer: "FastTrainer") -> ContextManager[Any]:
         """Torch transformer layers (mode ``"layers"``) run packed for the whole call, and are restored after."""
-        return packed_layers(trainer.model, self.rows_multiple) if self.mode == "layers" else contextlib.nullcontext()
+        return self._packed(trainer) if self.mode == "layers" and not self._left_out else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _packed(self, trainer: "FastTrainer") -> Iterator[None]:
+        with packed_layers(trainer.model, self.rows_multiple) as packer:
+            self._packer = packer
+            try:
+                yield
+            finally:
+                self._packer = None
 
     def eval_scope(self, trainer: "FastTrainer") -> ContextManager[Any]:
         """The same around ``evaluate``."""
@@ -253,7 +271,7 @@ class Unpad(Forward):
         src, tgt = token_pair(batch, "Unpad")
         multiple = self.rows_multiple(src.device)
         self._verify(trainer, batch, multiple)
-        if self.mode == "layers":
+        if self.mode == "layers" or self._left_out:
             return super().logits(trainer, model, batch)
         unpad = UnpadBatch.of(src, tgt, trainer.pad_id, multiple)  # on CUDA: reads the lengths back (one sync)
         out = _check_packed_shape(model(src, tgt[:, :-1], unpad=unpad), unpad, trainer.vocab_size, "Unpad")
@@ -263,10 +281,14 @@ class Unpad(Forward):
         try:
             self._proof = verify_unpad(trainer.model, batch, trainer.pad_id, multiple_of=multiple_of)
         except ValueError as e:
-            raise ValueError(
-                f"Unpad refused this model on its first batch: {e}. (Unpad(check=False) skips this proof; use it only for a model you have checked yourself)"
-            ) from None
-        self._verify = _no_check  # proven once
+            measured = str(e).split(". The model", 1)[0].removeprefix("verify_unpad: ")
+            if self.on_refusal == "raise":
+                raise ValueError(refusal("Unpad", measured)) from None
+            self._left_out = True
+            if self._packer is not None:
+                self._packer.enabled = False  # the layers run padded from here on
+            leave_out(trainer, "Unpad", measured)
+        self._verify = _no_check  # proven, or left out, once
 
 
 def _autocast_on(device_type: str) -> bool:
