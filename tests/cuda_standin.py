@@ -1,8 +1,11 @@
 """A stand-in for CUDA graphs on a CPU, through CUDAGraphStep's public GraphBackend seam.
 
 Capture runs the step's Python once and undoes its tensor work (a real capture runs no
-kernel); replay runs the step again (its device work, as a CUDA graph replays it). Used by
-the CUDA-graph, doctor and EMA tests to drive the graph path without a GPU.
+kernel); replay runs the step again (its device work, as a CUDA graph replays it). As on
+CUDA, a replay reads only a learning rate that is a float32 tensor on the device; any other
+lr (a Python number, a tensor elsewhere or in another dtype) is read once, at capture, and
+every replay steps with that value. Used by the CUDA-graph, doctor and EMA tests to drive
+the graph path without a GPU.
 """
 
 from __future__ import annotations
@@ -16,14 +19,28 @@ import torch
 from hlbd_fast.strategies.cuda_graph import GraphBackend, SyncFinding
 
 
-class StandInGraph:
-    """Replays the captured step: its work again, as a CUDA graph does."""
+def read_at_replay(lr: Any, device: torch.device) -> bool:
+    """Whether a CUDA graph's replay reads ``lr`` afresh (a float32 tensor on the device), as fused/capturable steps do."""
+    return isinstance(lr, torch.Tensor) and lr.device == device and lr.dtype == torch.float32
 
-    def __init__(self, step: Callable[[], None]) -> None:
+
+class StandInGraph:
+    """Replays the captured step: its work again, as a CUDA graph does, with the lrs baked at capture."""
+
+    def __init__(self, step: Callable[[], None], baked: list[tuple[dict, float]], replayed: Callable[[], None]) -> None:
         self.step, self.replays = step, 0
+        self.baked, self.replayed = baked, replayed
 
     def replay(self) -> None:
-        self.step()
+        saved = [g["lr"] for g, _ in self.baked]
+        for g, value in self.baked:
+            g["lr"] = value  # the value read at capture, as a CUDA kernel that read it on the host keeps it
+        try:
+            self.replayed()
+            self.step()
+        finally:
+            for (g, _), lr in zip(self.baked, saved):
+                g["lr"] = lr
         self.replays += 1
 
 
@@ -36,6 +53,8 @@ class StandInBackend(GraphBackend):
         broken: what the probe after a failed capture reports (``None``: the process is fine).
         extra_state: more tensors a capture must leave as it found them (e.g. EMA's average).
         watch: a ``sys.setprofile`` function active while a step is captured.
+        capturable: switch the optimizer's param groups to ``capturable=True`` as on CUDA (for an
+            optimizer whose capturable step runs on a CPU; torch's Adam refuses it there).
     """
 
     def __init__(
@@ -45,12 +64,14 @@ class StandInBackend(GraphBackend):
         broken: str | None = None,
         extra_state: Callable[[], list[torch.Tensor]] | None = None,
         watch: Any = None,
+        capturable: bool = False,
     ) -> None:
         super().__init__()
         self.fail, self.findings, self.broken = fail, iter(syncs), broken
-        self.extra_state, self.watch = extra_state, watch
+        self.extra_state, self.watch, self.capturable = extra_state, watch, capturable
         self.graphs: list[StandInGraph] = []
         self.trainer: Any = None  # set once the trainer exists
+        self.replayed_lrs: list[tuple[int, float]] = []  # (global step, lr of the first group) the replays stepped with
 
     def __deepcopy__(self, memo: dict) -> "StandInBackend":
         return self  # the doctor copies its strategies; the test reads what this one saw
@@ -68,7 +89,9 @@ class StandInBackend(GraphBackend):
         return contextlib.nullcontext(SyncFinding(next(self.findings, None)))
 
     def make_capturable(self, optimizer: torch.optim.Optimizer) -> None:
-        pass  # CPU Adam has no capturable path
+        if self.capturable:
+            super().make_capturable(optimizer)
+        # else: nothing; torch's CPU Adam refuses capturable=True
 
     def _state(self) -> list[torch.Tensor]:
         t = self.trainer
@@ -98,5 +121,11 @@ class StandInBackend(GraphBackend):
             for x, v in zip(tensors, saved):
                 x.copy_(v)
         torch.set_rng_state(rng)
-        self.graphs.append(StandInGraph(step))
+        groups = self.trainer.optimizer.param_groups
+        baked = [(g, float(g["lr"])) for g in groups if not read_at_replay(g["lr"], device)]
+        self.graphs.append(StandInGraph(step, baked, self._record_lr))
         return self.graphs[-1]
+
+    def _record_lr(self) -> None:
+        t = self.trainer
+        self.replayed_lrs.append((t.global_step, float(t.optimizer.param_groups[0]["lr"])))

@@ -213,10 +213,10 @@ class NanGradAt(TinySeq2Seq):
 
 
 @pytest.mark.parametrize("max_grad_norm", [1.0, None])
-@pytest.mark.parametrize("sync", [None, DeferredLossSync()])
+@pytest.mark.parametrize("sync", [None, DeferredLossSync])
 def test_non_finite_gradients_stop_the_run_and_are_never_checkpointed(tmp_path, pairs, max_grad_norm, sync):
     model = NanGradAt(at=8)  # 5 steps of 8 per epoch: the 8th step, in epoch 2
-    t = make(model, strategies=[sync] if sync else [], max_grad_norm=max_grad_norm)
+    t = make(model, strategies=[sync()] if sync else [], max_grad_norm=max_grad_norm)  # a fresh instance per trainer
     with pytest.raises(NonFiniteGradientError, match=r"gradients became NaN or inf at epoch 2, optimizer step 8.*untouched") as e:
         t.fit(pairs, 2, batch_size=8, checkpoint_dir=tmp_path)  # the bad step is in the last epoch
     assert (e.value.epoch, e.value.step) == (2, 8)

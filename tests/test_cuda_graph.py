@@ -18,9 +18,11 @@ from cuda_standin import StandInBackend
 from torch import nn
 
 from hlbd_fast import DeferredLossSync, EagerLossSync, FastTrainer, GradientAccumulation, GradientCheckpointing, StrategyConflictError
+from hlbd_fast.schedules import warmup_cosine
 from hlbd_fast.strategies import Capability, Declaration, Need, Precision, Strategy, precision
 from hlbd_fast.strategies.cuda_graph import CUDAGraphStep, _fill, _make_capturable, _step_key, first_sync, others
 from hlbd_fast.strategies.data import DevicePreload
+from hlbd_fast.strategies.optim import FusedAdamW
 from hlbd_fast.strategies.padding import TrimPadding
 
 needs_cuda = [
@@ -307,6 +309,159 @@ def test_a_schedule_changes_the_lr_without_a_new_capture():
     )
     assert h.losses == pytest.approx(h_ref.losses, rel=1e-6) and max_rel_diff(ours, ref) < 1e-6
     assert [r.lr for r in h] == pytest.approx([r.lr for r in h_ref])
+
+
+class PlainSGD(torch.optim.Optimizer):
+    """A user optimizer: SGD written by hand, with a ``capturable`` option only when asked; records what each step saw."""
+
+    def __init__(self, params, lr=0.1, capturable=None):
+        defaults = {"lr": lr} if capturable is None else {"lr": lr, "capturable": capturable}
+        super().__init__(params, defaults)
+        self.seen: list[tuple[bool | None, type]] = []  # (capturable, type of lr) at each step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            self.seen.append((g.get("capturable"), type(g["lr"])))
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.sub_(p.grad * g["lr"])
+
+
+class BuildsSGD(Strategy):
+    """An optimizer role that builds torch's SGD (known only after every setup)."""
+
+    role = "optimizer"
+
+    def build_optimizer(self, trainer, params):
+        return torch.optim.SGD(params, lr=0.1)
+
+
+class RecordsLr(Strategy):
+    """The lr each step starts with, by global step (host work outside the step: allowed under capture)."""
+
+    def __init__(self):
+        self.lrs: dict[int, float] = {}
+
+    def on_step_start(self, trainer):
+        self.lrs[trainer.global_step] = float(trainer.optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [(lambda ps: torch.optim.SGD(ps, lr=0.1), "SGD"), (lambda ps: PlainSGD(ps), "PlainSGD"), (lambda ps: torch.optim.Adagrad(ps), "Adagrad")],
+)
+def test_an_optimizer_without_capturable_groups_is_refused_when_the_trainer_is_built(make, name):
+    """A step that reads its lr on the host would be frozen at capture: refused, with the reason and the fix."""
+    model = TinySeq2Seq()
+    with pytest.raises(
+        StrategyConflictError,
+        match=rf"CUDAGraphStep cannot capture the step of {name}: its param groups have no 'capturable' option.*"
+        r"Use FusedAdamW\(\), torch.optim.Adam or AdamW.*'capturable': True, or train without CUDAGraphStep",
+    ):
+        FastTrainer(model, optimizer=make(model.parameters()), strategies=[DevicePreload(), CUDAGraphStep(backend=StandInBackend())], progress=False)
+
+
+def test_an_optimizer_built_by_a_strategy_without_capturable_is_refused_before_any_step():
+    """Built after every strategy's setup: refused before the first step trains anything."""
+    torch.manual_seed(0)
+    model = TinySeq2Seq()
+    before = clone(model)
+    step = CUDAGraphStep(warmup_steps=1, backend=StandInBackend())
+    with pytest.raises(StrategyConflictError, match=r"cannot capture the step of SGD"):
+        t = FastTrainer(model, strategies=[DevicePreload(), BuildsSGD(), step], progress=False)
+        step.backend.trainer = t
+        t.fit(ragged_pairs(n=42), 1, batch_size=4)
+    assert identical(model, before)
+
+
+def test_on_cpu_without_graphs_any_optimizer_is_accepted():
+    """The eager step (CPU, no backend given) takes SGD as the plain loop does."""
+    model = TinySeq2Seq()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CPU fallback warning
+        t = FastTrainer(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), strategies=[DevicePreload(), CUDAGraphStep()], progress=False)
+        t.fit(ragged_pairs(n=8), 1, batch_size=4)
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=1e-3),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+        lambda ps: PlainSGD(ps, capturable=True),
+        None,  # FusedAdamW, made capturable by the strategy
+    ],
+)
+def test_capturable_optimizers_are_accepted(optimizer):
+    step, backend = graph_step(1)
+    torch.manual_seed(0)
+    model = TinySeq2Seq()
+    extra = [FusedAdamW(lr=1e-3)] if optimizer is None else []
+    given = None if optimizer is None else optimizer(model.parameters())
+    t = FastTrainer(model, optimizer=given, strategies=[DevicePreload(), *extra, step], progress=False, seed=1)
+    backend.trainer = t
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        t.fit(ragged_pairs(n=42), 2, batch_size=4)
+    assert step.graphing and len(backend.graphs) == 2
+
+
+def test_a_resumed_cpu_lr_is_moved_onto_the_device_and_follows_the_schedule():
+    """A checkpoint's lr comes back as a tensor that is not float32 on the device (a CUDA run's, once read_checkpoint
+    maps it to the CPU; here a float64 one): it is moved onto the device as float32 and the graphs are captured again,
+    so the replays step with the scheduled lr, not with the value at capture."""
+    data = ragged_pairs(n=42)
+    torch.manual_seed(0)
+    base = TinySeq2Seq()
+    recorder = RecordsLr()
+    h_ref = FastTrainer(clone(base), strategies=[DevicePreload(), recorder], seed=6, progress=False, lr=1e-2, scheduler=warmup_cosine(4, 40)).fit(
+        data, 3, batch_size=4
+    )
+
+    def trainer(model):
+        step, backend = graph_step(1)
+        t = FastTrainer(model, strategies=[DevicePreload(), step], seed=6, progress=False, lr=1e-2, scheduler=warmup_cosine(4, 40))
+        backend.trainer = t
+        return t, backend
+
+    first, _ = trainer(clone(base))
+    first.fit(data, 1, batch_size=4)
+    state = first.state_dict()
+    for group in state["optimizer"]["param_groups"]:
+        assert isinstance(group["lr"], torch.Tensor)
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64)
+    resumed, backend = trainer(clone(base))
+    resumed.load_state_dict(state)
+    h = resumed.fit(data, 3, batch_size=4)
+    assert len(backend.replayed_lrs) > 10
+    for global_step, used in backend.replayed_lrs:  # what the replays stepped with: the schedule's lr of that step
+        assert used == pytest.approx(recorder.lrs[global_step], rel=1e-6), global_step
+    assert h.losses == pytest.approx(h_ref.losses, rel=1e-5)
+    lr = resumed.optimizer.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr.device == resumed.device and lr.dtype == torch.float32
+
+
+def test_a_fallback_reverts_capturable_and_the_tensor_lr():
+    """After a fallback the eager step runs with the optimizer as it was: capturable off again, the lr a float."""
+    data = ragged_pairs(n=42)
+    torch.manual_seed(0)
+    base = TinySeq2Seq()
+    ours, ref = clone(base), clone(base)
+    opt = PlainSGD(ours.parameters(), lr=0.1, capturable=False)
+    step = CUDAGraphStep(warmup_steps=2, backend=StandInBackend(syncs=[None, "called a synchronizing CUDA operation at model.py:3"], capturable=True))
+    t = FastTrainer(ours, optimizer=opt, strategies=[DevicePreload(), step], seed=6, progress=False, scheduler=warmup_cosine(4, 40))
+    step.backend.trainer = t
+    with pytest.warns(UserWarning, match="CUDAGraphStep: running the eager step instead"):
+        h = t.fit(data, 2, batch_size=4)
+    assert not step.graphing
+    assert opt.seen[:2] == [(True, torch.Tensor)] * 2  # the warm-up steps: switched by the graph path
+    assert set(opt.seen[2:]) == {(False, float)}  # every eager step after the fallback: as the optimizer was built
+    assert opt.param_groups[0]["capturable"] is False and isinstance(opt.param_groups[0]["lr"], float)
+    ref_opt = PlainSGD(ref.parameters(), lr=0.1, capturable=False)
+    h_ref = FastTrainer(ref, optimizer=ref_opt, strategies=[DevicePreload()], seed=6, progress=False, scheduler=warmup_cosine(4, 40)).fit(data, 2, batch_size=4)
+    assert h.losses == pytest.approx(h_ref.losses, rel=1e-6)
+    assert opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"])
 
 
 # ---------------------------------------------------------------------------- CUDA: the real thing

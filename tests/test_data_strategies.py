@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ from conftest import TinySeq2Seq, clone, max_rel_diff, ragged_pairs
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from hlbd_fast import DeferredLossSync, FastTrainer, GradientAccumulation, Strategy, StrategyConflictError
+from hlbd_fast.batches import KnownLengths
+from hlbd_fast.packing import packed_sizes
 from hlbd_fast.strategies.data import DataLoaderWorkers, DevicePreload
 from hlbd_fast.strategies.padding import row_lengths
 
@@ -173,7 +177,8 @@ def test_gpu_preload_pad_rows_keep_the_reference_model_finite():
 
 
 def test_gpu_preload_host_lengths():
-    """Each batch's longest rows are known on the host (trainer.known_lengths) for the very tensors yielded."""
+    """Each batch's longest rows, and what a padding-free packing of it keeps, are known on the host
+    (trainer.known_lengths) for the very tensors yielded (pad rows included: they score nothing)."""
     src, tgt = ragged_pairs(n=10)
     trainer = FastTrainer(TinySeq2Seq(), seed=2, progress=False)
     source = trainer.make_source((src, tgt), 4)
@@ -182,8 +187,36 @@ def test_gpu_preload_host_lengths():
         g = DevicePreload(last_batch=last_batch)
         for s, t in g.batches(trainer, source, 0):
             assert known.lookup((s, t)) == (int(row_lengths(s, 0).max()), int(row_lengths(t, 0).max()))
+            assert known.packed((s, t)) == tuple(int(n.sum()) for n in packed_sizes(s, t, 0))
             assert known.lookup((s.clone(), t)) is None  # not the batch it yielded
             assert known.lookup(s) is None
+
+
+def test_known_lengths_answer_for_every_batch_in_hand_unchanged():
+    """Accumulation holds a step's batches at once: each is answered; a batch changed in place, or another, is not;
+    a cut of only padding columns carries the lengths on; the tensors are not kept alive."""
+    known = KnownLengths()
+
+    def batch():
+        return torch.ones(2, 5, dtype=torch.long), torch.ones(2, 6, dtype=torch.long)
+
+    a, b = batch(), batch()
+    known.remember(*a, 3, 4, packed=(6, 5))
+    known.remember(*b, 2, 3)
+    assert known.lookup(a) == (3, 4) and known.packed(a) == (6, 5)
+    assert known.lookup(b) == (2, 3) and known.packed(b) is None
+    assert known.lookup((a[0], b[1])) is None and known.lookup([a[0].clone(), a[1]]) is None
+    cut = (a[0][:, :3], a[1][:, :4])
+    known.carry(a, *cut)
+    assert known.lookup(cut) == (3, 4) and known.packed(cut) == (6, 5)
+    a[1][0, 0] = 7  # changed in place: the host's lengths may be wrong now
+    assert known.lookup(a) is None and known.packed(cut) is None
+    gone = weakref.ref(b[0])
+    del b
+    gc.collect()
+    assert gone() is None
+    known.forget()
+    assert known.lookup(cut) is None
 
 
 def test_gpu_preload_reads_data_once_and_again_after_in_place_changes():

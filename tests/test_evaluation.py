@@ -281,3 +281,46 @@ def test_trimming_in_evaluation_is_proven_or_refused(tmp_path):
     torch.manual_seed(0)
     trimmed = make(TinySeq2Seq(), strategies=[TrimPadding(multiple_of=1)]).evaluate((src, tgt))
     assert trimmed["loss"] == pytest.approx(exact["loss"], rel=1e-5) and math.isfinite(plain["loss"])
+
+
+# ---------------------------------------------------------------------------- exact match with the data's BOS and EOS
+def bos1_eos4_pairs():
+    """Targets ``1 text 4 0...``: BOS 1 and EOS 4, not the reference model's default 2 and 3."""
+    src, tgt = ragged_pairs(n=12, tgt_len=8)
+    tgt = tgt.masked_fill(tgt == 4, 5)  # 4 only ends a target
+    tgt[:, 0] = 1
+    tgt[:, -1] = 0
+    for i in range(12):
+        tgt[i, int((tgt[i] != 0).sum())] = 4
+    return src, tgt
+
+
+def test_exact_match_generates_with_the_datas_bos_and_eos():
+    """With BOS 1 / EOS 4 data exact match used to decode from the model's defaults (2/3) and report 0."""
+    src, tgt = bos1_eos4_pairs()
+    t = make(reference(), lr=3e-2)
+    t.fit((src, tgt), 30, batch_size=4)
+    m = t.evaluate((src, tgt), generate=True)
+    assert m["token_accuracy"] > 0.5
+    with torch.no_grad():
+        out = t.model.eval().generate(src, max_new_tokens=tgt.shape[1] - 1, bos_id=1, eos_id=4)
+    hand = 0
+    for i in range(12):
+        want = tgt[i, 1:].tolist()
+        want = want[: want.index(4) + 1]
+        got = out[i].tolist()
+        hand += (got[: got.index(4) + 1] if 4 in got else got) == want
+    assert 0 < hand and m["exact_match"] == hand / 12
+    assert t.evaluate((src, tgt), generate=True, bos_id=1, eos_id=4)["exact_match"] == m["exact_match"]
+    assert t.evaluate((src, tgt), generate=True, bos_id=2, eos_id=3)["exact_match"] < m["exact_match"]  # the old defaults
+
+
+def test_generate_needs_one_bos_or_an_explicit_one():
+    src, tgt = bos1_eos4_pairs()
+    tgt[0, 0] = 2
+    t = make(reference())
+    with pytest.raises(ValueError, match=r"targets start with different ids \(1 to 2\).*pass bos_id="):
+        t.evaluate((src, tgt), generate=True)
+    assert "exact_match" in t.evaluate((src, tgt), generate=True, bos_id=1)
+    with pytest.raises(ValueError, match=r"evaluate\(bos_id=-1\)"):
+        t.evaluate((src, tgt), generate=True, bos_id=-1)

@@ -19,6 +19,11 @@ VAL = ragged_pairs(n=6, seed=3)
 EVAL_COLUMNS = ["eval_loss", "eval_token_accuracy", "eval_exact_match", "eval_tokens", "eval_samples"]
 
 
+def distinct(seen):
+    """The reads a logger writes: a repeat of the read before (same step and figures) adds no row."""
+    return [r for i, r in enumerate(seen) if i == 0 or r != seen[i - 1]]
+
+
 def make(*strategies):
     torch.manual_seed(0)
     return FastTrainer(TinySeq2Seq(), strategies=list(strategies), progress=False, seed=0, lr=1e-2)
@@ -58,10 +63,11 @@ def test_csv_has_a_row_per_read_and_per_epoch_equal_to_the_history(tmp_path):
     header, got = rows(path)
     assert header == list(CSV_COLUMNS) + EVAL_COLUMNS
     read_rows = [r for r in got if r["kind"] == "read"]
-    assert len(read_rows) == t.loss_reads == len(reads.seen) == 2 * (4 + 1)  # every step, and each epoch's end
-    assert [(int(r["epoch"]), int(r["step"]), float(r["loss"]), int(r["tokens"])) for r in read_rows] == reads.seen
+    assert t.loss_reads == len(reads.seen) == 2 * (4 + 1)  # every step, and each epoch's end
+    assert len(read_rows) == 2 * 4  # the read closing an epoch repeats its last step's: no row
+    assert [(int(r["epoch"]), int(r["step"]), float(r["loss"]), int(r["tokens"])) for r in read_rows] == distinct(reads.seen)
     epochs = [r for r in got if r["kind"] == "epoch"]
-    assert [r["kind"] for r in got] == (["read"] * 5 + ["epoch"]) * 2
+    assert [r["kind"] for r in got] == (["read"] * 4 + ["epoch"]) * 2
     for row, record in zip(epochs, h.records, strict=True):
         assert int(row["epoch"]) == record.epoch and int(row["tokens"]) == record.tokens
         assert float(row["loss"]) == record.loss and float(row["lr"]) == record.lr
@@ -90,9 +96,9 @@ def test_the_file_holds_every_row_logged_before_an_error(tmp_path):
         t.fit(DATA, 3, batch_size=4, eval_data=VAL)
     header, got = rows(path)
     assert header == list(CSV_COLUMNS) + EVAL_COLUMNS
-    assert [r["kind"] for r in got] == ["read"] * 5 + ["epoch"] + ["read"] * 1  # steps 1-4, epoch 1's end; step 5
-    assert [int(r["step"]) for r in got if r["kind"] == "read"] == [s for _, s, _, _ in reads.seen]
-    assert float(got[5]["eval_loss"]) == t.history[0].eval["loss"]
+    assert [r["kind"] for r in got] == ["read"] * 4 + ["epoch"] + ["read"] * 1  # steps 1-4, epoch 1's end; step 5
+    assert [int(r["step"]) for r in got if r["kind"] == "read"] == [s for _, s, _, _ in distinct(reads.seen)]
+    assert float(got[4]["eval_loss"]) == t.history[0].eval["loss"]
 
 
 def test_a_resumed_run_continues_the_file_without_the_rows_of_the_interrupted_one(tmp_path):
@@ -182,7 +188,7 @@ def test_tensorboard_writes_an_event_file(tmp_path):
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "epoch/loss", "epoch/lr", "eval/loss", "eval/token_accuracy"} <= tags
     assert [e.value for e in acc.Scalars("epoch/loss")] == pytest.approx(t.history.losses)
-    assert len(acc.Scalars("train/loss")) == t.loss_reads
+    assert t.loss_reads == 10 and [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))  # epoch-closing repeats left out
 
 
 def test_tensorboard_bad_log_dir():
@@ -197,7 +203,7 @@ def example(cls):
 def test_the_csv_docstring_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(example(CSVLogger), "CSVLogger example", "exec"), {})
-    assert len(rows(tmp_path / "runs" / "log.csv")[1]) == 6  # 4 steps a epoch: 2 reads + 1 epoch row, twice
+    assert len(rows(tmp_path / "runs" / "log.csv")[1]) == 4  # 2 steps an epoch, read at the second: 1 read + 1 epoch row, twice
 
 
 def test_the_tensorboard_docstring_example_runs(tmp_path, monkeypatch):
@@ -222,5 +228,57 @@ def test_tensorboard_a_resumed_run_purges_the_events_of_the_interrupted_one(tmp_
     acc = EventAccumulator(str(log_dir))
     acc.Reload()
     steps = [e.step for e in acc.Scalars("train/loss")]
-    assert steps == sorted(steps) and steps[-1] == 12 and len(steps) == 3 * 5  # 4 steps and the epoch's read, each epoch
+    assert steps == list(range(1, 13))  # one read per step; the epoch's closing read repeats its last step's
     assert [e.value for e in acc.Scalars("epoch/loss")] == pytest.approx(resumed.history.losses)
+
+
+# ---------------------------------------------------------------------------- a mid-epoch stop, then a resume
+class StopAt(Strategy):
+    """Requests a stop after optimizer step ``step`` (mid-epoch: 4 steps an epoch here)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer):
+        if trainer.global_step == self.step:
+            trainer.request_stop()
+
+
+def comparable(path):
+    header, got = rows(path)
+    return header, [{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_second")} for r in got]
+
+
+def test_a_mid_epoch_stop_and_resume_logs_no_repeated_and_no_cut_row(tmp_path):
+    """The stop's own reads (closing the epoch, checking the checkpoint) and a line cut by a kill leave nothing behind."""
+    straight = tmp_path / "straight.csv"
+    make(DeferredLossSync(every=1), CSVLogger(straight)).fit(DATA, 3, batch_size=4, eval_data=VAL)
+    path, ckpt = tmp_path / "log.csv", tmp_path / "ckpt"
+    make(DeferredLossSync(every=1), CSVLogger(path), StopAt(6)).fit(DATA, 3, batch_size=4, eval_data=VAL, checkpoint_dir=ckpt)
+    assert [int(r["step"]) for r in rows(path)[1] if r["kind"] == "read"] == [1, 2, 3, 4, 5, 6]
+    with open(path, "a", encoding="utf-8", newline="") as f:
+        f.write("read,2,")  # a row a kill cut short (its step lost: it would read as step 0)
+    make(DeferredLossSync(every=1), CSVLogger(path)).fit(DATA, 3, batch_size=4, eval_data=VAL, checkpoint_dir=ckpt, resume=True)
+    assert comparable(path) == comparable(straight)
+    assert path.read_text(encoding="utf-8").endswith("\n")
+
+
+def test_tensorboard_steps_continue_across_a_mid_epoch_resume(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def scalars(log_dir, tag):
+        acc = EventAccumulator(str(log_dir))
+        acc.Reload()
+        return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+    make(DeferredLossSync(every=1), TensorBoardLogger(tmp_path / "straight")).fit(DATA, 3, batch_size=4)
+    log_dir, ckpt = tmp_path / "tb", tmp_path / "ckpt"
+    make(DeferredLossSync(every=1), TensorBoardLogger(log_dir), StopAt(6)).fit(DATA, 3, batch_size=4, checkpoint_dir=ckpt)
+    resumed = make(DeferredLossSync(every=1), TensorBoardLogger(log_dir))
+    resumed.fit(DATA, 3, batch_size=4, checkpoint_dir=ckpt, resume=True)
+    steps = [s for s, _ in scalars(log_dir, "train/loss")]
+    assert steps == list(range(1, 13))  # each step once, in order, across the stop
+    want = scalars(tmp_path / "straight", "train/loss")
+    assert [v for _, v in scalars(log_dir, "train/loss")] == pytest.approx([v for _, v in want])
+    assert [s for s, _ in scalars(log_dir, "epoch/loss")] == [4, 8, 12]

@@ -153,6 +153,62 @@ def test_check_true_runs_once_on_a_batch_with_padding_to_cut(monkeypatch):
     assert 1 <= len(calls) <= 3
 
 
+# ---------------------------------------------------------------------------- the proof runs without TF32
+def tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@pytest.fixture
+def tf32_on():
+    """TF32 on, as AllowTF32's run scope (or set_float32_matmul_precision('high')) leaves it; the flags as they were after."""
+    saved = tf32_flags()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class SeesTF32(TinySeq2Seq):
+    """Records the TF32 flags in force at every forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bool, bool]] = []
+
+    def forward(self, src, tgt_in):
+        self.seen.append(tf32_flags())
+        return super().forward(src, tgt_in)
+
+
+class PoolsAndSeesTF32(PoolsOverPadding):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bool, bool]] = []
+
+    def forward(self, src, tgt_in):
+        self.seen.append(tf32_flags())
+        return super().forward(src, tgt_in)
+
+
+def test_the_proof_runs_with_tf32_off_and_restores_it(tf32_on):
+    """Under TF32 the padded and trimmed forwards round differently: the proof compares them in fp32."""
+    torch.manual_seed(0)
+    model = SeesTF32()
+    verify_trim(model, padded_pairs(n=8))
+    assert model.seen == [(False, False)] * 2 and tf32_flags() == (True, True)
+    refused = PoolsAndSeesTF32()
+    with pytest.raises(ValueError, match="lets padding influence real positions"):
+        verify_trim(refused, padded_pairs(n=8))
+    assert refused.seen == [(False, False)] * 2 and tf32_flags() == (True, True)  # restored on the error too
+
+
+def test_the_trainers_proof_runs_without_tf32_and_training_with_it(tf32_on):
+    torch.manual_seed(0)
+    model = SeesTF32()
+    FastTrainer(model, strategies=[TrimPadding()], seed=0, progress=False).fit(padded_pairs(n=8), 1, batch_size=4)
+    assert model.seen[:2] == [(False, False)] * 2  # the proof, on the first batch
+    assert model.seen[2:] == [(True, True)] * 2  # the two training forwards: as the run set them
+
+
 # ---------------------------------------------------------------------------- parity with the untrimmed loop
 PARITY = {
     "plain": lambda: [TrimPadding(multiple_of=1)],

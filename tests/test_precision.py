@@ -241,6 +241,21 @@ def test_scaler_step_function_reports_skips_on_the_device():
     assert torch.allclose(p.detach(), torch.full((3,), 0.9))
 
 
+def test_scaler_step_tells_a_grown_scale_from_a_skip():
+    """A step that grows the scale (growth_interval reached) stepped; one that found inf/NaN backed off and skipped."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=1)
+    scaler.scale(p.sum()).backward()
+    skipped = scaler_step(scaler, opt)
+    assert not bool(skipped) and scaler.get_scale() == 8.0
+    opt.zero_grad()
+    scaler.scale(p.sum()).backward()
+    p.grad[0] = float("nan")
+    skipped = scaler_step(scaler, opt)
+    assert bool(skipped) and scaler.get_scale() == 4.0
+
+
 # ---------------------------------------------------------------------------- gradient hooks
 def nan_to_zero(grad: torch.Tensor) -> torch.Tensor:
     """The kind of hook that broke the run: it hides overflows from the scaler."""

@@ -122,3 +122,23 @@ def test_bad_schedulers_are_refused_with_the_fix():
         make(scheduler=0.5)
     with pytest.raises(TypeError, match="returned float"):
         make(scheduler=lambda opt: 0.5)
+
+
+def test_a_factory_building_on_another_optimizer_is_refused():
+    """It was accepted, and the trainer's lr never changed."""
+    other = torch.optim.SGD(TinySeq2Seq().parameters(), lr=0.1)
+    with pytest.raises(
+        ValueError, match=r"scheduler= returned a scheduler built on another optimizer.*lambda opt: torch.optim.lr_scheduler.StepLR\(opt, 100\)"
+    ):
+        make(scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(other, 2))
+
+
+@pytest.mark.parametrize("form", ["factory", "instance"])
+def test_reduce_lr_on_plateau_is_refused_when_the_trainer_is_built(form):
+    """It was accepted, then raised TypeError (step() missing 'metrics') after the first optimizer step."""
+    model = TinySeq2Seq()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+    kw = {"scheduler": lambda o: plateau(o)} if form == "factory" else {"optimizer": opt, "scheduler": plateau(opt)}
+    with pytest.raises(ValueError, match=r"scheduler=ReduceLROnPlateau is stepped with a metric.*warmup_cosine.*EarlyStopping"):
+        make(model, **kw)

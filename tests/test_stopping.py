@@ -168,3 +168,46 @@ def test_the_docstring_example_runs(tmp_path, monkeypatch, capsys):
     code = EarlyStopping.__doc__.split("Example::\n", 1)[1].split("\n    Args:", 1)[0]
     exec(compile(textwrap.dedent(code), "EarlyStopping example", "exec"), {})
     assert "StopReport(epoch=" in capsys.readouterr().out  # it stopped before the 50 epochs
+
+
+# ---------------------------------------------------------------------------- before the first step, and after the stop
+def weights(t):
+    return [p.detach().clone() for p in t.model.parameters()]
+
+
+@pytest.mark.parametrize("metric, match", [("eval_los", "did you mean 'eval_loss'"), ("eval_exact_match", "it has 'eval_loss'")])
+def test_a_metric_fit_will_not_have_is_refused_before_the_first_step(metric, match):
+    """A typo used to surface after epoch 1 had trained: a second fit then trained 3 epochs' steps for 2."""
+    stop = EarlyStopping(metric, patience=5)
+    t = make(stop)
+    before = weights(t)
+    with pytest.raises(ValueError, match=match):
+        t.fit(DATA, 2, batch_size=4, eval_data=VAL)
+    assert (t.epoch, t.global_step, len(t.history)) == (0, 0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+    stop.metric = "eval_loss"  # fixed
+    h = t.fit(DATA, 2, batch_size=4, eval_data=VAL)
+    assert (len(h), t.global_step) == (2, 4)
+
+
+def test_a_metric_another_strategy_adds_is_read_at_the_epoch_end():
+    stop = EarlyStopping("eval_bleu", patience=1)
+    t = make(Scripted([1.0, 2.0, 3.0], name="bleu"), stop)
+    assert len(t.fit(DATA, 3, batch_size=4, eval_data=VAL)) == 3  # bleu rises: best high, never stops
+
+
+def test_a_stopped_run_stays_stopped_when_resumed(tmp_path):
+    """Each resume=True after an early stop used to train one more epoch."""
+    values = [1.0, 0.9, 0.95, 0.99, 0.1, 0.1]  # patience 2: stops after epoch 4
+    first = EarlyStopping(patience=2)
+    make(Scripted(values), first).fit(DATA, 6, batch_size=4, eval_data=VAL, checkpoint_dir=tmp_path)
+    assert first.report().epoch == 4
+    again = EarlyStopping(patience=2)
+    t = make(Scripted(values), again)
+    with pytest.warns(UserWarning, match="stopped this run after epoch 4 .*fit trains nothing more"):
+        h = t.fit(DATA, 6, batch_size=4, eval_data=VAL, checkpoint_dir=tmp_path, resume=True)
+    assert (len(h), t.global_step) == (4, 8) and again.report() == StopReport(epoch=4, metric="eval_loss", best=0.9, best_epoch=2)
+    assert read_checkpoint(tmp_path / "last.pt")["epoch"] == 4
+    more = EarlyStopping(patience=5)  # a larger patience trains on
+    h = make(Scripted(values), more).fit(DATA, 6, batch_size=4, eval_data=VAL, checkpoint_dir=tmp_path, resume=True)
+    assert len(h) == 6 and more.report() is None

@@ -23,8 +23,9 @@ from hlbd_fast import (
     presets,
     verify_unpad,
 )
+from hlbd_fast.doctor import diagnose
 from hlbd_fast.models import Seq2SeqTransformer
-from hlbd_fast.packing import UnpadBatch, source_packing, target_packing
+from hlbd_fast.packing import UnpadBatch, packed_sizes, source_packing, target_packing
 
 
 def reference(dropout: float = 0.0, seed: int = 0) -> Seq2SeqTransformer:
@@ -113,6 +114,73 @@ def test_filler_rows_leave_the_real_rows_logits_as_they_were():
     assert rel_diff(rounded[: r.target.tokens], plain) < 1e-6
     assert u.targets(tgt, 0)[u.target.tokens :].eq(0).all()  # the fillers' targets are padding
     assert verify_unpad(model, (src, tgt), multiple_of=32).max_logit_diff < 1e-5
+
+
+def test_packing_from_sizes_known_on_the_host_is_the_packing_found_on_the_device():
+    src = torch.tensor([[5, 0, 6, 0], [0, 0, 0, 0], [8, 9, 4, 7]])  # an interior pad, a row of padding only
+    tgt = torch.tensor([[2, 4, 0, 5, 0], [2, 0, 0, 0, 0], [0, 0, 0, 0, 0], [2, 6, 7, 3, 0]][:3])
+    ns, nt = packed_sizes(src, tgt, 0)
+    assert ns.tolist() == [2, 1, 4] and nt.tolist() == [3, 0, 0]
+    for multiple in (1, 4):
+        found, known = UnpadBatch.of(src, tgt, 0, multiple), UnpadBatch.of(src, tgt, 0, multiple, sizes=(int(ns.sum()), int(nt.sum())))
+        for a, b in ((found.source, known.source), (found.target, known.target)):
+            assert torch.equal(a.index, b.index) and torch.equal(a.positions, b.positions) and (a.tokens, a.length) == (b.tokens, b.length)
+
+
+def host_syncs(strategies, data) -> list[tuple[str, float]]:
+    """What the doctor's sync counter sees in a step (on a CPU: the operations that would wait for a GPU)."""
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32, dropout=0.0, max_length=32)
+    d = diagnose(model, data, strategies=[*strategies, DeferredLossSync()], steps=2, batch_size=4, lr=1e-3)
+    per_op: dict[str, float] = {}
+    for s in d.sync_sources:  # by module and operator: summed by operator
+        per_op[s.op] = per_op.get(s.op, 0.0) + s.per_step
+    return sorted(per_op.items())
+
+
+@pytest.mark.parametrize("trim", [False, True], ids=["preload", "preload+trim"])
+def test_with_lengths_known_on_the_host_packing_makes_no_host_sync(trim):
+    """DevicePreload knows each micro-batch's sizes on the host (TrimPadding passes them on): no nonzero per step.
+    Without it the sizes are counted on the device and read back: two syncs per micro-batch (sources, targets)."""
+    data = padded()
+    trimming = [TrimPadding(multiple_of=1)] if trim else []
+    assert host_syncs([DevicePreload(), *trimming, GradientAccumulation(2), Unpad()], data) == []
+    assert host_syncs([*trimming, GradientAccumulation(2), Unpad()], data) == [("aten::nonzero", 4.0)]
+
+
+def test_packing_from_host_sizes_trains_exactly_as_packing_found_on_the_device():
+    """The same packings, so the same numbers: bit for bit against Unpad without preloading, 1e-6 against the padded loop."""
+    data = padded()
+    base = reference()
+    known, found, ref = clone(base), clone(base), clone(base)
+    kw = dict(seed=3, progress=False, batch_size=4, lr=1e-3)
+    h = FastTrainer(known, strategies=[DevicePreload(last_batch="pad"), TrimPadding(multiple_of=1), GradientAccumulation(2), Unpad()], **kw).fit(data, 2)
+    h_found = FastTrainer(found, strategies=[TrimPadding(multiple_of=1), GradientAccumulation(2), Unpad()], **kw).fit(data, 2)
+    h_ref = FastTrainer(ref, strategies=[GradientAccumulation(2)], **kw).fit(data, 2)
+    assert h.losses == h_found.losses and all(torch.equal(p, q) for p, q in zip(known.parameters(), found.parameters()))
+    assert h.losses == pytest.approx(h_ref.losses, rel=1e-6)
+    assert weight_diffs(known, ref, skip_key_biases=True) < 1e-4
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_packing_from_host_sizes_makes_no_sync_on_cuda():
+    """On the GPU itself: torch's sync debug mode raises at any sync while the batch is packed, used and unpacked."""
+    src, tgt = padded(n=16)
+    ns, nt = packed_sizes(src, tgt, 0)
+    src, tgt = src.cuda(), tgt.cuda()
+    x = torch.randn(*src.shape, 8, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        u = UnpadBatch.of(src, tgt, 0, 8, sizes=(int(ns.sum()), int(nt.sum())))
+        back = u.source.unpack(u.source.pack(x))
+        targets = u.targets(tgt, 0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    found = UnpadBatch.of(src, tgt, 0, 8)
+    assert torch.equal(u.source.index, found.source.index) and torch.equal(u.target.index, found.target.index)
+    assert torch.equal(targets, found.targets(tgt, 0)) and torch.equal(back, found.source.unpack(found.source.pack(x)))
 
 
 # ---------------------------------------------------------------------------- parity with the padded loop
@@ -241,6 +309,48 @@ class LeakyReference(Seq2SeqTransformer):
 
     def source_mask(self, src):
         return torch.ones_like(super().source_mask(src))
+
+
+def tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@pytest.fixture
+def tf32_on():
+    """TF32 on, as AllowTF32's run scope leaves it; the flags as they were after."""
+    saved = tf32_flags()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class SeesTF32(Seq2SeqTransformer):
+    """Records the TF32 flags in force at every forward, padded or packed."""
+
+    seen: list
+
+    def forward(self, src, tgt_in, unpad=None):
+        self.seen.append(tf32_flags())
+        return super().forward(src, tgt_in, unpad=unpad)
+
+
+class LeaksAndSeesTF32(SeesTF32, LeakyReference):
+    pass
+
+
+@pytest.mark.parametrize("leaks", [False, True], ids=["exact", "refused"])
+def test_the_proof_runs_with_tf32_off_and_restores_it(tf32_on, leaks):
+    torch.manual_seed(0)
+    kind = LeaksAndSeesTF32 if leaks else SeesTF32
+    model = kind(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32, dropout=0.0, max_length=32)
+    model.seen = []
+    if leaks:
+        with pytest.raises(ValueError, match="verify_unpad: running only the real tokens changed"):
+            verify_unpad(model, padded(n=8))
+    else:
+        verify_unpad(model, padded(n=8))
+    assert model.seen == [(False, False)] * 2  # the padded and the packed forward, in fp32
+    assert tf32_flags() == (True, True)  # restored, on the error too
 
 
 def test_a_model_without_the_protocol_is_refused_when_the_trainer_is_built():

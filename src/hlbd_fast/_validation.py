@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,10 @@ __all__ = [
     "check_strategy_list",
     "check_trainer_arguments",
     "check_pad_id",
+    "resolve_pad_id",
+    "default_device",
+    "check_forward_override",
+    "refuse_forward_loss_override",
     "check_positive_int",
     "check_number",
     "check_bool",
@@ -203,3 +208,55 @@ def check_pad_id(pad_id: Any, vocab_size: int | None) -> int:
     if vocab_size is not None and pad_id >= vocab_size:
         raise ValueError(f"pad_id={pad_id} is outside the model's vocabulary of {vocab_size} ids; use the tokenizer's pad_id")
     return int(pad_id)
+
+
+def resolve_pad_id(pad_id: Any, model: nn.Module, vocab_size: int | None) -> int:
+    """The trainer's pad id: ``pad_id`` when given, else the model's ``pad_id`` attribute (an int), else 0.
+
+    A ``pad_id`` other than the model's is refused: the loss would score the model's padding
+    as targets, and padding-free execution would treat real tokens as padding.
+    """
+    own = getattr(model, "pad_id", None)
+    own = own if isinstance(own, int) and not isinstance(own, bool) else None
+    if pad_id is None:
+        return check_pad_id(0 if own is None else own, vocab_size)
+    check_pad_id(pad_id, vocab_size)
+    if own is not None and pad_id != own:
+        raise ValueError(
+            f"pad_id={pad_id} but the model pads with {own} (model.pad_id): the loss would train the model's padding as a target. "
+            f"Leave pad_id out (it is read from the model), or build the model with pad_id={pad_id}"
+        )
+    return int(pad_id)
+
+
+def default_device(model: nn.Module, device: Any) -> torch.device:
+    """``device`` (refused when it is CUDA and CUDA is not available), else the model's, else the CPU."""
+    if device is None:
+        p = next(itertools.chain(model.parameters(), model.buffers()), None)
+        return p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but CUDA is not available here; use device='cpu'")
+    return device
+
+
+def check_forward_override(cls: Any, base: Any, forward: Any) -> None:
+    """A subclass that runs the model itself and a strategy that replaces the forward cannot both act."""
+    from .strategies.base import Forward, StrategyConflictError
+
+    if cls.forward_logits is not base.forward_logits and type(forward).logits is not Forward.logits:
+        raise StrategyConflictError(
+            f"{cls.__name__}.forward_logits runs the model itself, so {forward!r}, which replaces the model's "
+            "forward and the loss positions, would never run; drop the strategy, or return "
+            "super().forward_logits(model, batch) for the batches it can run"
+        )
+
+
+def refuse_forward_loss_override(cls: Any, base: Any) -> None:
+    """``forward_loss`` is built on ``forward_logits``; overriding it would leave evaluation on the other seam."""
+    if cls.forward_loss is not base.forward_loss:
+        raise TypeError(
+            f"{cls.__name__} overrides forward_loss; override forward_logits(self, model, batch) -> (logits, targets) "
+            "instead (and count_tokens for other batch formats): training, evaluate, fit(eval_data=...), the doctor "
+            "and tune all call it, and the token loss and accuracy follow from it"
+        )

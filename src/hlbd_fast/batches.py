@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -170,32 +171,84 @@ def blank_targets(batch: Any, pad_id: int) -> Any:
     return replace_pair(batch, src, tgt)
 
 
-class KnownLengths:
-    """The host-known longest ``(src, tgt)`` row of the batch in hand, so trimming it needs no sync.
-
-    Whoever makes a batch and already knows its lengths on the host (``DevicePreload``
-    from preload time, evaluation from its host tensors) :meth:`remember` s them; a
-    strategy that needs them (``TrimPadding``) asks :meth:`lookup`, which answers only for
-    the very tensors remembered (a batch changed since, or another batch, gets ``None``:
-    its lengths must be read from the device).
-    """
-
-    def __init__(self) -> None:
-        self._last: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
-
-    def remember(self, src: torch.Tensor, tgt: torch.Tensor, src_len: int, tgt_len: int) -> None:
-        """Record the longest rows of the batch ``(src, tgt)`` about to be used."""
-        self._last = (src, tgt, int(src_len), int(tgt_len))
-
-    def lookup(self, batch: Any) -> tuple[int, int] | None:
-        """``(src, tgt)`` lengths of ``batch`` when it holds the very tensors remembered last, else ``None``."""
-        last = self._last
-        if last is None or not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            return None
-        if batch[0] is last[0] and batch[1] is last[1]:
-            return last[2], last[3]
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter (``None`` for an inference tensor, which has none)."""
+    try:
+        return int(t._version)
+    except RuntimeError:
         return None
 
+
+@dataclass(frozen=True)
+class _Known:
+    src: "weakref.ref[torch.Tensor]"  # the batch's tensors, not kept alive from here
+    tgt: "weakref.ref[torch.Tensor]"
+    versions: tuple[int | None, int | None]  # their version counters when remembered: changed in place since, unknown
+    lengths: tuple[int, int]  # longest (src, tgt) row: last non-pad column + 1
+    packed: tuple[int, int] | None  # source and target positions an Unpad packing keeps (packing.packed_sizes), if known
+
+
+class KnownLengths:
+    """What the host knows of the batches in hand, so that trimming or packing them needs no sync.
+
+    Whoever makes a batch and already knows its lengths on the host (``DevicePreload``
+    from preload time, evaluation from its host tensors) :meth:`remember` s them: the longest
+    ``(src, tgt)`` row, and optionally the positions a padding-free packing keeps
+    (:func:`hlbd_fast.packing.packed_sizes` summed over the batch). A strategy that needs
+    them asks :meth:`lookup` (``TrimPadding``) or :meth:`packed` (``Unpad``), which answer only
+    for the very tensors remembered, unchanged in place since (another batch, or one changed,
+    gets ``None``: its lengths must be read from the device). A strategy that cuts only
+    all-padding columns passes them on with :meth:`carry`.
+
+    Every batch of an optimizer step is in hand at once (accumulation fetches them all
+    before the step), so several are remembered; the tensors themselves are not kept alive
+    from here (weak references).
+    """
+
+    _LIMIT = 1024  # remembered batches at most (the oldest are forgotten first)
+
+    def __init__(self) -> None:
+        self._known: dict[int, _Known] = {}  # by id of the source tensor
+
+    def remember(self, src: torch.Tensor, tgt: torch.Tensor, src_len: int, tgt_len: int, packed: tuple[int, int] | None = None) -> None:
+        """Record the longest rows of the batch ``(src, tgt)`` about to be used (and what a packing of it keeps)."""
+        self._prune()
+        packed = None if packed is None else (int(packed[0]), int(packed[1]))
+        self._known[id(src)] = _Known(weakref.ref(src), weakref.ref(tgt), (_version(src), _version(tgt)), (int(src_len), int(tgt_len)), packed)
+
+    def lookup(self, batch: Any) -> tuple[int, int] | None:
+        """``(src, tgt)`` lengths of ``batch`` when it holds tensors remembered (unchanged since), else ``None``."""
+        known = self._find(batch)
+        return None if known is None else known.lengths
+
+    def packed(self, batch: Any) -> tuple[int, int] | None:
+        """The source and target positions a packing of ``batch`` keeps, when remembered with them, else ``None``."""
+        known = self._find(batch)
+        return None if known is None else known.packed
+
+    def carry(self, batch: Any, src: torch.Tensor, tgt: torch.Tensor) -> None:
+        """``(src, tgt)`` is ``batch`` with only all-padding columns cut: it has the same lengths (if ``batch``'s are known)."""
+        known = self._find(batch)
+        if known is not None:
+            self.remember(src, tgt, *known.lengths, packed=known.packed)
+
     def forget(self) -> None:
-        """Drop the remembered batch (its tensors are no longer referenced from here)."""
-        self._last = None
+        """Drop every remembered batch."""
+        self._known.clear()
+
+    def _find(self, batch: Any) -> _Known | None:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            return None
+        src, tgt = batch[0], batch[1]
+        known = self._known.get(id(src))
+        if known is None or known.src() is not src or known.tgt() is not tgt:
+            return None
+        if known.versions != (_version(src), _version(tgt)):
+            return None  # changed in place since: the host's lengths may be wrong
+        return known
+
+    def _prune(self) -> None:
+        for key in [k for k, known in self._known.items() if known.src() is None or known.tgt() is None]:
+            del self._known[key]
+        while len(self._known) >= self._LIMIT:
+            del self._known[next(iter(self._known))]

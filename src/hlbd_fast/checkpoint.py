@@ -400,13 +400,18 @@ def _check_scheduler(trainer: "FastTrainer", state: dict[str, Any], where: str) 
         warnings.warn(f"{where} holds no scheduler state: this trainer's schedule starts at its step 0 from here", stacklevel=4)
 
 
+#: Optimizer group keys that say how the step runs, not what it computes: a resume keeps the trainer's own.
+_HOW_IT_RUNS = ("params", "capturable", "fused", "foreach")
+
+
 def _restored_hyperparameters(trainer: "FastTrainer", state: dict[str, Any]) -> list[str]:
     """The optimizer settings the checkpoint brings back that differ from this trainer's."""
     changed = []
     for i, (saved, mine) in enumerate(zip(state["optimizer"].get("param_groups", []), trainer.optimizer.param_groups)):
         scheduled = "initial_lr" in saved and "initial_lr" in mine  # a schedule moves lr: its base is initial_lr
         for k, v in saved.items():
-            if k == "params" or k not in mine or isinstance(v, torch.Tensor) or isinstance(mine[k], torch.Tensor):
+            # capturable/fused/foreach: how the step runs (graph capture sets capturable), not what it computes
+            if k in _HOW_IT_RUNS or k not in mine or isinstance(v, torch.Tensor) or isinstance(mine[k], torch.Tensor):
                 continue
             if k == "lr" and scheduled:
                 continue
@@ -449,7 +454,10 @@ def apply_trainer_state(trainer: "FastTrainer", state: dict[str, Any], path: Pat
 def _apply(trainer: "FastTrainer", state: dict[str, Any], pairs: list[tuple[Any, dict[str, Any]]], touched: list[Any]) -> None:
     """Apply ``state``; ``touched`` collects the strategies whose state was (being) loaded."""
     trainer.model.load_state_dict(state["model"])
+    own = [{k: g[k] for k in _HOW_IT_RUNS[1:] if k in g} for g in trainer.optimizer.param_groups]
     trainer.optimizer.load_state_dict(state["optimizer"])
+    for group, keep in zip(trainer.optimizer.param_groups, own):
+        group.update(keep)  # a graph run's capturable=True must not follow the checkpoint into an eager trainer
     if trainer.scheduler is not None and state.get("scheduler") is not None:
         trainer.scheduler.load_state_dict(state["scheduler"])
     for strategy, st in pairs:

@@ -14,6 +14,12 @@ are compiled per shape (oneDNN's bf16 matrix products on CPUs) stay cached.
 This is the protocol of :class:`~hlbd_fast.strategies.Unpad`: a model opts in by
 accepting ``unpad=UnpadBatch(...)`` in its ``forward`` and returning logits for the
 packed target positions only (see :class:`~hlbd_fast.models.Seq2SeqTransformer`).
+
+Host syncs: a packing's row count is the number of real positions. Found on the device
+(``nonzero``), it is read back: one sync per packing on a GPU. Given it from the host
+(``tokens=``, ``sizes=``; :func:`packed_sizes` computes them per row, as
+:class:`~hlbd_fast.strategies.DevicePreload` does once for its data), the packing is built
+on the device without reading anything back.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 
 from ._validation import check_positive_int
 
-__all__ = ["Packing", "UnpadBatch", "mask_packing", "source_packing", "target_packing"]
+__all__ = ["Packing", "UnpadBatch", "mask_packing", "packed_sizes", "source_packing", "target_packing"]
 
 
 @dataclass(frozen=True)
@@ -74,9 +80,25 @@ def mask_packing(keep: torch.Tensor, multiple_of: int = 1) -> Packing:
     return _packing(keep, multiple_of)
 
 
-def _packing(keep: torch.Tensor, multiple_of: int) -> Packing:
+def _true_positions(keep: torch.Tensor, n: int) -> torch.Tensor:
+    """The flat positions of the ``n`` True entries of ``keep``, in order, with nothing read back.
+
+    Each True entry's running count is its slot in the result; the False entries all go to a
+    spare slot ``n``, which is cut off. ``n`` must be the true count, known on the host.
+    """
+    flat = keep.reshape(-1)
+    slot = torch.where(flat, flat.cumsum(0) - 1, n)
+    out = torch.zeros(n + 1, dtype=torch.long, device=keep.device)
+    out.scatter_(0, slot, torch.arange(flat.shape[0], device=keep.device))
+    return out[:n]
+
+
+def _packing(keep: torch.Tensor, multiple_of: int, tokens: int | None = None) -> Packing:
     rows, width = keep.shape
-    index = keep.reshape(-1).nonzero().squeeze(1)  # data-dependent size: a host sync on a GPU
+    if tokens is None:
+        index = keep.reshape(-1).nonzero().squeeze(1)  # data-dependent size: a host sync on a GPU
+    else:
+        index = _true_positions(keep, tokens)  # the size known on the host: no sync
     n = int(index.shape[0])
     fillers = -n % multiple_of if n else 0
     if fillers:
@@ -84,30 +106,50 @@ def _packing(keep: torch.Tensor, multiple_of: int) -> Packing:
     return Packing(rows, width, index, index % width, keep[:, None, None, :], n)
 
 
-def source_packing(src: torch.Tensor, pad_id: int, multiple_of: int = 1) -> Packing:
+def _scored_lengths(tgt_out: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Per row of ``tgt_out``: its last non-pad position plus one (0 for a row of padding only)."""
+    pos = torch.arange(1, tgt_out.shape[1] + 1, device=tgt_out.device)
+    return (tgt_out.ne(pad_id) * pos).amax(dim=1)
+
+
+def source_packing(src: torch.Tensor, pad_id: int, multiple_of: int = 1, tokens: int | None = None) -> Packing:
     """The non-pad source tokens; a row that is all padding keeps its first position.
 
     That is what a model that masks source padding attends to: its real keys (and, for an
     all-padding row, position 0, so attention stays defined). ``multiple_of`` rounds the
-    packed rows up with filler rows.
+    packed rows up with filler rows. ``tokens``: how many positions that keeps, when known
+    on the host (see :func:`packed_sizes`): then nothing is read back.
     """
     check_positive_int("multiple_of", multiple_of, "source_packing")
     keep = src.ne(pad_id)
     keep[:, 0] |= ~keep.any(dim=1)
-    return _packing(keep, multiple_of)
+    return _packing(keep, multiple_of, tokens)
 
 
-def target_packing(tgt_out: torch.Tensor, pad_id: int, multiple_of: int = 1) -> Packing:
+def target_packing(tgt_out: torch.Tensor, pad_id: int, multiple_of: int = 1, tokens: int | None = None) -> Packing:
     """The decoder positions whose output is scored: up to each row's last non-pad target.
 
     With right padding and causal self-attention these positions see only each other, so
     running the decoder on them alone gives their logits exactly (up to float rounding).
-    ``multiple_of`` rounds the packed rows up with filler rows.
+    ``multiple_of`` rounds the packed rows up with filler rows. ``tokens``: how many
+    positions that keeps, when known on the host (see :func:`packed_sizes`).
     """
     check_positive_int("multiple_of", multiple_of, "target_packing")
-    pos = torch.arange(1, tgt_out.shape[1] + 1, device=tgt_out.device)
-    length = (tgt_out.ne(pad_id) * pos).amax(dim=1, keepdim=True)
-    return _packing(torch.arange(tgt_out.shape[1], device=tgt_out.device) < length, multiple_of)
+    length = _scored_lengths(tgt_out, pad_id)[:, None]
+    return _packing(torch.arange(tgt_out.shape[1], device=tgt_out.device) < length, multiple_of, tokens)
+
+
+def packed_sizes(src: torch.Tensor, tgt: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a ``(src, tgt)`` batch: the source positions and the decoder positions :meth:`UnpadBatch.of` packs.
+
+    A source row keeps its non-pad tokens (a row of padding only, its first position); a
+    target row is scored up to its last non-pad target (``tgt[:, 1:]``). Summed over the rows
+    of a micro-batch they are the ``sizes`` that let :meth:`UnpadBatch.of` pack it without
+    reading anything back. Cutting all-padding columns changes neither. Computed where the
+    tensors are: compute them on the host (:class:`~hlbd_fast.strategies.DevicePreload` does,
+    once for its data).
+    """
+    return src.ne(pad_id).sum(dim=1).clamp(min=1), _scored_lengths(tgt[:, 1:], pad_id)
 
 
 @dataclass(frozen=True)
@@ -118,9 +160,15 @@ class UnpadBatch:
     target: Packing  # of ``tgt_in`` (the decoder inputs whose outputs are scored)
 
     @classmethod
-    def of(cls, src: torch.Tensor, tgt: torch.Tensor, pad_id: int, multiple_of: int = 1) -> "UnpadBatch":
-        """The packings of a ``(src, tgt)`` batch (``tgt`` = ``BOS ... EOS PAD...``), rows rounded up to ``multiple_of``."""
-        return cls(source_packing(src, pad_id, multiple_of), target_packing(tgt[:, 1:], pad_id, multiple_of))
+    def of(cls, src: torch.Tensor, tgt: torch.Tensor, pad_id: int, multiple_of: int = 1, sizes: tuple[int, int] | None = None) -> "UnpadBatch":
+        """The packings of a ``(src, tgt)`` batch (``tgt`` = ``BOS ... EOS PAD...``), rows rounded up to ``multiple_of``.
+
+        ``sizes``: the source and target positions packed (the sums of :func:`packed_sizes` over
+        the batch's rows), when known on the host: the packings are then built without a host
+        sync. ``None``: they are counted on the device and read back (two syncs on a GPU).
+        """
+        ns, nt = (None, None) if sizes is None else sizes
+        return cls(source_packing(src, pad_id, multiple_of, ns), target_packing(tgt[:, 1:], pad_id, multiple_of, nt))
 
     def targets(self, tgt: torch.Tensor, pad_id: int) -> torch.Tensor:
         """The packed targets ``[length]`` of ``tgt`` (``tgt[:, 1:]``, filler rows set to ``pad_id``)."""

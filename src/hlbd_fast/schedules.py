@@ -7,7 +7,9 @@ into checkpoints and is resumed exactly.
 
 ``FastTrainer(scheduler=...)`` takes a callable ``optimizer -> LRScheduler`` (such as
 :func:`warmup_cosine`'s result, or ``lambda opt: torch.optim.lr_scheduler.StepLR(opt, 100)``),
-or a scheduler already built on the optimizer given as ``optimizer=``.
+or a scheduler already built on the optimizer given as ``optimizer=``. Either way the
+scheduler must act on the trainer's optimizer, and ``ReduceLROnPlateau`` (stepped with a
+metric, not with the step count) is refused when the trainer is built.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 from typing import Any, Callable
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 
 from ._validation import check_number, check_positive_int
 
@@ -65,19 +67,32 @@ def resolve_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> LRSch
     """The trainer's scheduler from what ``FastTrainer(scheduler=...)`` got; refused with the fix otherwise."""
     if scheduler is None:
         return None
-    if isinstance(scheduler, LRScheduler):
-        if scheduler.optimizer is not optimizer:
-            raise ValueError(
-                "scheduler= is built on another optimizer than the trainer's; pass the same optimizer as optimizer=, "
-                "or pass a callable such as lambda opt: torch.optim.lr_scheduler.StepLR(opt, 100) (or warmup_cosine(...))"
-            )
+    if isinstance(scheduler, (LRScheduler, ReduceLROnPlateau)):
+        _check_built(scheduler, optimizer, "is built")
         return scheduler
     if callable(scheduler):
         built = scheduler(optimizer)
-        if not isinstance(built, LRScheduler):
+        if not isinstance(built, (LRScheduler, ReduceLROnPlateau)):
             raise TypeError(f"scheduler= returned {type(built).__name__}; it must return a torch.optim.lr_scheduler.LRScheduler")
+        _check_built(built, optimizer, "returned a scheduler built")
         return built
     raise TypeError(
         f"scheduler={scheduler!r} must be a callable optimizer -> LRScheduler (e.g. hlbd_fast.schedules.warmup_cosine(...)) "
         "or an LRScheduler built on the optimizer passed as optimizer="
     )
+
+
+def _check_built(scheduler: Any, optimizer: torch.optim.Optimizer, how: str) -> None:
+    """Refuse a metric-stepped scheduler, and one acting on another optimizer than the trainer's."""
+    if isinstance(scheduler, ReduceLROnPlateau):
+        raise ValueError(
+            "scheduler=ReduceLROnPlateau is stepped with a metric, but FastTrainer steps its scheduler once per optimizer "
+            "step with none; use a schedule of the step count (hlbd_fast.schedules.warmup_cosine(...), StepLR, CosineAnnealingLR), "
+            "and EarlyStopping('eval_loss') to stop when the evaluation stops improving"
+        )
+    if scheduler.optimizer is not optimizer:
+        raise ValueError(
+            f"scheduler= {how} on another optimizer than the trainer's, so the trainer's lr would never change; "
+            "build it on the optimizer it is given: pass a callable such as lambda opt: torch.optim.lr_scheduler.StepLR(opt, 100) "
+            "(or warmup_cosine(...)), or a scheduler built on the same optimizer you pass as optimizer="
+        )

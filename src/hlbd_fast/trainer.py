@@ -10,7 +10,6 @@ is one optimizer step. Each part a strategy may replace is a call on a role obje
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import time
@@ -21,35 +20,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._io import check_checkpoint_files, check_writable_dir, ctrl_c_requests_stop
-from ._validation import (
-    check_bool,
-    check_pad_id,
-    check_positive_int,
-    check_strategy_list,
-    check_trainer_arguments,
-    infer_vocab_size,
-    token_loss_sum,
-    token_pair,
-)
+from . import assembly, fitting
+from ._io import ctrl_c_requests_stop
+from ._validation import check_bool, check_strategy_list, check_trainer_arguments, default_device, refuse_forward_loss_override, token_loss_sum, token_pair
 from .batches import DataSource, KnownLengths, check_batch, chunks, epoch_order, host_batches, make_source, move, validate_tensors
-from .checkpoint import (
-    CHECKPOINT_NAME,
-    apply_trainer_state,
-    check_resume,
-    mid_epoch_state,
-    read_checkpoint,
-    rng_state,
-    set_rng_state,
-    trainer_state,
-    write_trainer_checkpoint,
-)
-from .evaluation import BEST_NAME, EvalPlan, evaluate
+from .checkpoint import CHECKPOINT_NAME, rng_state, trainer_state
+from .evaluation import EvalPlan, evaluate
 from .history import EpochRecord, History
 from .meter import EpochMeter, Figures, raise_if_diverged
-from .schedules import resolve_scheduler
-from .strategies.base import ROLES, Forward, Roles, Strategy, StrategyConflictError, claim, release, resolve_roles
-from .strategies.needs import Context, check_strategies
+from .strategies.base import Roles, Strategy, claim
 
 __all__ = ["FastTrainer", "DataSource", "EpochMeter", "CHECKPOINT_NAME"]
 
@@ -74,31 +53,35 @@ class FastTrainer:
         strategies: speed-ups, e.g. ``[GradientAccumulation(8), DeferredLossSync()]``.
         optimizer: used as given; default ``torch.optim.Adam(params, lr=lr)``.
         lr: learning rate of the default optimizer (a finite number > 0).
-        pad_id: target id ignored by the loss.
+        pad_id: target id ignored by the loss; default the model's ``pad_id`` when it has
+            one (a different one given here is refused), else 0.
         max_grad_norm: gradients are clipped to this norm before every step; ``None``
             off. Either way a step whose gradients are not finite stops the run.
-        loss_normalization: ``"tokens"`` divides a step's summed token loss by the
-            non-pad token count of the whole step, so micro-batch size and accumulation
-            are pure speed knobs; ``"micro_batch"`` reproduces the classic loop: the mean
-            per micro-batch, divided by the accumulation steps.
+        loss_normalization: ``"tokens"`` divides a step's summed token loss by the non-pad
+            token count of the whole step (micro-batch size and accumulation are pure speed
+            knobs); ``"micro_batch"`` is the classic loop: each micro-batch's mean / accumulation.
         device: where to train; default the model's device.
         seed: seeds the shuffling order, and torch's global RNG (dropout) once here.
         progress: show a tqdm bar per epoch.
         batch_size: default micro-batch size of :meth:`fit` and :meth:`train_epoch`.
-        scheduler: a learning-rate schedule stepped once per optimizer step: a callable
-            ``optimizer -> LRScheduler`` (e.g. :func:`hlbd_fast.schedules.warmup_cosine`) or
-            a scheduler built on the ``optimizer`` given (see :mod:`hlbd_fast.schedules`).
+        scheduler: stepped once per optimizer step: a callable ``optimizer -> LRScheduler``
+            (:func:`hlbd_fast.schedules.warmup_cosine`) or a scheduler built on ``optimizer``
+            (:mod:`hlbd_fast.schedules`; ``ReduceLROnPlateau``, stepped with a metric, is refused).
 
-    Use it as a context manager (``with FastTrainer(...) as trainer:``), or call
-    :meth:`close`, to stop worker processes and free captured graphs when done. A strategy
-    instance serves one trainer at a time.
-
-    Attributes:
-        roles: the one object per role (:class:`~hlbd_fast.strategies.base.Roles`).
-        known_lengths: the host-known lengths of the batch in hand (:class:`~hlbd_fast.batches.KnownLengths`).
-        history: the :class:`~hlbd_fast.history.History` of every epoch so far.
-        loss_reads / loss_read_seconds: host syncs spent reading the running loss, and their time.
+    Use it as a context manager (``with FastTrainer(...) as trainer:``), or call :meth:`close`,
+    when done. A strategy instance serves one trainer at a time.
     """
+
+    roles: Roles  # one object per role
+    device: torch.device  # where the model trains
+    seed: int  # of the sample order (and of torch's RNG, when given)
+    vocab_size: int | None  # the model's vocabulary (model.vocab_size or its largest embedding)
+    pad_id: int  # the target id the loss ignores
+    train_model: nn.Module  # what the loop calls: the model wrapped by the strategies
+    params: list[nn.Parameter]  # the trainable parameters
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # an LRScheduler stepped once per optimizer step, or None
+    meter: EpochMeter  # the epoch's running figures on the device
 
     def __init__(
         self,
@@ -107,7 +90,7 @@ class FastTrainer:
         strategies: Sequence[Strategy] | None = (),
         optimizer: torch.optim.Optimizer | None = None,
         lr: float = 5e-5,
-        pad_id: int = 0,
+        pad_id: int | None = None,
         max_grad_norm: float | None = 1.0,
         loss_normalization: str = "tokens",
         device: str | torch.device | None = None,
@@ -118,20 +101,20 @@ class FastTrainer:
     ) -> None:
         self.strategies: tuple[Strategy, ...] = check_strategy_list(strategies)
         check_trainer_arguments(model, lr, max_grad_norm, loss_normalization, progress, batch_size, seed)
-        _refuse_forward_loss_override(type(self))
+        refuse_forward_loss_override(type(self), FastTrainer)
         self.model = model
         self.lr = float(lr)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.loss_normalization = loss_normalization
         self.progress = progress
         self.batch_size = batch_size
-        self.history = History()
+        self.history = History()  # every epoch's record so far
         self.epoch = 0  # completed epochs
         self.global_step = 0  # optimizer steps taken
         self.checkpoint_path: Path | None = None  # where fit's checkpoints go, when set
         self.loss_reads = 0  # host syncs spent reading the running figures back (all epochs)
         self.loss_read_seconds = 0.0  # wall seconds those reads took
-        self.known_lengths = KnownLengths()  # host-known lengths of the batch in hand (no sync to trim it)
+        self.known_lengths = KnownLengths()  # host-known lengths of the batch in hand (trimming it needs no sync)
         self._stop_requested = False
         self._closed = False
         self._resume: dict[str, Any] | None = None  # set by load() when resuming mid-epoch
@@ -142,40 +125,10 @@ class FastTrainer:
         for s in self.strategies:
             claim(s, self)  # one trainer per strategy instance
         try:
-            self._build(model, optimizer, device, seed, pad_id, scheduler)
+            assembly.build(self, model, optimizer, device, seed, pad_id, scheduler)
         except BaseException:
             self.close()  # a trainer that failed to build owns nothing
             raise
-
-    def _build(self, model: nn.Module, optimizer: Any, device: Any, seed: int | None, pad_id: int, scheduler: Any) -> None:
-        """Roles, device, the declarations' check, set-up, wrapping, optimizer and schedule."""
-        self.roles, problems = resolve_roles(self.strategies, optimizer)
-        _check_forward_override(type(self), self.roles)
-        self.device = self.roles.distribution.resolve_device(_default_device(model, device))
-        model.to(self.device)
-        problems += check_strategies(self._setup_order(), Context(model, self.device))
-        if problems:
-            raise StrategyConflictError("these strategies cannot train together:\n- " + "\n- ".join(problems))
-        self.seed = _seed(seed)
-        self.vocab_size = infer_vocab_size(model)
-        self.pad_id = check_pad_id(pad_id, self.vocab_size)
-        for s in self._setup_order():
-            s.setup(self)
-        wrapped = model
-        for s in sorted(self.strategies, key=lambda s: s.order):
-            wrapped = s.wrap_model(self, wrapped)
-        self.train_model: nn.Module = wrapped  # what the loop calls; ``self.model`` holds the weights
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
-            raise ValueError("model has no trainable parameters (all requires_grad=False)")
-        self.optimizer = self.roles.optimizer.build_optimizer(self, self.params)
-        self.scheduler = resolve_scheduler(scheduler, self.optimizer)
-        self.meter = EpochMeter(self.device)
-
-    def _setup_order(self) -> list[Strategy]:
-        """Roles first, in role order (the distribution decides the device others see); then the rest as given."""
-        by_role = [getattr(self.roles, name) for name in ROLES]
-        return by_role + [s for s in self.strategies if s.role is None]
 
     @property
     def steps_in_epoch(self) -> int:
@@ -206,7 +159,7 @@ class FastTrainer:
         """
         from .presets import resolve_preset
 
-        preset = resolve_preset(preset, _default_device(model, kwargs.get("device")), model)
+        preset = resolve_preset(preset, default_device(model, kwargs.get("device")), model)
         return cls(model, **preset.trainer_kwargs(**kwargs))
 
     # ------------------------------------------------------------------ lifecycle
@@ -216,17 +169,9 @@ class FastTrainer:
         Idempotent. ``with FastTrainer(...) as trainer:`` calls it on every exit path. A
         closed trainer refuses to train or evaluate; its strategies may serve a new one.
         """
-        if self._closed:
-            return
-        self._closed = True
-        roles = getattr(self, "roles", None)
-        owned = list(self.strategies) + [s for s in (roles or ()) if all(s is not t for t in self.strategies)]
-        try:
-            for s in owned:
-                s.close()
-        finally:
-            for s in self.strategies:
-                release(s, self)
+        if not self._closed:
+            self._closed = True
+            assembly.close(self)
 
     def __enter__(self) -> "FastTrainer":
         return self
@@ -240,28 +185,18 @@ class FastTrainer:
 
     def reports(self) -> dict[str, Any]:
         """Every strategy's :meth:`~hlbd_fast.strategies.Strategy.report` that has one, by class name."""
-        out: dict[str, Any] = {}
-        for s in self._setup_order():
-            report = s.report()
-            if report is not None:
-                name = type(s).__name__
-                out[name if name not in out else f"{name}#{sum(k.split('#')[0] == name for k in out) + 1}"] = report
-        return out
+        return assembly.reports(self)
 
     # ------------------------------------------------------------------ the forward
     def forward_logits(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits of one batch at the positions the loss scores, and their targets.
 
-        The one seam for the forward: training (with ``model`` the wrapped training model),
-        :meth:`evaluate` and ``fit(eval_data=...)`` (with the plain model, in eval mode), the
-        doctor and ``tune`` all call it; the token loss, the token count and the accuracy
-        follow from ``(logits [..., V], targets [...])`` and ``pad_id``. Default: the
-        ``forward`` role, ``model(src, tgt[:, :-1])`` against ``tgt[:, 1:]``.
-
-        Override it for other model signatures or batch formats (a dict batch), and
-        override :meth:`count_tokens` too (the step divides its loss by the count before
-        running the forwards); check such batches in :meth:`to_device` with
-        :meth:`validate_tensors`.
+        The one seam for the forward: training (``model`` the wrapped training model),
+        :meth:`evaluate`, ``fit(eval_data=...)``, the doctor and ``tune`` call it; the loss,
+        token count and accuracy follow from ``(logits [..., V], targets [...])`` and
+        ``pad_id``. Default: the ``forward`` role, ``model(src, tgt[:, :-1])`` against
+        ``tgt[:, 1:]``. Override it for other signatures or batch formats (a dict batch),
+        with :meth:`count_tokens`; check such batches in :meth:`to_device`.
         """
         return self.roles.forward.logits(self, model, batch)
 
@@ -375,7 +310,7 @@ class FastTrainer:
             resume: load ``checkpoint_dir/last.pt`` first, when it exists.
             eval_data: evaluated (:meth:`evaluate`) every ``eval_every`` epochs and after
                 the last; the metrics go into ``EpochRecord.eval``. Training is unchanged
-                by it, bit for bit.
+                by it, bit for bit. Checked (its first batch) before the first step.
             eval_every: epochs between evaluations.
             keep_best: an evaluation metric (``"eval_loss"``, ``"eval_token_accuracy"``)
                 whose best value so far writes ``best.pt`` beside ``last.pt`` (a loss is
@@ -390,39 +325,36 @@ class FastTrainer:
             KeyboardInterrupt: after writing a checkpoint, when one is configured.
         """
         self._check_open("fit")
-        check_positive_int("epochs", epochs)
-        check_positive_int("checkpoint_every", checkpoint_every)
-        check_bool("resume", resume)
-        source = self.make_source(data, batch_size, shuffle)
-        plan = EvalPlan.make(self, eval_data, eval_every, keep_best, checkpoint_dir, epochs)
-        self._open_checkpoints(checkpoint_dir, resume)
-        self._check_resume_matches(source)
+        source, plan = fitting.begin(
+            self, data, epochs, batch_size, shuffle, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+            resume=resume, eval_data=eval_data, eval_every=eval_every, keep_best=keep_best,
+        )  # fmt: skip
         self._stop_requested = False
         self._eval_plan = plan
         try:
             with ctrl_c_requests_stop(self), self._scopes("run"):
                 while self.epoch < epochs and not self._stop_requested:
                     record = self._run_epoch(source, epochs)
-                    if record is None or self.checkpoint_path is None:
-                        continue
-                    plan.keep_if_best(self, record)  # first: last.pt then carries the new best record
-                    if self.epoch % checkpoint_every == 0 or self.epoch == epochs or self._stop_requested:
-                        self.save(self.checkpoint_path)
+                    if record is not None:
+                        fitting.after_epoch(self, plan, record, epochs, checkpoint_every, self._stop_requested)
         finally:
             self._eval_plan = None
         return self.history
 
-    def evaluate(self, data: Any, batch_size: int | None = None, generate: bool = False) -> dict[str, float]:
+    def evaluate(
+        self, data: Any, batch_size: int | None = None, generate: bool = False, *, bos_id: int | None = None, eos_id: int | None = None
+    ) -> dict[str, float]:
         """Loss and token accuracy (and, with ``generate=True``, exact match) of the model on ``data``.
 
         In eval mode, without gradients, under the trainer's precision, with the averaged
         weights when :class:`~hlbd_fast.strategies.EMA` is on; the model's mode, weights and
-        every RNG are left as they were. One host sync (more with ``generate=True``). See
-        :func:`hlbd_fast.evaluation.evaluate`.
+        every RNG are left as they were. One host sync (more with ``generate=True``, which
+        decodes from ``bos_id`` to ``eos_id``: by default the ids the targets start and end
+        with). See :func:`hlbd_fast.evaluation.evaluate`.
         """
         self._check_open("evaluate")
         check_bool("generate", generate)
-        return evaluate(self, data, batch_size, generate)
+        return evaluate(self, data, batch_size, generate, bos_id=bos_id, eos_id=eos_id)
 
     def train_epoch(self, data: Any, batch_size: int | None = None, shuffle: bool = True) -> float:
         """Train one epoch and return its mean loss: the drop-in for a hand-written ``train_epoch``.
@@ -456,11 +388,11 @@ class FastTrainer:
             stopped_early = self._run_steps(source, epoch, total_epochs, resume)
             if self._epoch_state["micro"] == 0:
                 raise ValueError("data yielded no batches this epoch; check the DataLoader or the data")
-            figures = self.read_figures()  # the epoch's one sync
+            figures = self.read_figures()  # the epoch's one sync; never a checkpoint after a non-finite loss or gradient
         seconds = time.perf_counter() - t0
         if stopped_early:
             if self.checkpoint_path is not None:
-                self._write(self.checkpoint_path, mid_epoch=True)
+                fitting.write_mid_epoch(self, self.checkpoint_path, self._epoch_state)
             return None
         return self._finish_epoch(epoch, figures, seconds)
 
@@ -497,24 +429,18 @@ class FastTrainer:
         return False
 
     def _start_epoch(self, batches: Iterator[Any], resume: dict[str, Any] | None) -> int:
-        """Reset the figures, or restore them and fast-forward the batches of a mid-epoch resume."""
+        """Reset the figures; or, resuming mid-epoch, restore them and skip the batches already trained."""
         if resume is None:
             self.meter.reset()
             self._epoch_state = {"start_rng": rng_state(), "micro": 0, "steps": 0}
-            return 0
-        skip = int(resume["micro_batch_in_epoch"])
-        set_rng_state(resume["epoch_start_rng"])  # same batch order, same RNG stream as the interrupted run
-        for _ in itertools.islice(batches, skip):
-            pass  # re-fetching draws what the interrupted run drew
-        set_rng_state(resume["rng"])
-        self.meter.load_state_dict(resume["meter"])
-        self._epoch_state = {"start_rng": resume["epoch_start_rng"], "micro": skip, "steps": int(resume.get("steps_in_epoch", 0))}
-        return skip
+        else:
+            self._epoch_state = fitting.resume_epoch(self, batches, resume)
+        return int(self._epoch_state["micro"])
 
     def _finish_epoch(self, epoch: int, figures: Figures, seconds: float) -> EpochRecord:
         state = self._epoch_state
         record = EpochRecord.from_figures(epoch + 1, figures, seconds, steps=state["steps"], micro_batches=state["micro"])
-        record.lr = _current_lr(self.optimizer)
+        record.lr = float(self.optimizer.param_groups[0].get("lr", float("nan")))  # a tensor lr (CUDA graphs): one read
         if self._eval_plan is not None:
             record.eval = self._eval_plan.run(self, epoch + 1)  # before the hooks: loggers and early stopping read it
         if record.empty_micro_batches:
@@ -548,78 +474,30 @@ class FastTrainer:
         if self.roles.readback.should_read(self, event):
             self.read_figures()
 
-    # ------------------------------------------------------------------ stopping
     def request_stop(self) -> None:
         """Stop ``fit`` after the current optimizer step (a checkpoint is written if configured)."""
         self._stop_requested = True
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (hlbd_fast.fitting, hlbd_fast.checkpoint)
     def state_dict(self) -> dict[str, Any]:
         """The whole training state: model, optimizer, strategies, counters, RNG states, history."""
         return trainer_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (or a checkpoint's state): checked whole before anything is applied.
+        """Restore :meth:`state_dict` (or a checkpoint's state), checked whole first.
 
         Raises:
-            CheckpointError: it does not fit this trainer (model shapes, optimizer class,
-                accumulation, loss normalisation, stateful strategies); nothing was changed.
+            CheckpointError: it does not fit this trainer (the difference named); nothing was changed.
         """
-        self._apply(state, None)
+        fitting.apply(self, state, None)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a checkpoint atomically (with a checksum); never one holding non-finite weights."""
-        self._write(Path(path), mid_epoch=False)
+        fitting.save(self, Path(path))
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Restore a checkpoint written by :meth:`save` (or by ``fit``); see :meth:`load_state_dict`."""
-        path = Path(path)
-        self._apply(read_checkpoint(path), path)
-
-    def _apply(self, state: dict[str, Any], path: Path | None) -> None:
-        mid = apply_trainer_state(self, state, path)
-        self._resume = None if mid is None else {"rng": state["rng"], **mid}
-
-    def _write(self, path: Path, mid_epoch: bool) -> None:
-        mid = None
-        if mid_epoch:
-            self.read_figures()  # never checkpoint after a non-finite loss or gradient (a collective under DDP)
-            mid = mid_epoch_state(self, self._epoch_state)
-        if self.roles.distribution.is_main:  # one process writes
-            write_trainer_checkpoint(self, path, mid)
-
-    def _open_checkpoints(self, checkpoint_dir: str | os.PathLike[str] | None, resume: bool) -> None:
-        if checkpoint_dir is None:
-            if resume:
-                raise ValueError("resume=True needs checkpoint_dir=... to find last.pt in")
-            return
-        self.checkpoint_path = check_writable_dir(checkpoint_dir, "checkpoint_dir") / CHECKPOINT_NAME
-        check_checkpoint_files(self.checkpoint_path.parent, (CHECKPOINT_NAME, BEST_NAME))
-        if resume and self.checkpoint_path.exists():
-            self.load(self.checkpoint_path)
-
-    def _check_resume_matches(self, source: DataSource) -> None:
-        if self._resume is not None:
-            check_resume(self._resume, source, self.roles.distribution)
-
-
-# ---------------------------------------------------------------------------- helpers
-def _default_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    if device is None:
-        p = next(itertools.chain(model.parameters(), model.buffers()), None)
-        return p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} but CUDA is not available here; use device='cpu'")
-    return device
-
-
-def _seed(seed: int | None) -> int:
-    if seed is None:
-        # follows torch.manual_seed without drawing from the RNG (dropout streams stay as they were)
-        return torch.initial_seed() % (2**62)
-    torch.manual_seed(seed)
-    return int(seed)
+        fitting.load(self, Path(path))
 
 
 def _grad_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor | None:
@@ -633,28 +511,3 @@ def _grad_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.Tens
     if total_norm is not None:
         return total_norm(grads)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))  # torch < 2.6
-
-
-def _current_lr(optimizer: torch.optim.Optimizer) -> float:
-    lr = optimizer.param_groups[0].get("lr", float("nan"))
-    return float(lr)  # a tensor lr (CUDA graphs): one read at the epoch's end
-
-
-def _check_forward_override(cls: type, roles: Roles) -> None:
-    """A subclass that runs the model itself and a strategy that replaces the forward cannot both act."""
-    if cls.forward_logits is not FastTrainer.forward_logits and type(roles.forward).logits is not Forward.logits:
-        raise StrategyConflictError(
-            f"{cls.__name__}.forward_logits runs the model itself, so {roles.forward!r}, which replaces the model's "
-            "forward and the loss positions, would never run; drop the strategy, or return "
-            "super().forward_logits(model, batch) for the batches it can run"
-        )
-
-
-def _refuse_forward_loss_override(cls: type) -> None:
-    """``forward_loss`` is built on ``forward_logits``; overriding it would leave evaluation on the other seam."""
-    if cls.forward_loss is not FastTrainer.forward_loss:
-        raise TypeError(
-            f"{cls.__name__} overrides forward_loss; override forward_logits(self, model, batch) -> (logits, targets) "
-            "instead (and count_tokens for other batch formats): training, evaluate, fit(eval_data=...), the doctor "
-            "and tune all call it, and the token loss and accuracy follow from it"
-        )

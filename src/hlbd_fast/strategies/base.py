@@ -374,6 +374,9 @@ class StepRunner(Strategy):
         """
         trainer.train_step(micro_batches)
 
+    def check_optimizer(self, optimizer: "torch.optim.Optimizer") -> None:
+        """Refuse an optimizer this step cannot run, when the trainer is built (default: any)."""
+
 
 class LossReadback(Strategy):
     """Role ``readback``: when the running loss is read back to the host (each read is one sync).

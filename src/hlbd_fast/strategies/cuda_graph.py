@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 from .._validation import check_positive_int, is_token_pair
-from .base import StepRunner
+from .base import StepRunner, StrategyConflictError
 from .needs import Capability, Context, Declaration, Need
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import FastTrainer
 
-__all__ = ["CUDAGraphStep", "GraphBackend", "GraphReport", "SyncFinding", "first_sync"]
+__all__ = ["CUDAGraphStep", "GraphBackend", "GraphReport", "SyncFinding", "first_sync", "uncapturable"]
 
 log = logging.getLogger("hlbd_fast")
 
@@ -81,15 +81,85 @@ def _make_capturable(optimizer: torch.optim.Optimizer) -> None:
         raise RuntimeError(f"could not switch param groups {off} of {type(optimizer).__name__} to capturable=True")
 
 
-def _lr_as_tensor(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Make every group's learning rate a 0-d tensor on ``device``.
+def uncapturable(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why ``optimizer``'s step cannot be captured in a CUDA graph, or ``None`` when it can.
 
-    A replayed graph reads a tensor lr on the device, so a schedule that fills it in place
-    (torch's LRScheduler does, for tensor lrs) changes it without a new capture.
+    A param group without a ``capturable`` option (``SGD``, bitsandbytes' 8-bit AdamW, most
+    user optimizers) steps with values read on the host — the learning rate, a step counter,
+    a bias correction — which a replayed graph would keep at their values at capture.
+    Groups that have the option are switched to ``capturable=True`` by :class:`CUDAGraphStep`.
     """
+    missing = [i for i, g in enumerate(optimizer.param_groups) if "capturable" not in g]
+    if not missing:
+        return None
+    which = "its param groups" if len(missing) == len(optimizer.param_groups) else f"its param groups {missing}"
+    return (
+        f"CUDAGraphStep cannot capture the step of {type(optimizer).__name__}: {which} have no 'capturable' option, so "
+        "its step reads values on the host (the learning rate, step counters) that every replay of a captured graph "
+        "would keep at their values at capture. Use FusedAdamW(), torch.optim.Adam or AdamW (CUDAGraphStep switches "
+        "them to capturable=True), an optimizer whose param groups hold 'capturable': True, or train without CUDAGraphStep"
+    )
+
+
+def _reads_at_replay(lr: Any, device: torch.device) -> bool:
+    """Whether a replay reads ``lr`` afresh: a float32 tensor on ``device`` (anything else is read once, at capture)."""
+    return isinstance(lr, torch.Tensor) and lr.device == device and lr.dtype == torch.float32
+
+
+def _lr_as_tensor(optimizer: torch.optim.Optimizer, device: torch.device, numbers: bool) -> list[tuple[dict[str, Any], Any]]:
+    """Make the groups' tensor learning rates (and, with ``numbers``, Python ones) 0-d float32 tensors on ``device``.
+
+    A replayed graph reads a float32 tensor lr on the device, so a schedule that fills it in
+    place (torch's LRScheduler does, for tensor lrs) changes it without a new capture. Any
+    other tensor lr (a resumed checkpoint's lr is a CPU tensor: ``read_checkpoint`` maps to
+    the CPU) is read on the host at capture and frozen into the graph, so it is replaced (a
+    new tensor: the graphs are captured again). A Python number is frozen too, but a change
+    to it is seen (the graphs are captured again): it is replaced only with ``numbers``.
+    Returns ``(group, lr before)`` for each group changed.
+    """
+    changed = []
     for group in optimizer.param_groups:
-        if not isinstance(group["lr"], torch.Tensor):
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32 if device.type == "cuda" else torch.float64, device=device)
+        lr = group["lr"]
+        if _reads_at_replay(lr, device) or not (numbers or isinstance(lr, torch.Tensor)):
+            continue
+        if isinstance(lr, torch.Tensor):
+            group["lr"] = lr.detach().to(device=device, dtype=torch.float32).reshape(())  # once, at a (re)capture
+        else:
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
+        changed.append((group, lr))
+    return changed
+
+
+def _revert(optimizer: torch.optim.Optimizer, capturable: list[dict[str, Any]], lrs: list[tuple[dict[str, Any], Any]]) -> None:
+    """Undo what the graph path changed in ``optimizer`` for the eager step: ``capturable`` and the tensor lrs.
+
+    A group switched to ``capturable=True`` is switched back, and its step counters return
+    to the host unless the group is fused (torch keeps a non-capturable, non-fused Adam's
+    counters there; on the device its step would read each one back). A learning rate made
+    a device tensor is a Python number again (or the tensor it was, holding the current value).
+    """
+    groups = {id(g) for g in optimizer.param_groups}
+    for group in capturable:
+        if id(group) not in groups or group.get("capturable") is not True:
+            continue
+        group["capturable"] = False
+        if group.get("fused"):
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            step = state.get("step") if state else None
+            if isinstance(step, torch.Tensor) and step.device.type != "cpu":
+                state["step"] = step.cpu()  # once, at the fallback
+    for group, before in lrs:
+        if id(group) not in groups or not isinstance(group["lr"], torch.Tensor):
+            continue
+        now = float(group["lr"])  # once, at the fallback
+        if isinstance(before, torch.Tensor):
+            with torch.no_grad():
+                before.fill_(now)
+            group["lr"] = before
+        else:
+            group["lr"] = now
 
 
 def _signature(trainer: "FastTrainer") -> tuple[Any, ...]:
@@ -297,6 +367,10 @@ class CUDAGraphStep(StepRunner):
     skipped. The optimizer is switched to ``capturable=True`` at the first step (Adam/AdamW
     and :class:`FusedAdamW` accept it; their step then keeps its counter and bias corrections
     on the device). Replays compute what the same eager step computes with that optimizer.
+    An optimizer whose param groups have no ``capturable`` option (``SGD``, bitsandbytes'
+    8-bit AdamW, most user optimizers) reads values on the host in its step, which a replay
+    would freeze: it is refused (:class:`StrategyConflictError`, see :func:`uncapturable`),
+    when the trainer is built for an ``optimizer=`` given to it, else at the first step.
 
     **Fallback.** On a non-CUDA device, or when the step cannot be captured — a host sync in
     the step (``.item()``, ``.cpu()``, printing a tensor, a Python ``if`` on a tensor: seen
@@ -304,13 +378,19 @@ class CUDAGraphStep(StepRunner):
     :meth:`FastTrainer.train_step` instead, with one warning naming the reason (also in
     :meth:`report` and :attr:`fallback_reason`). A failed
     capture runs no kernel; the gradients it assigned are dropped and the step is then run
-    eagerly, so training is the eager loop's.
+    eagerly, so training is the eager loop's. What the graph path changed in the optimizer
+    is undone for the eager step: groups it switched to ``capturable=True`` are switched
+    back, and a learning rate it made a device tensor is a Python number again.
 
     **Frozen at capture.** Python values the step reads are baked in: the optimizer's
     hyper-parameters (a changed ``lr`` or a new optimizer state, e.g. after ``load``, is
     detected and the graphs are captured again, with one warning), strategies' Python-side
     work in their hooks (a strategy whose step hooks do host work is refused, see below),
-    and Python branches in the model. Tensor learning rates are read at replay.
+    and Python branches in the model. A 0-d float32 tensor lr on the device is read at
+    replay: with a ``scheduler=`` every group's lr becomes one, so ``scheduler.step()``
+    changes what the replays read without a new capture. A tensor lr found elsewhere or in
+    another dtype (a resumed checkpoint's lr is a CPU tensor) is moved onto the device as
+    float32 before the graphs are captured again.
     :meth:`report` gives the graphs kept, the seconds spent capturing and any fallback.
 
     Refused when the trainer is built (see :meth:`declare`): strategies that bring varying
@@ -342,6 +422,8 @@ class CUDAGraphStep(StepRunner):
         self._tensors: tuple[int, ...] | None = None
         self._warned_recapture = False
         self._capture_seconds = 0.0  # wall seconds spent capturing, all graphs
+        self._switched: list[dict[str, Any]] = []  # param groups this step switched to capturable=True
+        self._lrs: list[tuple[dict[str, Any], Any]] = []  # (param group, its lr before) for each lr made a device tensor
 
     # ------------------------------------------------------------------ set-up
     def declare(self, context: Context) -> Declaration:
@@ -378,12 +460,28 @@ class CUDAGraphStep(StepRunner):
 
     def setup(self, trainer: "FastTrainer") -> None:
         self._graphs.clear()
+        self._switched, self._lrs = [], []
         self.fallback_reason = None
         reason = self._backend.unavailable(trainer.device)
         if reason is not None:
             self._fall_back(trainer, reason)
             return
         self._step = self._graphed
+        # An optimizer given to the trainer exists already (the optimizer role holds it): refuse it now. One that a
+        # strategy builds exists only after every setup; it is checked before the first step.
+        given = getattr(trainer.roles.optimizer, "optimizer", None)
+        if isinstance(given, torch.optim.Optimizer):
+            self.check_optimizer(given)
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse an optimizer whose step cannot be captured (see :func:`uncapturable`); eager steps take any.
+
+        Raises:
+            StrategyConflictError: steps go through graphs and a param group has no ``capturable`` option.
+        """
+        why = uncapturable(optimizer) if self.graphing else None
+        if why is not None:
+            raise StrategyConflictError(why)
 
     @property
     def backend(self) -> GraphBackend:
@@ -438,7 +536,7 @@ class CUDAGraphStep(StepRunner):
             )
 
     def _capture(self, trainer: "FastTrainer", entry: _StepGraph, micro_batches: list[Any]) -> None:
-        # gradients start as None so the graph allocates them in its own pool (and clears them itself)
+        # gradients start as None so the graph allocates them in the graphs' shared pool (and clears them itself)
         trainer.optimizer.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         try:
@@ -471,9 +569,13 @@ class CUDAGraphStep(StepRunner):
             return
         if self._signature is not None:
             self._drop_graphs("the optimizer changed (its hyper-parameters such as lr, its state, or the object)")
-        self._backend.make_capturable(trainer.optimizer)
-        if trainer.scheduler is not None:
-            _lr_as_tensor(trainer.optimizer, trainer.device)  # the schedule fills it in place: no capture per step
+        optimizer = trainer.optimizer
+        self.check_optimizer(optimizer)
+        off = [g for g in optimizer.param_groups if g.get("capturable") is False]
+        self._backend.make_capturable(optimizer)
+        self._switched += [g for g in off if g.get("capturable") is True]
+        # with a schedule every lr becomes a device tensor that it fills in place: no capture per step
+        self._lrs += _lr_as_tensor(optimizer, trainer.device, numbers=trainer.scheduler is not None)
         self._signature = _signature(trainer)
 
     def on_epoch_start(self, trainer: "FastTrainer", epoch: int) -> None:
@@ -501,6 +603,10 @@ class CUDAGraphStep(StepRunner):
         self._step = self._eager
         self._graphs.clear()
         self.fallback_reason = reason
+        optimizer = getattr(trainer, "optimizer", None)  # none yet when setup falls back
+        if optimizer is not None:
+            _revert(optimizer, self._switched, self._lrs)
+        self._switched, self._lrs = [], []
         warnings.warn(f"CUDAGraphStep: running the eager step instead of a CUDA graph: {reason}", stacklevel=4)
 
 

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, TensorDataset, default_collate
 
 from .._validation import check_bool, check_positive_int
+from ..packing import packed_sizes
 from .base import BatchSource
 from .needs import Capability, Context, Declaration, Need
 from .padding import row_lengths
@@ -81,6 +82,8 @@ class _Preloaded:
     tgt: torch.Tensor  # [N, T] on the device
     src_len: torch.Tensor  # [N] on the host: last non-pad column + 1 of each source
     tgt_len: torch.Tensor  # [N] on the host: same for each target
+    src_packed: torch.Tensor  # [N] on the host: source positions a padding-free packing keeps (packing.packed_sizes)
+    tgt_packed: torch.Tensor  # [N] on the host: decoder positions it scores
     batch_size: int  # rows per micro-batch
     shuffle: bool  # shuffle each epoch with trainer.epoch_order
     draws_seed: bool  # mirror the plain loop's DataLoader seed draw each epoch
@@ -128,7 +131,7 @@ class DevicePreload(BatchSource):
     warning says so.
 
     The micro-batch lengths are known on the host (``trainer.known_lengths``), so
-    :class:`TrimPadding` cuts padding without any sync.
+    :class:`TrimPadding` cuts padding and :class:`Unpad` packs the real tokens without any sync.
 
     Args:
         last_batch: the last, partial micro-batch of an epoch: ``"keep"`` it smaller (the
@@ -210,6 +213,7 @@ class DevicePreload(BatchSource):
             )
         pad = trainer.pad_id
         host_src, host_tgt = src.cpu(), tgt.cpu()  # no-op for host data; one copy back if it was on the device
+        src_packed, tgt_packed = packed_sizes(host_src, host_tgt, pad)
         data = _Preloaded(
             key=key,
             owner=_source_owner(source),
@@ -217,6 +221,8 @@ class DevicePreload(BatchSource):
             tgt=tgt.to(trainer.device),
             src_len=row_lengths(host_src, pad),
             tgt_len=row_lengths(host_tgt, pad),
+            src_packed=src_packed,
+            tgt_packed=tgt_packed,
             batch_size=batch_size,
             shuffle=shuffle,
             draws_seed=_plain_loop_draws_seed(source),
@@ -241,11 +247,13 @@ class DevicePreload(BatchSource):
             real = int((pos < n).sum())  # pad rows ("pad") come last in a chunk and hold no target token
             src_len = int(data.src_len[rows].max())
             tgt_len = max(int(data.tgt_len[rows[:real]].max()), 1) if real else 1
+            # pad rows score nothing: their targets are blanked below
+            packed = (int(data.src_packed[rows].sum()), int(data.tgt_packed[rows[:real]].sum()) if real else 0)
             at = _positions(idx, pos)
             s, t = data.src.index_select(0, at), data.tgt.index_select(0, at)
             if real < len(pos):
                 t[real:, 1:] = trainer.pad_id  # pad rows: first target token kept, nothing to predict
-            trainer.known_lengths.remember(s, t, src_len, tgt_len)  # TrimPadding cuts without a sync
+            trainer.known_lengths.remember(s, t, src_len, tgt_len, packed)  # TrimPadding cuts, Unpad packs without a sync
             yield s, t
 
     def _last_batch_order(self, order: torch.Tensor, global_batch: int) -> torch.Tensor:

@@ -3,9 +3,12 @@
 Both log from two hooks whose figures are already on the host: :meth:`Strategy.on_loss_read`
 (each read-back of the running loss; how often is the ``readback`` role's choice, e.g.
 ``DeferredLossSync(every=50)``) and :meth:`Strategy.on_epoch_end` (the finished
-:class:`~hlbd_fast.history.EpochRecord`). Files are opened in :meth:`Strategy.run_scope`
-and closed when it exits, on every path (an error, Ctrl-C, a stop). Under several
-processes only the main one writes.
+:class:`~hlbd_fast.history.EpochRecord`). A read-back that repeats the one before at the
+same step (the read closing an epoch, or a stopped one, right after its last step's read)
+brings nothing new and is not logged again, so a stopped and resumed run logs what an
+uninterrupted one does. Files are opened in :meth:`Strategy.run_scope` and closed when it
+exits, on every path (an error, Ctrl-C, a stop). Under several processes only the main
+one writes.
 """
 
 from __future__ import annotations
@@ -37,13 +40,21 @@ def _eval_columns() -> tuple[str, ...]:
     return tuple(f"eval_{m}" for m in METRICS)
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """The header and rows of an existing CSV file (empty when there is none)."""
+def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]], bool]:
+    """The header and complete rows of an existing CSV file (empty when there is none).
+
+    The third item says whether a last line cut short (by a kill during a write: no line
+    end) was left out.
+    """
     if not path.is_file():
-        return [], []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames or []), list(reader)
+        return [], [], False
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    cut = bool(text) and not text.endswith("\n")
+    if cut:
+        text = text[: text.rfind("\n") + 1]
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    return list(reader.fieldnames or []), list(reader), cut
 
 
 def _write_rows(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
@@ -62,11 +73,20 @@ def _write_rows(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> N
 class _Logger(Strategy):
     """A logger writes on the main process only, for the length of each run (opened and closed by ``run_scope``)."""
 
+    _last_read: tuple[int, float, float] | None = None  # (step, loss, tokens) of the last read logged
+
     def run_scope(self, trainer: "FastTrainer") -> ContextManager[Any]:
         """Open for the run (main process only); closed on every exit path."""
+        self._last_read = None
         if not trainer.roles.distribution.is_main:
             return contextlib.nullcontext()
         return self._open(trainer.global_step)
+
+    def _new_read(self, trainer: "FastTrainer", figures: "Figures") -> bool:
+        """Whether a read brings figures not logged yet (a repeat at the same step brings nothing)."""
+        key = (trainer.global_step, float(figures.loss), float(figures.tokens))
+        new, self._last_read = key != self._last_read, key
+        return new
 
     def _open(self, step: int) -> ContextManager[Any]:  # pragma: no cover - every logger defines it
         raise NotImplementedError
@@ -81,9 +101,10 @@ class CSVLogger(_Logger):
     a metric outside that list (added to ``record.eval`` by another strategy) adds a
     column by rewriting the file atomically once.
 
-    * ``kind="read"``: each read-back of the running figures (``on_loss_read``): the
-      1-based epoch in progress, the optimizer steps so far over the run, the epoch's
-      running mean loss and its tokens so far. The epoch's final read is one of them.
+    * ``kind="read"``: each read-back of the running figures (``on_loss_read``) that is
+      not a repeat of the one before at the same step: the 1-based epoch in progress, the
+      optimizer steps so far over the run, the epoch's running mean loss and its tokens so
+      far. The epoch's final read is one of them (or repeats the last step's read).
     * ``kind="epoch"``: each finished epoch: the ``EpochRecord``'s loss, tokens, lr,
       seconds, tokens per second and evaluation metrics (empty when it did not evaluate).
 
@@ -94,7 +115,8 @@ class CSVLogger(_Logger):
     A run starting from step 0 truncates the file. A run that continues a trainer (a
     resumed checkpoint, a second ``fit`` or ``train_epoch`` call) appends to it, after
     dropping rows logged past the trainer's step (those of an interrupted run that the
-    checkpoint does not hold), so a resumed run's file reads as one run.
+    checkpoint does not hold) and a last line cut short by a kill, so a resumed run's file
+    reads as one run.
 
     Example::
 
@@ -109,7 +131,7 @@ class CSVLogger(_Logger):
 
         logger = CSVLogger("runs/log.csv")
         trainer = FastTrainer(model, strategies=[DeferredLossSync(every=2), logger], progress=False)
-        trainer.fit((src, tgt), epochs=2, eval_data=(src[:16], tgt[:16]))  # runs/log.csv: 6 rows
+        trainer.fit((src, tgt), epochs=2, eval_data=(src[:16], tgt[:16]))  # runs/log.csv: 4 rows
 
     Args:
         path: the CSV file (its directory is created).
@@ -136,16 +158,17 @@ class CSVLogger(_Logger):
 
     def _prepare(self, step: int) -> None:
         """A new file with the header (step 0), or the existing one cut back to ``step`` with every column."""
-        header, rows = _read_rows(self.path) if step > 0 else ([], [])
+        header, rows, cut = _read_rows(self.path) if step > 0 else ([], [], False)
         kept = [r for r in rows if _step(r) <= step]
         for name in header:
             if name not in self._columns:
                 self._columns.append(name)
-        if not header or len(kept) < len(rows) or header != self._columns:
+        if not header or cut or len(kept) < len(rows) or header != self._columns:
             _write_rows(self.path, self._columns, kept)
 
     def on_loss_read(self, trainer: "FastTrainer", figures: "Figures") -> None:
-        self._write({"kind": "read", "epoch": trainer.epoch + 1, "step": trainer.global_step, "loss": figures.loss, "tokens": int(figures.tokens)})
+        if self._new_read(trainer, figures):
+            self._write({"kind": "read", "epoch": trainer.epoch + 1, "step": trainer.global_step, "loss": figures.loss, "tokens": int(figures.tokens)})
 
     def on_epoch_end(self, trainer: "FastTrainer", record: "EpochRecord") -> None:
         row: dict[str, Any] = {
@@ -200,7 +223,8 @@ class TensorBoardLogger(_Logger):
 
     Scalars, all at the run's optimizer step (``trainer.global_step``) so every plot
     shares one x axis: ``train/loss`` at each read-back of the running loss (the epoch's
-    running mean; how often: the ``readback`` role, e.g. ``DeferredLossSync(every=50)``),
+    running mean; how often: the ``readback`` role, e.g. ``DeferredLossSync(every=50)``;
+    a repeat of the read before at the same step is not written again),
     and at each epoch's end ``epoch/loss``, ``epoch/lr``, ``epoch/tokens_per_second`` and
     ``eval/<metric>`` for each evaluation metric. Flushed at every epoch end; the writer
     is opened for each run and closed when it returns or raises. A run that continues a
@@ -246,7 +270,7 @@ class TensorBoardLogger(_Logger):
             self._writer = None
 
     def on_loss_read(self, trainer: "FastTrainer", figures: "Figures") -> None:
-        if self._writer is not None:
+        if self._new_read(trainer, figures) and self._writer is not None:
             self._writer.add_scalar("train/loss", figures.loss, trainer.global_step)
 
     def on_epoch_end(self, trainer: "FastTrainer", record: "EpochRecord") -> None:

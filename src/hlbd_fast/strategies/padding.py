@@ -9,11 +9,12 @@ on a fraction of the work. :func:`verify_trim` checks that property on a batch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from .needs import ON_REFUSAL, Computes, Context, Declaration, leave_out, refusa
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import FastTrainer
 
-__all__ = ["TrimPadding", "TrimCheck", "verify_trim", "row_lengths"]
+__all__ = ["TrimPadding", "TrimCheck", "verify_trim", "row_lengths", "tf32_off"]
 
 log = logging.getLogger("hlbd_fast")
 
@@ -40,6 +41,35 @@ def row_lengths(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
     """
     pos = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
     return (tokens.ne(pad_id) * pos).amax(dim=1)
+
+
+@contextlib.contextmanager
+def tf32_off() -> Iterator[None]:
+    """fp32 matmuls and convolutions on CUDA inside (TF32 off); the previous settings back on every exit path.
+
+    A proof compares two forwards of different shapes at 1e-5: under TF32 (``AllowTF32``, or
+    ``torch.set_float32_matmul_precision("high")``) each rounds its inputs to 10 bits, and the
+    kernels chosen per shape round differently, so a model that is exact would be refused.
+    Switched with torch's ``allow_tf32`` flags, as ``AllowTF32`` does; the newer
+    ``fp32_precision`` settings (torch >= 2.9) are restored as they were too. A no-op on a CPU.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    precision = [m for m in (matmul, cudnn, getattr(cudnn, "conv", None), getattr(cudnn, "rnn", None)) if hasattr(m, "fp32_precision")]
+    saved_precision = [(m, m.fp32_precision) for m in precision]
+    saved_flags = []
+    for flags in (matmul, cudnn):
+        with contextlib.suppress(RuntimeError):  # torch refuses to read the flag when set otherwise through fp32_precision
+            saved_flags.append((flags, flags.allow_tf32))
+    matmul.allow_tf32 = False
+    cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        for flags, value in saved_flags:
+            flags.allow_tf32 = value
+        for m, value in saved_precision:
+            if m.fp32_precision != value:
+                m.fp32_precision = value
 
 
 # ---------------------------------------------------------------------------- verify_trim
@@ -62,15 +92,16 @@ def _mean_loss(logits: torch.Tensor, tgt_out: torch.Tensor, pad_id: int) -> torc
     return token_loss_sum(logits, tgt_out, pad_id) / tgt_out.ne(pad_id).sum().clamp(min=1)
 
 
-def verify_trim(model: nn.Module, batch: Any, pad_id: int = 0, tol: float = 1e-5) -> TrimCheck:
+def verify_trim(model: nn.Module, batch: Any, pad_id: int = 0, tol: float = 1e-5, forward: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> TrimCheck:
     """Check that cutting trailing padding columns leaves ``model``'s logits and loss unchanged.
 
     Runs ``model(src, tgt[:, :-1])`` on the batch as given and on the batch with every
     trailing column that is padding in all rows cut (sources keep at least 1 column,
     targets 2), in fp32 with autocast off, in eval mode (dropout off; the mode is
-    restored) and without gradients. Compares the logits at the real target positions
-    (targets ``!= pad_id``) and the mean token loss. A model with non-fp32 weights is
-    checked on an fp32 copy. Reads results back to the host (one-off syncs).
+    restored) and without gradients, with TF32 off (:func:`tf32_off`: restored after).
+    Compares the logits at the real target positions (targets ``!= pad_id``) and the mean
+    token loss. A model with non-fp32 weights is checked on an fp32 copy. Reads results
+    back to the host (one-off syncs).
 
     Args:
         model: called as ``model(src, tgt_in)``; returns logits ``[B, T, V]`` (or a dict
@@ -78,6 +109,10 @@ def verify_trim(model: nn.Module, batch: Any, pad_id: int = 0, tol: float = 1e-5
         batch: ``(src, tgt, ...)`` with 2-D integer token tensors, right-padded.
         pad_id: the padding id of both ``src`` and ``tgt``.
         tol: largest accepted relative difference (see :class:`TrimCheck`).
+        forward: ``forward(model, (src, tgt)) -> logits [B, T - 1, V]`` (the logits against
+            ``tgt[:, 1:]``) for a model the default call does not fit, e.g. a trainer
+            subclass's ``lambda m, b: trainer.forward_logits(m, b)[0]``; default
+            ``model(src, tgt[:, :-1])``.
 
     Returns:
         The measured :class:`TrimCheck`. ``columns_cut == 0`` means the batch had no
@@ -110,9 +145,9 @@ def verify_trim(model: nn.Module, batch: Any, pad_id: int = 0, tol: float = 1e-5
     was_training = net.training
     net.eval()
     try:
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            full = extract_logits(net(src, tgt[:, :-1]), src.shape[0], tgt.shape[1] - 1).float()
-            cut = extract_logits(net(src[:, :ks], tgt[:, : kt - 1]), src.shape[0], kt - 1).float()
+        with torch.no_grad(), torch.autocast(device.type, enabled=False), tf32_off():
+            full = _logits(net, src, tgt, forward)
+            cut = _logits(net, src[:, :ks], tgt[:, :kt], forward)
     finally:
         net.train(was_training)
     tgt_out = tgt[:, 1:kt]
@@ -133,6 +168,12 @@ def verify_trim(model: nn.Module, batch: Any, pad_id: int = 0, tol: float = 1e-5
             "or train without TrimPadding"
         )
     return result
+
+
+def _logits(net: nn.Module, src: torch.Tensor, tgt: torch.Tensor, forward: Callable[[nn.Module, Any], torch.Tensor] | None) -> torch.Tensor:
+    """The fp32 logits ``[B, T - 1, V]`` of ``(src, tgt)`` against ``tgt[:, 1:]``."""
+    out = net(src, tgt[:, :-1]) if forward is None else forward(net, (src, tgt))
+    return extract_logits(out, src.shape[0], tgt.shape[1] - 1).float()
 
 
 # ---------------------------------------------------------------------------- TrimPadding
@@ -234,7 +275,9 @@ class TrimPadding(Strategy):
         kt = self.keep_length(lengths[1], tgt.shape[1], _MIN_TGT)
         if ks == src.shape[1] and kt == tgt.shape[1]:
             return batch
-        return replace_pair(batch, src[:, :ks], tgt[:, :kt])
+        trimmed = replace_pair(batch, src[:, :ks], tgt[:, :kt])
+        trainer.known_lengths.carry(batch, trimmed[0], trimmed[1])  # only padding was cut: the same lengths
+        return trimmed
 
     def _device_lengths(self, src: torch.Tensor, tgt: torch.Tensor) -> tuple[int, int]:
         if src.device.type != "cpu" and not self._told_sync:
@@ -247,7 +290,7 @@ class TrimPadding(Strategy):
     def _verify_batch(self, batch: Any, trainer: "FastTrainer") -> None:
         assert self._model is not None, "TrimPadding.setup was not called"
         try:
-            proof = verify_trim(self._model, batch, self._pad_id)
+            proof = verify_trim(self._model, batch, self._pad_id, forward=_own_forward(trainer))
         except ValueError as e:
             measured = str(e).split(". The model", 1)[0].removeprefix("verify_trim: ")
             if self.on_refusal == "raise":
@@ -258,6 +301,15 @@ class TrimPadding(Strategy):
         if proof.columns_cut > 0:
             self._proof = proof
             self._verify = _no_check  # proven on a batch with padding to cut; never again
+
+
+def _own_forward(trainer: "FastTrainer") -> Callable[[nn.Module, Any], torch.Tensor] | None:
+    """A trainer subclass's own ``forward_logits`` (its model's call), or ``None`` for the default call."""
+    from ..trainer import FastTrainer
+
+    if type(trainer).forward_logits is FastTrainer.forward_logits:
+        return None
+    return lambda model, batch: trainer.forward_logits(model, batch)[0]
 
 
 def _no_check(batch: Any, trainer: Any) -> None:

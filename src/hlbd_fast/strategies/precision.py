@@ -140,49 +140,23 @@ def make_grad_scaler(device: str | torch.device, init_scale: float = 2.0**16, gr
 def scaler_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> torch.Tensor:
     """``scaler.step(optimizer)`` then ``scaler.update()``; return whether the step was skipped.
 
-    The answer is a 0-d bool tensor on the scaler's device: it is read from the scaler's
-    inf/NaN check, not from the host, so returning it adds no host-device sync.
-    (``GradScaler.step`` itself reads the check back on the host before stepping a
-    non-fused optimizer; a fused one, such as :class:`~hlbd_fast.strategies.optim.FusedAdamW`
-    on CUDA, skips on the device without that sync.)
+    The answer is a 0-d bool tensor on the parameters' device, computed there from the
+    loss scale before and after ``update()`` (public ``scaler.scale``, no host read), so
+    returning it adds no host-device sync. (``GradScaler.step`` itself reads its inf/NaN
+    check back on the host before stepping a non-fused optimizer; a fused one, such as
+    :class:`~hlbd_fast.strategies.optim.FusedAdamW` on CUDA, skips on the device without
+    that sync.)
     """
-    # Normally the scaler's own inf/NaN flag answers; should its internals differ, fall
-    # back to comparing the scale, which update() backs off exactly when it skipped.
-    fallback = None
-    if not hasattr(scaler, "_per_optimizer_states"):
-        scale = _scale_tensor(scaler)
-        fallback = scale.clone() if scale is not None else None
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    one = torch.ones((), device=params[0].device if params else None)
+    before = scaler.scale(one)  # the loss scale now, as a new tensor on the device (a disabled scaler: 1)
     scaler.step(optimizer)
-    found = _found_inf(scaler, optimizer)
     scaler.update()
-    if found is not None:
-        return found > 0
-    after = _scale_tensor(scaler)
-    if fallback is not None and after is not None:
-        return after < fallback
-    raise RuntimeError(  # pragma: no cover - only with a GradScaler unlike torch's
-        "scaler_step: cannot tell whether the GradScaler skipped the step (no inf/NaN flag, no scale tensor)"
-    )
-
-
-def _found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
-    """The scaler's inf/NaN flag for ``optimizer`` this step (call between step and update)."""
-    states = getattr(scaler, "_per_optimizer_states", None)
-    if states is None or id(optimizer) not in states:
-        return None
-    per_device = states[id(optimizer)].get("found_inf_per_device") or {}
-    if not per_device:
-        return None
-    flags = list(per_device.values())
-    total = flags[0].to(torch.float32)
-    for f in flags[1:]:
-        total = total + f.to(total.device, non_blocking=True)
-    return total
-
-
-def _scale_tensor(scaler: torch.amp.GradScaler) -> torch.Tensor | None:
-    scale = getattr(scaler, "_scale", None)
-    return scale if isinstance(scale, torch.Tensor) else None
+    after = scaler.scale(one)
+    # update() multiplies the scale by backoff_factor (< 1, GradScaler requires it) exactly when the step found
+    # inf/NaN gradients and skipped; otherwise it keeps the scale or grows it (only to a finite value). A scale of
+    # 0 or inf/NaN makes every gradient non-finite after unscaling: every such step is skipped.
+    return (after < before) | (before == 0) | ~torch.isfinite(before)
 
 
 def find_gradient_hooks(model: nn.Module) -> list[str]:

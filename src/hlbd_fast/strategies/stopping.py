@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ContextManager
 
@@ -45,12 +47,18 @@ class EarlyStopping(Strategy):
     one may add metrics of its own there.
 
     The best value, its epoch and the count go into checkpoints: a resumed run goes on
-    counting. When it stops, :meth:`report` gives a :class:`StopReport` (``epoch``: the
+    counting, and a run it stopped stays stopped: a ``fit`` that resumes it (or a second
+    ``fit`` of the same trainer) trains nothing more and warns so; raise ``patience`` to
+    train on. When it stops, :meth:`report` gives a :class:`StopReport` (``epoch``: the
     1-based epoch it stopped after, the metric, the best value and its epoch).
 
-    Raises (at an epoch's end):
-        ValueError: the epoch has no evaluation, none was ever seen, and ``fit`` was given
-            no ``eval_data`` (or training runs through ``train_epoch``); or ``metric`` is
+    Raises:
+        ValueError: before the first step of a ``fit`` with ``eval_data``, when ``metric``
+            is not one of its evaluation's metrics (``eval_loss``, ``eval_token_accuracy``,
+            ``eval_tokens``, ``eval_samples``) and no strategy listed before this one could
+            add it, or when it is a near miss of one of them (a typo); at an epoch's end,
+            when the epoch has no evaluation, none was ever seen, and ``fit`` was given no
+            ``eval_data`` (or training runs through ``train_epoch``), or when ``metric`` is
             not among the evaluation's metrics (the message lists them).
 
     Example::
@@ -106,9 +114,40 @@ class EarlyStopping(Strategy):
         return self._wait
 
     def run_scope(self, trainer: "FastTrainer") -> ContextManager[Any]:
-        """Note whether this ``fit`` evaluates (its ``eval_data``), to refuse a run that never will."""
+        """Before the run's first step: check the metric, note whether ``fit`` evaluates, keep a stopped run stopped."""
         self._evaluation_planned = trainer.evaluates  # fit knows its eval_data before entering the run scopes
+        if trainer.evaluates:
+            self._check_metric(trainer)
+            if self._wait >= self.patience:
+                self._stay_stopped(trainer)
         return super().run_scope(trainer)
+
+    def _check_metric(self, trainer: "FastTrainer") -> None:
+        """Refuse a metric the run's evaluations will not have, before any step trains."""
+        from ..evaluation import FIT_METRICS  # here: evaluation imports the strategies package
+
+        key = self.metric.removeprefix("eval_")
+        if key in FIT_METRICS:
+            return
+        before = trainer.strategies[: next(i for i, s in enumerate(trainer.strategies) if s is self)]
+        may_add = any(type(s).on_epoch_end is not Strategy.on_epoch_end for s in before)  # a strategy listed before may add metrics
+        near = difflib.get_close_matches(key, FIT_METRICS, n=1, cutoff=0.8)
+        if may_add and not near:
+            return
+        hint = f"did you mean 'eval_{near[0]}'? " if near else ""
+        available = ", ".join(repr("eval_" + k) for k in FIT_METRICS)
+        raise ValueError(f"EarlyStopping(metric={self.metric!r}): fit's evaluation has no such metric; {hint}it has {available}")
+
+    def _stay_stopped(self, trainer: "FastTrainer") -> None:
+        """A run this strategy stopped (its state says so) trains no more epochs when resumed."""
+        self._stopped = StopReport(trainer.epoch, self.metric, self._best, self._best_epoch)
+        warnings.warn(
+            f"EarlyStopping(metric={self.metric!r}) stopped this run after epoch {trainer.epoch} ({self._wait} evaluations "
+            f"without improvement, patience {self.patience}; best {self._best} at epoch {self._best_epoch}): fit trains "
+            "nothing more. To train on, build the trainer with a larger patience (or without EarlyStopping)",
+            stacklevel=4,
+        )
+        trainer.request_stop()
 
     def improves(self, value: float) -> bool:
         """Whether ``value`` beats the best so far by more than ``min_delta``."""

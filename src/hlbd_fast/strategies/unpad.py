@@ -28,6 +28,7 @@ from .._validation import check_bool, check_positive_int, extract_logits, token_
 from ..packing import UnpadBatch
 from .base import Forward
 from .needs import ON_REFUSAL, Capability, Computes, Context, Declaration, Need, leave_out, refusal
+from .padding import tf32_off
 from .unpad_layers import check_layers, packable_layers, packed_layers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,7 +77,8 @@ def verify_unpad(model: nn.Module, batch: Any, pad_id: int = 0, tol: float = 1e-
 
     Runs the model on the batch padded and packed (``model(src, tgt[:, :-1], unpad=...)``
     for the protocol; its torch transformer layers packed, see :func:`unpad_mode`) in fp32
-    and eval mode (the mode is restored), and compares the logits at the scored positions
+    with TF32 off (:func:`~hlbd_fast.strategies.padding.tf32_off`: restored after) and eval
+    mode (the mode is restored), and compares the logits at the scored positions
     and the mean token loss. ``multiple_of`` packs with filler rows as :class:`Unpad` does,
     so that the proof covers them.
 
@@ -92,7 +94,7 @@ def verify_unpad(model: nn.Module, batch: Any, pad_id: int = 0, tol: float = 1e-
     was_training = net.training
     net.eval()
     try:
-        with torch.autocast(src.device.type, enabled=False):
+        with torch.autocast(src.device.type, enabled=False), tf32_off():
             run = _runs_protocol if mode == "protocol" else _runs_layers
             ref, packed, targets, skipped = run(net, src, tgt, pad_id, multiple_of)
     finally:
@@ -182,8 +184,14 @@ class Unpad(Forward):
     unrounded and 2.59 s rounded to 32, against 2.87 s in fp32). Under CUDA autocast it
     rounds to 8 (tensor-core friendly sizes); in fp32 it does not round.
 
-    On CUDA the packing reads each micro-batch's lengths back (one sync per micro-batch),
-    and it cannot be captured: ``CUDAGraphStep`` and ``Compile`` are refused with it.
+    Host syncs: how many positions each side packs must be known on the host. With
+    :class:`DevicePreload` (any batch source that records them in ``trainer.known_lengths``),
+    :class:`TrimPadding` or not, they are, and packing makes no host sync. Otherwise they
+    are counted on the device and read back: two syncs per micro-batch on CUDA (sources and
+    targets; none on a CPU). A model run in mode ``"layers"`` packs at each key padding mask
+    its layers receive and reads each one's count back (two or three per micro-batch for an
+    encoder-decoder, known lengths or not). Every micro-batch packs to its own shapes, so
+    the step cannot be captured: ``CUDAGraphStep`` and ``Compile`` are refused with it.
 
     Args:
         check: prove the model on the first batch (two extra forwards, once).
@@ -273,7 +281,8 @@ class Unpad(Forward):
         self._verify(trainer, batch, multiple)
         if self.mode == "layers" or self._left_out:
             return super().logits(trainer, model, batch)
-        unpad = UnpadBatch.of(src, tgt, trainer.pad_id, multiple)  # on CUDA: reads the lengths back (one sync)
+        # sizes known on the host (DevicePreload): packed on the device with no sync; else counted there and read back
+        unpad = UnpadBatch.of(src, tgt, trainer.pad_id, multiple, trainer.known_lengths.packed(batch))
         out = _check_packed_shape(model(src, tgt[:, :-1], unpad=unpad), unpad, trainer.vocab_size, "Unpad")
         return out, unpad.targets(tgt, trainer.pad_id)
 
