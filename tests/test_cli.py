@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import hlbd_fast
-from hlbd_fast import bench, cli, demo, doctor
+from hlbd_fast import bench, cli, demo, doctor, factory
 
 
 def _exit(argv, capsys):
@@ -46,7 +46,7 @@ def test_unknown_command_is_a_usage_error(capsys):
     code, out, err = _exit(["frobnicate"], capsys)
     assert code == 2 and out == ""
     assert err.startswith("usage: hlbd-fast ")
-    assert "invalid choice: 'frobnicate' (choose from 'demo', 'bench', 'doctor')" in err
+    assert "invalid choice: 'frobnicate' (choose from 'demo', 'bench', 'doctor', 'tune')" in err
 
 
 @pytest.mark.parametrize("command", ["demo", "bench", "doctor"])
@@ -112,8 +112,9 @@ def no_work(monkeypatch):
     monkeypatch.setattr(demo.FastTrainer, "from_preset", refuse)
     monkeypatch.setattr(bench, "run_bench", refuse)
     monkeypatch.setattr(bench, "reference_data", refuse)
-    monkeypatch.setattr(doctor, "diagnose", refuse)
-    monkeypatch.setattr(doctor, "_reference", refuse)
+    monkeypatch.setattr(doctor.passes, "diagnose", refuse)
+    monkeypatch.setattr(factory, "reference", refuse)
+    monkeypatch.setattr(factory, "load", refuse)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from hlbd_fast.strategies.cuda_graph import CUDAGraphStep
 from hlbd_fast.strategies.data import DevicePreload
 from hlbd_fast.strategies.dropout import torch_draws_dropout_serially
 from hlbd_fast.strategies.padding import TrimPadding
+from hlbd_fast.strategies.unpad import Unpad
 
 BATCH = 8
 HEADS = 4
@@ -419,7 +420,56 @@ def test_unpads_own_length_reads_are_a_note_not_a_recommendation(one_thread):
     src, tgt = ragged_pairs(n=32)
     torch.manual_seed(0)
     model = Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32, dropout=0.0, max_length=16)
-    d = diagnose(model, (src, tgt), strategies=[DevicePreload(), Unpad()], steps=2, warmup=1, batch_size=8)
+    d = diagnose(model, (src, tgt), strategies=[Unpad()], steps=2, warmup=1, batch_size=8)
     note = next(n for n in d.notes if n.startswith("Unpad reads each packing's size back"))
     assert "2 per step" in note  # the sources' packing and the targets'
     assert not any("packing.py" in r.text for r in d.recommendations), [r.text for r in d.recommendations]
+
+
+# ---------------------------------------------------------------------------- the padding: proven, then priced
+def _transformer(leaky: bool):
+    """A small reference model; ``leaky``: it attends to padded source keys, as the user's APTModel does."""
+    from hlbd_fast.models import Seq2SeqTransformer
+
+    class Leaky(Seq2SeqTransformer):
+        def source_mask(self, src):
+            return torch.ones_like(super().source_mask(src))
+
+    torch.manual_seed(0)
+    cls = Leaky if leaky else Seq2SeqTransformer
+    return cls(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32, dropout=0.0, max_length=32)
+
+
+def _much_padding(n: int = 32, extra: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    src, tgt = ragged_pairs(n=n)
+    z = torch.zeros(n, extra, dtype=torch.long)
+    return torch.cat([src, z], 1), torch.cat([tgt, z], 1)
+
+
+@pytest.mark.parametrize("preset", [None, "fastest"])
+def test_a_padding_leak_is_named_with_its_price_and_no_refused_strategy_is_recommended(preset):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fastest says it leaves TrimPadding and Unpad out
+        d = diagnose(_transformer(leaky=True), _much_padding(), steps=2, warmup=1, batch_size=16, preset=preset, device="cpu")
+    leak = [r for r in d.recommendations if r.text.startswith("the model lets padding reach real positions")]
+    assert len(leak) == 1, [r.text for r in d.recommendations]
+    text = leak[0].text
+    assert "changed the model's logits" in text and "mask padding keys in attention" in text
+    assert "TrimPadding would make a training step" in text and "measured on copies of the model" in text
+    assert not any({"TrimPadding", "Unpad"} & set(r.strategies) for r in d.recommendations)
+    price = d.padding_price
+    assert price["trim_refused"] and price["unpad_refused"] and price["padded_s"] > 0 and price["trimmed_s"] > 0
+    assert price["trim_ratio"] == pytest.approx(price["padded_s"] / price["trimmed_s"])
+
+
+def test_trimming_a_model_that_masks_padding_is_recommended_with_its_measured_price():
+    d = diagnose(_transformer(leaky=False), _much_padding(), steps=2, warmup=1, batch_size=16, device="cpu")
+    assert d.padding_price["trim_refused"] is None and d.padding_price["unpad_refused"] is None
+    trim = next(r for r in d.recommendations if "TrimPadding" in r.strategies)
+    assert "measured on a copy of the model: a training step" in trim.text
+    assert not any(r.text.startswith("the model lets padding") for r in d.recommendations)
+
+
+def test_nothing_is_priced_when_the_strategies_cut_the_padding_already():
+    d = diagnose(_transformer(leaky=False), _much_padding(), steps=2, warmup=1, batch_size=16, device="cpu", strategies=[TrimPadding(), Unpad()])
+    assert d.padding_price == {}

@@ -34,6 +34,7 @@ from .strategies import (
     verify_unpad,
 )
 from .trainer import DataSource, FastTrainer
+from .tuning import TuneReport, tune
 
 try:
     __version__ = _metadata.version("hlbd-fast")  # written once, in pyproject.toml
@@ -72,11 +73,13 @@ __all__ = [
     "StrategyConflictError",
     "TensorBoardLogger",
     "TrimPadding",
+    "TuneReport",
     "Unpad",
     "__version__",
     "load_weights",
     "presets",
     "schedules",
+    "tune",
     "verify_trim",
     "verify_unpad",
 ]

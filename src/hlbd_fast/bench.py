@@ -431,9 +431,20 @@ class _Row:
 
     skipped_error = "skipped: the time budget was spent"
 
-    def __init__(self, name: str, build: Callable[[], RowSpec], epochs: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        build: Callable[[], RowSpec],
+        epochs: int,
+        trainer_class: type[FastTrainer] = FastTrainer,
+        trainer_kwargs: Mapping[str, Any] | None = None,
+        verbose: bool = True,
+    ) -> None:
         self.name = name
         self._build = build
+        self.trainer_class = trainer_class  # the trainer each row builds (tune: the user's subclass)
+        self.trainer_kwargs = dict(trainer_kwargs or {})  # more FastTrainer arguments (pad_id, max_grad_norm...)
+        self.verbose = verbose  # one log line per epoch and per row; False: none
         self.spec: RowSpec | None = None
         self.epochs = epochs
         self.trainer: FastTrainer | None = None
@@ -467,7 +478,7 @@ class _Row:
             except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
                 self.error = f"{type(e).__name__}: {e}".splitlines()[0]
                 self._drop_trainer()
-                log.info("  %s failed: %s", self.name, self.error)
+                self._log("  %s failed: %s", self.name, self.error)
         for w in caught:
             msg = f"{w.category.__name__}: {w.message}".splitlines()[0]
             if msg not in self.warnings:
@@ -476,14 +487,14 @@ class _Row:
 
     def begin(self, position: str, initial: nn.Module, device: torch.device, seed: int) -> None:
         """Build the row's trainer from a copy of ``initial`` (``position``: "[i/n]" for the log)."""
-        log.info("%s %s: %d epochs ...", position, self.name, self.epochs)
+        self._log("%s %s: %d epochs ...", position, self.name, self.epochs)
 
         def build() -> None:
             self.spec = self._build()
-            self.trainer = FastTrainer.from_preset(
+            self.trainer = self.trainer_class.from_preset(
                 copy.deepcopy(initial),
                 self.spec.preset,
-                strategies=(_EpochLog(self.name, self.epochs),),
+                **{**self.trainer_kwargs, "strategies": (_EpochLog(self.name, self.epochs),) if self.verbose else ()},
                 device=device,
                 seed=seed,
                 progress=False,
@@ -521,17 +532,21 @@ class _Row:
         """Mark the row as cut short (or skipped) by the time budget."""
         if self.skipped_after is None:
             self.skipped_after = self.done
-            log.info("  %s: %s", self.name, self.skipped_error if self.done == 0 else f"stopped after {self.done} epoch(s): the time budget was spent")
+            self._log("  %s: %s", self.name, self.skipped_error if self.done == 0 else f"stopped after {self.done} epoch(s): the time budget was spent")
 
     def finish(self, device: torch.device, data: Any = None) -> RowResult:
         """Take the row's result (kept in :attr:`result`; with ``data``, its token accuracy), then free what it holds."""
         if self.error is None and self.done:
             assert self.history is not None
-            log.info("  %s: %.2f s/epoch, final loss %.4f (%.0f s)", self.name, self.history.s_per_epoch(), self.history.losses[-1], self.wall_s)
+            self._log("  %s: %.2f s/epoch, final loss %.4f (%.0f s)", self.name, self.history.s_per_epoch(), self.history.losses[-1], self.wall_s)
         accuracy = self._token_accuracy(data)
         self.result = self._result(accuracy)
         self.release(device)
         return self.result
+
+    def _log(self, message: str, *args: Any) -> None:
+        if self.verbose:
+            log.info(message, *args)
 
     def _token_accuracy(self, data: Any) -> float | None:
         """The trained model's token accuracy on ``data`` (not timed; after the row's last epoch)."""
@@ -540,7 +555,7 @@ class _Row:
         try:
             return self.trainer.evaluate(data)["token_accuracy"]
         except Exception as e:  # noqa: BLE001 - the row's figures stand without it
-            log.info("  %s: evaluation failed: %s", self.name, e)
+            self._log("  %s: evaluation failed: %s", self.name, e)
             return None
 
     def _result(self, accuracy: float | None) -> RowResult:
@@ -793,14 +808,29 @@ def _config(plan: _Plan, data: tuple[torch.Tensor, torch.Tensor], initial: nn.Mo
     }
 
 
-def _run_interleaved(rows: list[_Row], data: tuple[torch.Tensor, torch.Tensor], dev: torch.device, budget: _Budget, initial: nn.Module, seed: int) -> None:
-    """Round after round, one epoch of every row with epochs left; the budget ends whole rounds only."""
+def _run_interleaved(
+    rows: list[_Row],
+    data: tuple[torch.Tensor, torch.Tensor],
+    dev: torch.device,
+    budget: _Budget,
+    initial: nn.Module,
+    seed: int,
+    evaluate: bool = True,
+    on_round: Callable[[int], None] | None = None,
+) -> None:
+    """Round after round, one epoch of every row with epochs left; the budget ends whole rounds only.
+
+    ``evaluate``: each row's token accuracy on ``data`` when it finishes (not timed);
+    ``on_round``: called with the round's number after each round (a progress bar).
+    """
+    eval_data = data if evaluate else None
     for i, row in enumerate(rows, 1):
         row.begin(f"[{i}/{len(rows)}]", initial, dev, seed)
     round_no, last_round_s = 0, 0.0
     while any(row.active for row in rows):
         if round_no and not budget.allows(last_round_s):
-            log.info("time budget: another round (about %.1f s) would end after %.0f s; stopping after round %d", last_round_s, budget.seconds, round_no)
+            if rows[0].verbose:
+                log.info("time budget: another round (about %.1f s) would end after %.0f s; stopping after round %d", last_round_s, budget.seconds, round_no)
             break
         round_no += 1
         t0 = time.perf_counter()
@@ -808,13 +838,15 @@ def _run_interleaved(rows: list[_Row], data: tuple[torch.Tensor, torch.Tensor], 
             if row.active:
                 row.run_epoch(data, dev, measure_memory=False, round_no=round_no)
                 if not row.active:
-                    row.finish(dev, data)  # done (or failed): free its graphs, workers and trainer now
+                    row.finish(dev, eval_data)  # done (or failed): free its graphs, workers and trainer now
         last_round_s = time.perf_counter() - t0
+        if on_round is not None:
+            on_round(round_no)
     for row in rows:
         if row.active:
             row.stop_for_budget()
         if row.result is None:
-            row.finish(dev, data)
+            row.finish(dev, eval_data)
 
 
 def _run_sequential(rows: list[_Row], data: tuple[torch.Tensor, torch.Tensor], dev: torch.device, budget: _Budget, initial: nn.Module, seed: int) -> None:
@@ -840,8 +872,8 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
     return {}
 
 
-def compare_rows(rows: Sequence[RowResult], paired: bool = False) -> None:
-    """Fill the comparisons of every row with the ``baseline`` row: its speed-up, what that rests on, its loss difference.
+def compare_rows(rows: Sequence[RowResult], paired: bool = False, base: str = "baseline") -> None:
+    """Fill the comparisons of every row with the ``base`` row (default ``baseline``): its speed-up, what that rests on, its loss difference.
 
     ``paired`` (interleaved runs): the speed-up is the median of the per-round ratios
     (baseline's epoch seconds over the row's in the same round) over the rounds both rows
@@ -852,18 +884,18 @@ def compare_rows(rows: Sequence[RowResult], paired: bool = False) -> None:
     epochs the thinner of the two figures rests on. Rows that did not train, and every row
     when there is no trained baseline, are left as they are.
     """
-    base = next((r for r in rows if r.name == "baseline" and r.error is None), None)
-    if base is None:
+    reference = next((r for r in rows if r.name == base and r.error is None), None)
+    if reference is None:
         return
     for r in rows:
         if r.error is not None:
             continue
         if paired:
-            r.paired_rounds, r.speedup_per_round, r.speedup, r.speedup_rounds = _paired_speedup(base, r)
+            r.paired_rounds, r.speedup_per_round, r.speedup, r.speedup_rounds = _paired_speedup(reference, r)
         else:
-            r.speedup, r.speedup_epochs = _sequential_speedup(base, r)
-        if base.losses and r.losses:
-            r.loss_compared_at_epoch, r.loss_rel_diff = _loss_diff(base.losses, r.losses)
+            r.speedup, r.speedup_epochs = _sequential_speedup(reference, r)
+        if reference.losses and r.losses:
+            r.loss_compared_at_epoch, r.loss_rel_diff = _loss_diff(reference.losses, r.losses)
 
 
 def _by_round(row: RowResult) -> dict[int, float]:

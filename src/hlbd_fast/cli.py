@@ -1,4 +1,4 @@
-"""``hlbd-fast``: ``demo`` (the main job), ``bench`` (the speed-up plan's table, measured), ``doctor`` (where a step's time goes).
+"""``hlbd-fast``: ``demo`` (the main job), ``bench`` (the speed-up plan's table, measured), ``doctor`` (where a step's time goes), ``tune`` (the fastest exact configuration for your model).
 
 One :class:`argparse.ArgumentParser` with a sub-parser per command; each command's module
 adds its options (``add_arguments(parser)``) and runs on the parsed namespace
@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "demo": "train on the bundled HLBD data: the plain loop versus the fastest preset",
     "bench": "reproduce the speed-up plan's table, every row measured side by side",
     "doctor": "profile a few training steps and say where the time goes",
+    "tune": "measure the strategies on your model and choose the fastest that computes what the plain loop computes",
 }
 
 
@@ -41,12 +42,13 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
 
 def _command_modules() -> dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]]:
     """``name -> (add_arguments, run)`` of each command (imported here: the modules import this one)."""
-    from . import bench, demo, doctor
+    from . import bench, demo, doctor, tuning
 
     return {
         "demo": (demo.add_arguments, demo.run),
         "bench": (bench.add_arguments, bench.run),
         "doctor": (doctor.add_arguments, doctor.run),
+        "tune": (tuning.add_arguments, tuning.run),
     }
 
 

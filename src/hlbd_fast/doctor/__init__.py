@@ -46,9 +46,7 @@ strategy, forward hooks, sync counting), :mod:`.passes` (:func:`diagnose` and it
 
 from __future__ import annotations
 
-# _reference: the reference model and data of ``hlbd-fast doctor``, kept here so that replacing it on the
-# package (as the tests' guards do, with ``diagnose``) reaches :func:`run`, which calls both through the package
-from .cli import _reference, add_arguments, main, run  # noqa: F401 - _reference: see above
+from .cli import add_arguments, main, run
 from .passes import diagnose
 from .report import ClassTime, Diagnosis, DoctorError, ModuleTime, OpTime, Recommendation, SyncSource
 

@@ -3,71 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import os
 import sys
-from typing import Any
 
 import torch
-from torch import nn
 
-from .._validation import infer_vocab_size
+from .. import factory
+from . import passes
 from .report import Diagnosis, DoctorError
-
-
-def _package() -> Any:
-    """The package ``hlbd_fast.doctor``: :func:`run` calls ``diagnose`` and ``_reference`` through it, at call time.
-
-    So replacing them there (the tests' guards that nothing trains before the options are
-    checked do) takes effect, as it did when the doctor was one module.
-    """
-    return sys.modules[__package__]
-
-
-def _reference(device: torch.device, vocab_size: int | None = None, model: nn.Module | None = None) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """The bundled HLBD pairs, encoded, and (unless given) the reference model."""
-    from ..data import CharTokenizer, encode_pairs, load_hlbd
-    from ..models import Seq2SeqTransformer
-
-    pairs = load_hlbd()
-    vocab = 5000 if vocab_size is None else vocab_size
-    try:
-        tokenizer = CharTokenizer.from_pairs(pairs, vocab_size=vocab)
-    except ValueError as e:
-        raise DoctorError(f"the model's vocabulary ({vocab}) is too small for the bundled HLBD data: {e}; return (model, data) from the factory") from None
-    max_length = getattr(model, "max_length", 64) if model is not None else 64
-    data = encode_pairs(pairs, tokenizer, max_length=int(max_length) if isinstance(max_length, int) else 64)
-    if model is None:
-        torch.manual_seed(0)
-        model = Seq2SeqTransformer(vocab_size=tokenizer.vocab_size)
-    return model, data
-
-
-def _load_factory(spec: str, device: torch.device) -> tuple[nn.Module, Any]:
-    if ":" not in spec:
-        raise DoctorError(f"--model {spec!r} must be 'module:factory', e.g. --model mypkg.models:make_model")
-    mod_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # like `python -m`: a module in the current folder is found
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise DoctorError(f"--model {spec}: cannot import {mod_name!r} ({e}); run from its folder or install it") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise DoctorError(f"--model {spec}: {mod_name} has no callable {attr!r}")
-    made = factory()
-    if isinstance(made, nn.Module):
-        return _package()._reference(device, infer_vocab_size(made), made)
-    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
-        return made[0], made[1]
-    raise DoctorError(f"--model {spec}: the factory returned {type(made).__name__}; return a model or a (model, data) pair")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the options of ``hlbd-fast doctor`` to ``p``."""
     p.add_argument("--model", default=None, help="module:factory returning a model or (model, data); default: the reference model on the bundled HLBD data")
+    p.add_argument("--data", default=None, help="an HLBD file for a model without its own data (default: the bundled 600 pairs)")
     p.add_argument("--steps", type=int, default=10, help="steps of the clean and timed passes (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--batch-size", type=int, default=None, help="micro-batch size (default 32, or the preset's)")
@@ -112,17 +61,16 @@ def _write_json(path: str, diag: Diagnosis) -> None:
 def run(args: argparse.Namespace) -> int:
     """``hlbd-fast doctor``: diagnose the reference model or ``--model module:factory``; returns the exit status.
 
-    The factory is called without arguments and returns a model (trained on the bundled
-    HLBD pairs, encoded for its vocabulary) or a ``(model, data)`` pair, ``data`` as
-    :meth:`FastTrainer.fit` takes it. An unwritable ``--json`` path is refused (status 2)
+    The factory (:mod:`hlbd_fast.factory`) is called without arguments and returns a model
+    (trained on the HLBD pairs of ``--data``, default the bundled ones, encoded for its
+    vocabulary) or a ``(model, data)`` pair, ``data`` as :meth:`FastTrainer.fit` takes it. An unwritable ``--json`` path is refused (status 2)
     before anything trains. ``args`` holds the options of :func:`add_arguments`.
     """
     try:
         device = _check_options(args)
-        doctor = _package()
-        model, data = _load_factory(args.model, device) if args.model else doctor._reference(device)
-        diag = doctor.diagnose(model, data, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, device=device, preset=args.preset)
-    except DoctorError as e:
+        model, data = factory.load(args.model, args.data) if args.model else factory.reference(data=args.data)
+        diag = passes.diagnose(model, data, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, device=device, preset=args.preset)
+    except (DoctorError, factory.FactoryError) as e:
         print(f"hlbd-fast doctor: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - one line for the user, not a traceback

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import sys
@@ -17,6 +18,7 @@ from ..history import reports_dict
 from ..strategies.base import Strategy
 from ..strategies.unpad import unpad_mode
 from ..trainer import FastTrainer
+from .pricing import PaddingPrice, price_padding
 from .probe import Probe, SyncCounter, forward_hooks
 from .report import ClassTime, Diagnosis, DoctorError, ModuleTime, OpTime, SyncSource
 from .rules import recommend
@@ -80,7 +82,8 @@ def diagnose(
     try:
         measured = _measure(trainer, probe, data, steps, warmup)
         probe.stop()
-        return _assemble(trainer, probe, measured, steps, dynamo_before)  # reads the reports before close
+        price = _price(trainer, probe)
+        return _assemble(trainer, probe, measured, steps, dynamo_before, price)  # reads the reports before close
     finally:
         probe.stop()
         trainer.close()  # worker processes, captured graphs
@@ -306,7 +309,24 @@ def _graph_breaks(trainer: FastTrainer, before: dict[str, int], compiled: bool) 
 
 
 # ---------------------------------------------------------------------------- assembling
-def _assemble(trainer: FastTrainer, probe: Probe, m: _Measured, steps: int, dynamo_before: dict[str, int]) -> Diagnosis:
+def _in_use(trainer: FastTrainer, probe: Probe) -> set[str]:
+    """The strategies at work, by class name and every base class's (a subclass counts as its base); those left out are not."""
+    names = {c.__name__ for s in trainer.strategies if s is not probe for c in type(s).__mro__ if issubclass(c, Strategy)}
+    return (names - {"Strategy"}) - set(trainer.history.left_out)
+
+
+def _price(trainer: FastTrainer, probe: Probe) -> PaddingPrice | None:
+    """Prove and price the cut of the padding on the first batch seen, when there is padding to cut and nothing cuts it."""
+    if probe.sample is None or {"TrimPadding", "Unpad"} <= _in_use(trainer, probe):
+        return None
+    try:
+        return price_padding(trainer, probe.sample)
+    except (TypeError, ValueError) as e:  # a batch format of the user's forward_logits: no price, the rest stands
+        log.info("doctor: the padding could not be priced: %s", e)
+        return None
+
+
+def _assemble(trainer: FastTrainer, probe: Probe, m: _Measured, steps: int, dynamo_before: dict[str, int], price: PaddingPrice | None = None) -> Diagnosis:
     """The :class:`Diagnosis` of what the passes measured, with its recommendations."""
     n = max(steps, 1)
     timed_total = m.timed.get("total", 0.0) / n
@@ -336,8 +356,9 @@ def _assemble(trainer: FastTrainer, probe: Probe, m: _Measured, steps: int, dyna
         recommendations=[],
         notes=m.notes + _caveats(trainer, probe),
         run_info=_run_info(trainer),
+        padding_price={} if price is None else {**dataclasses.asdict(price), "trim_ratio": price.trim_ratio, "unpad_ratio": price.unpad_ratio},
     )
-    diag.recommendations = recommend(diag, m.kernels, unpad_mode(trainer.model) is not None)
+    diag.recommendations = recommend(diag, m.kernels, unpad_mode(trainer.model) is not None, _in_use(trainer, probe), price)
     return diag
 
 

@@ -115,6 +115,7 @@ class Probe(Strategy):
         self.warnings_seen = 0
         # padding
         self.pad = {"positions": 0.0, "pad": 0.0, "trimmable": 0.0}
+        self.sample: tuple[torch.Tensor, torch.Tensor] | None = None  # the first batch of the warm-up, as loaded (pricing)
 
     def __repr__(self) -> str:
         return "_Probe()"
@@ -188,6 +189,8 @@ class Probe(Strategy):
 
     def prepare_batch(self, trainer: FastTrainer, batch: Any) -> Any:
         if self.mode == "warmup" and isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            if self.sample is None and all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in batch[:2]):
+                self.sample = (batch[0], batch[1])
             for t in batch[:2]:
                 if isinstance(t, torch.Tensor) and t.dim() == 2 and t.numel():
                     self._add_padding(t)  # warm-up only: may read values back, it is not timed

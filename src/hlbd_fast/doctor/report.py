@@ -101,6 +101,9 @@ class Diagnosis:
     notes: list[str]  # caveats of this measurement
     #: the strategies' reports by strategy (``{"CUDAGraphStep": {"graphs", "fallback", ...}, ...}``)
     run_info: dict[str, Any] = field(default_factory=dict)
+    #: the padding's proofs and price on a copy of the model (see :mod:`.pricing`): columns_cut, trim_refused,
+    #: unpad_refused, unpad_capable, padded_s, trimmed_s, ratio; empty when there was nothing to cut or it was cut already
+    padding_price: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The diagnosis as JSON-ready data (module labels included)."""

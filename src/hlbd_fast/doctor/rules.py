@@ -10,6 +10,7 @@ from typing import Callable, NamedTuple
 from torch import nn
 
 from ..strategies.precision import cpu_has_native_bf16
+from .pricing import PaddingPrice
 from .probe import READ_LABEL, SYNC_OPS
 from .report import ClassTime, Diagnosis, ModuleTime, Recommendation, SyncSource, pct
 
@@ -44,6 +45,8 @@ class _Facts:
     syncs_by_module: dict[str, list[SyncSource]]
     mentioned: set[str]  # module labels a class recommendation already covers
     unpad_capable: bool = False  # Unpad can run the model (its protocol, or torch transformer layers)
+    in_use: frozenset[str] = frozenset()  # class names (and base class names) of the strategies at work
+    price: PaddingPrice | None = None  # the padding's proofs and price, measured on a copy of the model
 
     @property
     def compute(self) -> float:
@@ -74,7 +77,7 @@ def _stands_out(c: ClassTime, ev: _ClassEvidence) -> bool:
     return (c.share >= 0.2 and not _is_builtin(c.cls)) or (ev.n_sync >= 1 and c.share >= 0.05) or (bool(ev.loopers) and c.share >= 0.1)
 
 
-def _facts(d: Diagnosis, kernels_per_step: float, unpad_capable: bool = False) -> _Facts:
+def _facts(d: Diagnosis, kernels_per_step: float, unpad_capable: bool = False, in_use: set[str] | None = None, price: PaddingPrice | None = None) -> _Facts:
     step = d.timed_step_s if d.timed_step_s > 0 else float("nan")
     by_module: defaultdict[str, list[SyncSource]] = defaultdict(list)
     for s in d.sync_sources:
@@ -85,7 +88,7 @@ def _facts(d: Diagnosis, kernels_per_step: float, unpad_capable: bool = False) -
         if _stands_out(c, ev):
             mentioned |= ev.labels
     share = {k: v / step for k, v in d.phases.items()}
-    return _Facts(step, share, kernels_per_step, dict(by_module), mentioned, unpad_capable)
+    return _Facts(step, share, kernels_per_step, dict(by_module), mentioned, unpad_capable, frozenset(in_use or ()), price)
 
 
 # ---------------------------------------------------------------------------- rules
@@ -146,20 +149,20 @@ def _loss_readback(d: Diagnosis, f: _Facts) -> Recommendation | None:
     )
 
 
-def _unpads_own_sync(d: Diagnosis, where: str) -> bool:
+def _unpads_own_sync(f: _Facts, where: str) -> bool:
     """Whether a sync is Unpad's read-back of a packing's size (hlbd_fast/packing.py), by design."""
-    return any(s.startswith("Unpad(") for s in d.strategies) and "packing.py:" in where and " in _packing" in where
+    return "Unpad" in f.in_use and "packing.py:" in where and " in _packing" in where
 
 
 def _module_syncs(d: Diagnosis, f: _Facts, module: str) -> Recommendation | None:
     """Syncs in a module (or phase) that no class recommendation covers (Unpad's own get a note instead)."""
     syncs = f.syncs_by_module.get(module, [])
-    own = [s for s in syncs if _unpads_own_sync(d, d.sync_locations.get(f"{s.module} | {s.op}", ""))]
+    own = [s for s in syncs if _unpads_own_sync(f, d.sync_locations.get(f"{s.module} | {s.op}", ""))]
     if own and not any(n.startswith("Unpad reads") for n in d.notes):
         d.notes.append(
             f"Unpad reads each packing's size back ({sum(s.per_step for s in own):g} per step, aten::nonzero in "
             "hlbd_fast/packing.py): on a GPU each one makes the host wait for the device; it is how Unpad sizes the "
-            "packed tensors, and why CUDAGraphStep cannot be combined with it"
+            "packed tensors when their lengths are not known on the host. DevicePreload() knows them and removes these reads"
         )
     syncs = [s for s in syncs if s not in own]
     n_sync = sum(s.per_step for s in syncs)
@@ -186,30 +189,78 @@ def _data_loading(d: Diagnosis, f: _Facts) -> Recommendation | None:
 
 
 def _padding_rule(d: Diagnosis, f: _Facts) -> Recommendation | None:
+    """Columns of padding in every row, for a model that computes the same without them."""
     trim = d.padding.get("trimmable_fraction", 0.0)
-    if trim < 0.25 or any("TrimPadding" in s for s in d.strategies):
+    if trim < 0.25 or "TrimPadding" in f.in_use or (f.price is not None and f.price.leaks):
         return None
+    share, measured = f.compute * trim, ""
+    if f.price is not None:
+        share = f.compute * _saved(f.price.trim_ratio)
+        measured = (
+            f" (measured on a copy of the model: a training step {_times(f.price.trim_ratio)} cheaper, {_ms(f.price.padded_s)} -> {_ms(f.price.trimmed_s)})"
+        )
     return Recommendation(
         f"{pct(d.padding['pad_fraction'])} of the batch positions are padding and {pct(trim)} are columns that are "
-        f"padding in every row of their batch; forward+backward take {pct(f.compute)} of step time: TrimPadding() cuts those columns",
-        f.compute * trim,
+        f"padding in every row of their batch; forward+backward take {pct(f.compute)} of step time: TrimPadding() cuts those columns{measured}",
+        share,
         ["TrimPadding"],
+    )
+
+
+def _saved(ratio: float | None) -> float:
+    """The share of a step that a ratio of step times saves (0 when it saves nothing)."""
+    return max(0.0, 1 - 1 / ratio) if ratio and ratio == ratio else 0.0
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.1f}x"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1e3 * seconds:.0f} ms"
+
+
+def _padding_leak(d: Diagnosis, f: _Facts) -> Recommendation | None:
+    """A model that lets padding reach real positions: what it refuses, why, the fix in the model and its price."""
+    p = f.price
+    if p is None or not p.leaks or not d.padding:
+        return None
+    measured = p.trim_refused or p.unpad_refused
+    refused = "TrimPadding and Unpad refuse" if p.unpad_capable else "TrimPadding refuses"
+    gains = [f"TrimPadding would make a training step {_times(p.trim_ratio)} cheaper"]
+    if p.unpad_ratio is not None:
+        gains.append(f"TrimPadding with Unpad {_times(p.unpad_ratio)}")
+    best = max(p.trim_ratio, p.unpad_ratio or 0.0)
+    steps = f"{_ms(p.padded_s)} padded, {_ms(p.trimmed_s)} cut" + (f", {_ms(p.unpadded_s)} real tokens only" if p.unpadded_s is not None else "")
+    return Recommendation(
+        f"the model lets padding reach real positions ({measured}): {refused} it, since cut it would train another model "
+        f"than the plain loop. {pct(d.padding['pad_fraction'])} of the batch positions are padding. The fix is in the model: mask "
+        f"padding keys in attention (a key padding mask for the source, causal decoding); then {' and '.join(gains)} "
+        f"(measured on copies of the model, one batch: {steps}; only timed, never trained)" + ("" if best >= 1.05 else ": little to gain on these batches"),
+        f.compute * _saved(best),
+        [],
     )
 
 
 def _unpad_rule(d: Diagnosis, f: _Facts) -> Recommendation | None:
     """Padding that trimming leaves (short rows under a long one), for a model that can run without it."""
-    if not f.unpad_capable or not d.padding or any(s.startswith("Unpad(") for s in d.strategies):
+    if not f.unpad_capable or not d.padding or "Unpad" in f.in_use or (f.price is not None and f.price.leaks):
         return None
-    trimmed = any(s.startswith("TrimPadding(") for s in d.strategies)
+    trimmed = "TrimPadding" in f.in_use
     left = d.padding["pad_fraction"] - (d.padding["trimmable_fraction"] if trimmed else 0.0)
     if left < 0.2:
         return None
+    share, measured = f.compute * left, ""
+    p = f.price
+    if p is not None and p.unpadded_s is not None:
+        before = p.trimmed_s if trimmed else p.padded_s
+        share = f.compute * _saved(before / p.unpadded_s)
+        measured = f" (measured on a copy of the model: a training step {_times(before / p.unpadded_s)} cheaper, {_ms(before)} -> {_ms(p.unpadded_s)})"
     after = "after trimming " if trimmed else ""
     return Recommendation(
         f"{pct(left)} of the batch positions {after}are padding; forward+backward take {pct(f.compute)} of step time and "
-        "the model runs padding-free: Unpad() sends only the real tokens through the matrix products",
-        f.compute * left,
+        f"the model runs padding-free: Unpad() sends only the real tokens through the matrix products{measured}",
+        share,
         ["Unpad"],
     )
 
@@ -240,7 +291,7 @@ def _host_share(d: Diagnosis, names: Callable[[str], bool]) -> float:
 
 def _cpu_bf16(d: Diagnosis, f: _Facts) -> Recommendation | None:
     """CPU matmuls: bf16 where the CPU has it natively; otherwise a note (emulated bf16 is slower)."""
-    if not d.device.startswith("cpu") or not d.top_ops or any("MixedPrecision" in s for s in d.strategies):
+    if not d.device.startswith("cpu") or not d.top_ops or "MixedPrecision" in f.in_use:
         return None
     mm = _host_share(d, lambda name: name in _MATMUL_OPS)
     if not mm >= 0.3:
@@ -262,7 +313,7 @@ def _cpu_bf16(d: Diagnosis, f: _Facts) -> Recommendation | None:
 
 def _dropout_masks(d: Diagnosis, f: _Facts) -> Recommendation | None:
     """CPU dropout masks drawn serially by torch."""
-    if not d.device.startswith("cpu") or not d.top_ops or any("FastDropout" in s for s in d.strategies):
+    if not d.device.startswith("cpu") or not d.top_ops or "FastDropout" in f.in_use:
         return None
     masks = _host_share(d, lambda name: name == "aten::bernoulli_")
     if not masks >= 0.05:
@@ -283,7 +334,7 @@ def _dropout_masks(d: Diagnosis, f: _Facts) -> Recommendation | None:
 
 def _optimizer(d: Diagnosis, f: _Facts) -> Recommendation | None:
     opt = f.share.get("optimizer", 0.0)
-    if not opt >= 0.15 or any("FusedAdamW" in s for s in d.strategies):
+    if not opt >= 0.15 or "FusedAdamW" in f.in_use:
         return None
     return Recommendation(
         f"the optimizer step (clip + step + zero_grad) takes {pct(opt)} of step time: "
@@ -325,6 +376,7 @@ _Rule = Callable[[Diagnosis, _Facts], "Recommendation | None"]
 _STEP_RULES: tuple[_Rule, ...] = (
     _data_loading,
     _padding_rule,
+    _padding_leak,
     _unpad_rule,
     _launch_bound,
     _cpu_bf16,
@@ -347,9 +399,16 @@ def _rules(d: Diagnosis, f: _Facts) -> list[_Rule]:
     ]
 
 
-def recommend(d: Diagnosis, kernels_per_step: float, unpad_capable: bool = False) -> list[Recommendation]:
-    """Apply every rule; the recommendations found, largest share first (a rule may add a note to ``d``)."""
-    f = _facts(d, kernels_per_step, unpad_capable)
+def recommend(
+    d: Diagnosis, kernels_per_step: float, unpad_capable: bool = False, in_use: set[str] | None = None, price: PaddingPrice | None = None
+) -> list[Recommendation]:
+    """Apply every rule; the recommendations found, largest share first (a rule may add a note to ``d``).
+
+    ``in_use``: the class names of the strategies at work (a strategy is never recommended
+    twice); ``price``: the padding's proofs and price (a strategy the model refuses is never
+    recommended: the leak and its fix are, with the price).
+    """
+    f = _facts(d, kernels_per_step, unpad_capable, in_use, price)
     recs = [r for rule in _rules(d, f) if (r := rule(d, f)) is not None]
     recs.sort(key=lambda r: r.share, reverse=True)
     return recs
