@@ -173,3 +173,14 @@ def test_torch_transformer_trains_packed_with_the_padded_losses(capsys):
     padded = [float(x) for x in re.search(r"^without Unpad:\s+(.*?)\s+\(", out, flags=re.M).group(1).split(", ")]
     assert len(with_unpad) == len(padded) == 2 and with_unpad[1] < with_unpad[0]  # it learns
     assert with_unpad == pytest.approx(padded, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- your_own_model.py
+def test_your_own_model_is_tuned_without_what_it_refuses_then_trained(capsys):
+    main = load_example("your_own_model")["main"]
+    assert main(["--tiny", "--budget", "20", "--epochs", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "TrimPadding refused this model" in out and "Unpad refused this model" in out
+    chosen = out.split("chosen: ", 1)[1]
+    assert "TrimPadding" not in chosen and "Unpad" not in chosen
+    assert "trained 1 epochs with" in out

@@ -229,3 +229,15 @@ def test_the_doctor_and_tune_agree_on_a_leaking_model(leaky_report):
     assert d.padding_price["unpad_refused"] and row(leaky_report, "unpad").verdict == "refused"
     recommended = {s for r in d.recommendations for s in r.strategies}
     assert not recommended & {"TrimPadding", "Unpad"}
+
+
+def test_a_candidate_brings_along_what_its_declaration_requires():
+    """CUDAGraphStep requires batches on the device: its rows bring DevicePreload first, once (on a CPU it runs eagerly)."""
+    from hlbd_fast.strategies import CUDAGraphStep, DevicePreload
+
+    pool = (Candidate("graphs", CUDAGraphStep), Candidate("device preload", DevicePreload))
+    report = tune(TinySeq2Seq(), ragged_pairs(n=32), batch_size=8, budget_s=BUDGET, candidates=pool, progress=False)
+    graphs = row(report, "graphs")
+    assert graphs.strategies == ["DevicePreload()", "CUDAGraphStep()"] and graphs.verdict == "exact" and graphs.speedup is not None
+    for r in report.rows:
+        assert r.strategies.count("DevicePreload()") <= 1, r

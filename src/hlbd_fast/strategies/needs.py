@@ -111,11 +111,15 @@ def refusal(name: str, measured: str) -> str:
     )
 
 
-def leave_out(trainer: Any, name: str, measured: str) -> None:
-    """Record and say once that ``name`` is left out of this trainer's runs because its proof failed."""
+def leave_out(trainer: Any, name: str, measured: str, price: str | None = None) -> None:
+    """Record and say once that ``name`` is left out of this trainer's runs because its proof failed.
+
+    ``price``: what the fix would buy, measured (e.g. the forward of the batch cut against padded).
+    """
+    buys = f" Fixed, it would buy: {price}." if price else ""
     reason = (
-        f"its proof failed on the first batch ({measured}); the run trains exactly as without it. To get its speed, "
-        "mask padding keys in the model's attention (see hlbd-fast doctor for what it would buy)"
+        f"its proof failed on the first batch ({measured}); the run trains exactly as without it.{buys} To get its speed, "
+        "mask padding keys in the model's attention (hlbd-fast doctor prices a whole training step)"
     )
     trainer.history.left_out[name] = reason
     warnings.warn(f"{name} is left out of this run: {reason}", RuntimeWarning, stacklevel=6)

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -176,6 +177,42 @@ def _logits(net: nn.Module, src: torch.Tensor, tgt: torch.Tensor, forward: Calla
     return extract_logits(out, src.shape[0], tgt.shape[1] - 1).float()
 
 
+def price_of_cut(model: nn.Module, batch: Any, pad_id: int, forward: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> str:
+    """What cutting ``batch``'s trailing padding columns buys ``model``'s forward, measured, in words.
+
+    The forward of the batch padded and cut (fp32, eval mode, no gradients, TF32 off, as
+    :func:`verify_trim` runs them), each run twice and the second run timed (the first
+    pays one-off costs). Only timed: for a model that lets padding leak, the cut forward
+    computes something else.
+    """
+    src, tgt = token_pair(batch, "price_of_cut")
+    ks = min(max(int(row_lengths(src, pad_id).max()), _MIN_SRC), src.shape[1])
+    kt = min(max(int(row_lengths(tgt, pad_id).max()), _MIN_TGT), tgt.shape[1])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(src.device.type, enabled=False), tf32_off():
+            padded_s = _second_run_seconds(lambda: _logits(model, src, tgt, forward), src.device)
+            cut_s = _second_run_seconds(lambda: _logits(model, src[:, :ks], tgt[:, :kt], forward), src.device)
+    finally:
+        model.train(was_training)
+    ratio = padded_s / cut_s if cut_s > 0 else float("nan")
+    return f"a forward of this batch cut to its longest rows took {1e3 * cut_s:.0f} ms against {1e3 * padded_s:.0f} ms padded ({ratio:.1f}x cheaper)"
+
+
+def _second_run_seconds(run: Callable[[], Any], device: torch.device) -> float:
+    """Wall seconds of the second of two calls of ``run`` (CUDA: the device's work waited for)."""
+    for _ in range(2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # a one-off measurement may wait for the device
+        seconds = time.perf_counter() - t0
+    return seconds
+
+
 # ---------------------------------------------------------------------------- TrimPadding
 class TrimPadding(Strategy):
     """Cut the trailing columns of ``src`` and ``tgt`` that are padding in every row.
@@ -296,11 +333,20 @@ class TrimPadding(Strategy):
             if self.on_refusal == "raise":
                 raise ValueError(refusal("TrimPadding", measured)) from None
             self._left_out, self._verify = True, _no_check
-            leave_out(trainer, "TrimPadding", measured)
+            leave_out(trainer, "TrimPadding", measured, _price(self._model, batch, self._pad_id, trainer))
             return
         if proof.columns_cut > 0:
             self._proof = proof
             self._verify = _no_check  # proven on a batch with padding to cut; never again
+
+
+def _price(model: nn.Module, batch: Any, pad_id: int, trainer: "FastTrainer") -> str | None:
+    """:func:`price_of_cut` for a leave-out warning; ``None`` when it cannot be measured (the warning stands without it)."""
+    try:
+        return price_of_cut(model, batch, pad_id, _own_forward(trainer))
+    except Exception as e:  # noqa: BLE001 - a price is extra information, never a reason to stop training
+        log.info("TrimPadding: the price of the cut could not be measured: %s", e)
+        return None
 
 
 def _own_forward(trainer: "FastTrainer") -> Callable[[nn.Module, Any], torch.Tensor] | None:

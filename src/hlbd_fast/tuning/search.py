@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -9,7 +10,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -83,6 +84,9 @@ class _Setup:
     kwargs: dict[str, Any]  # FastTrainer arguments of every row
     has_dropout: bool  # the model draws dropout masks in training
     accept: tuple[str, ...]  # the verdicts a configuration may have to be chosen
+    tols: tuple[float, float] = (1e-4, 2e-2)  # rounding_tol, precision_tol
+    proof_steps: int = 2  # optimizer steps each proof compares
+    steps_per_round: int = 2  # optimizer steps of every row per timing round
 
 
 def tune(
@@ -136,26 +140,10 @@ def tune(
     started = time.perf_counter()
     dev = _check_arguments(model, data, device, batch_size, budget_s, proof_steps, steps_per_round, trainer_class, trainer_kwargs)
     setup = _setup(model, data, dev, batch_size, lr, proof_steps, steps_per_round, seed, trainer_class, trainer_kwargs)
-    setup = dataclasses.replace(setup, accept=_check_accept(accept))
+    setup = dataclasses.replace(setup, accept=_check_accept(accept), tols=(rounding_tol, precision_tol))
     pool = tuple(candidates) if candidates is not None else default_candidates(dev)
-    bar = tqdm(total=round(budget_s), desc="tune", unit="s", disable=not progress, leave=False)
-    tick = _Ticker(bar, started)
-    try:
-        plain = _prove(setup, ())
-        if plain.error is not None:
-            raise TuneError(f"the plain loop cannot train one step of this model on this data: {plain.error}")
-        tick()
-        _check_budget(budget_s, time.perf_counter() - started, plain.step_s, len(pool), proof_steps, steps_per_round)
-        rows = [TuneRow(PLAIN, "alone", [], "exact", "the reference: every other row is compared with it", 0.0, 0.0)]
-        alone = _alone(setup, pool, plain, (rounding_tol, precision_tol), rows, tick)
-        remaining = budget_s - (time.perf_counter() - started)
-        _time_rows(setup, [(PLAIN, ()), *((c.name, (c,)) for c in alone)], rows, "alone", remaining * 0.45, tick)
-        chain = _combine(setup, pool, alone, rows, plain, (rounding_tol, precision_tol), tick)
-        remaining = budget_s - (time.perf_counter() - started)
-        if chain:
-            _time_rows(setup, [(PLAIN, ()), *chain], rows, "combined", remaining, tick)
-    finally:
-        bar.close()
+    with _progress(budget_s, progress, started) as tick:
+        rows, chain = _search(setup, pool, budget_s, started, tick)
     chosen, builders = _choose(rows, pool, chain)
     return TuneReport(
         model=type(model).__name__,
@@ -172,6 +160,39 @@ def tune(
         machine=machine_info(dev),
         _builders=builders,
     )
+
+
+def _search(
+    setup: _Setup, pool: Sequence[Candidate], budget_s: float, started: float, tick: Callable[..., None]
+) -> tuple[list[TuneRow], list[tuple[str, tuple[Candidate, ...]]]]:
+    """The four stages: the plain loop, each candidate alone (proven, then timed), the combinations (proven, then timed)."""
+    plain = _prove(setup, ())
+    if plain.error is not None:
+        raise TuneError(f"the plain loop cannot train one step of this model on this data: {plain.error}")
+    tick()
+    _check_budget(budget_s, time.perf_counter() - started, plain.step_s, len(pool), setup.proof_steps, setup.steps_per_round)
+    rows = [TuneRow(PLAIN, "alone", [], "exact", "the reference: every other row is compared with it", 0.0, 0.0)]
+    alone = _alone(setup, pool, plain, rows, tick)
+    remaining = budget_s - (time.perf_counter() - started)
+    _time_rows(setup, [(PLAIN, ()), *alone], rows, "alone", remaining * 0.45, tick)
+    chain = _combine(setup, pool, [c for name, members in alone for c in members if c.name == name], rows, plain, tick)
+    remaining = budget_s - (time.perf_counter() - started)
+    if chain:
+        _time_rows(setup, [(PLAIN, ()), *chain], rows, "combined", remaining, tick)
+    return rows, chain
+
+
+@contextlib.contextmanager
+def _progress(budget_s: float, progress: bool, started: float) -> Iterator[Callable[..., None]]:
+    """A progress bar over the budget (its ticker yielded), and the library's set-up lines quiet meanwhile."""
+    bar = tqdm(total=round(budget_s), desc="tune", unit="s", disable=not progress, leave=False)
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))  # every row builds trainers: their set-up lines would bury the table
+    try:
+        yield _Ticker(bar, started)
+    finally:
+        log.setLevel(level)
+        bar.close()
 
 
 class _Ticker:
@@ -270,7 +291,19 @@ def _setup(
     has_dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
     kwargs = {"batch_size": batch_size, "lr": lr, "seed": seed, "progress": False, "device": dev, **trainer_kwargs}
     proof_n, round_n = min(len(src), proof_steps * batch_size), min(len(src), steps_per_round * batch_size)
-    return _Setup(initial, (src[:proof_n], tgt[:proof_n]), (src[:round_n], tgt[:round_n]), dev, trainer_class, kwargs, has_dropout, VERDICTS[:-1])
+    return _Setup(
+        initial,
+        (src[:proof_n], tgt[:proof_n]),
+        (src[:round_n], tgt[:round_n]),
+        dev,
+        trainer_class,
+        kwargs,
+        has_dropout,
+        VERDICTS[:-1],
+        (1e-4, 2e-2),
+        proof_steps,
+        steps_per_round,
+    )
 
 
 def _check_accept(accept: Any) -> tuple[str, ...]:
@@ -338,10 +371,9 @@ def _differences(plain: _Proof, proof: _Proof) -> tuple[float, float]:
     return loss, math.sqrt(apart / size) if size > 0 else math.sqrt(apart)
 
 
-def _verdict(
-    setup: _Setup, strategies: tuple[Strategy, ...], plain: _Proof, proof: _Proof, tols: tuple[float, float]
-) -> tuple[str, str, float | None, float | None]:
+def _verdict(setup: _Setup, strategies: tuple[Strategy, ...], plain: _Proof, proof: _Proof) -> tuple[str, str, float | None, float | None]:
     """(verdict, reason, loss difference, weight difference) of a proof run against the plain loop's."""
+    tols = setup.tols
     if proof.error is not None:
         return "refused", f"it failed: {proof.error}", None, None
     if proof.left_out:
@@ -352,10 +384,10 @@ def _verdict(
     worst = max(loss, weight)
     if worst == 0.0:
         measured, why = "exact", "the same losses and weights, bit for bit"
+    elif Computes.PRECISION in declared and worst <= tols[1]:  # lower precision is its verdict, however close it came
+        measured, why = "precision", f"losses and weights within {tols[1]:g} relative (lower precision)"
     elif worst <= tols[0]:
         measured, why = "rounding", f"losses and weights within {tols[0]:g} relative (float rounding)"
-    elif Computes.PRECISION in declared and worst <= tols[1]:
-        measured, why = "precision", f"losses and weights within {tols[1]:g} relative (lower precision)"
     else:
         limit = tols[1] if Computes.PRECISION in declared else tols[0]
         what = "running loss" if loss >= weight else "weights"
@@ -394,11 +426,9 @@ def _unsupported(setup: _Setup, c: Candidate) -> str | None:
     return c.build().declare(Context(setup.initial, setup.device)).unsupported
 
 
-def _alone(
-    setup: _Setup, pool: Sequence[Candidate], plain: _Proof, tols: tuple[float, float], rows: list[TuneRow], tick: Callable[[], None]
-) -> list[Candidate]:
-    """Prove each candidate alone (with what it requires); the accepted ones, in the pool's order."""
-    accepted = []
+def _alone(setup: _Setup, pool: Sequence[Candidate], plain: _Proof, rows: list[TuneRow], tick: Callable[[], None]) -> list[tuple[str, tuple[Candidate, ...]]]:
+    """Prove each candidate alone (with what it requires); the accepted ones (name, members), in the pool's order."""
+    accepted: list[tuple[str, tuple[Candidate, ...]]] = []
     for c in pool:
         why_not = _unsupported(setup, c)
         if why_not is None and not setup.has_dropout and isinstance(c.build(), FastDropout):
@@ -408,10 +438,10 @@ def _alone(
             continue
         members = _with_requirements(setup, [c], pool)
         strategies = tuple(m.build() for m in members)
-        verdict, reason, loss, weight = _verdict(setup, strategies, plain, _prove(setup, strategies), tols)
+        verdict, reason, loss, weight = _verdict(setup, strategies, plain, _prove(setup, strategies))
         rows.append(TuneRow(c.name, "alone", [as_code(s) for s in strategies], verdict, reason, loss, weight))
         if verdict != "refused":
-            accepted.append(c)
+            accepted.append((c.name, tuple(members)))
         tick()
     return accepted
 
@@ -422,7 +452,6 @@ def _combine(
     alone: Sequence[Candidate],
     rows: list[TuneRow],
     plain: _Proof,
-    tols: tuple[float, float],
     tick: Callable[[], None],
 ) -> list[tuple[str, tuple[Candidate, ...]]]:
     """Add the accepted candidates fastest-alone first; every combination that its declarations and proof allow."""
@@ -443,7 +472,7 @@ def _combine(
         if problems:
             rows.append(TuneRow(name, "combined", [as_code(s) for s in strategies], "not tried", problems[0]))
             continue
-        verdict, reason, loss, weight = _verdict(setup, strategies, plain, _prove(setup, strategies), tols)
+        verdict, reason, loss, weight = _verdict(setup, strategies, plain, _prove(setup, strategies))
         rows.append(TuneRow(name, "combined", [as_code(s) for s in strategies], verdict, reason, loss, weight))
         tick()
         if verdict != "refused":
