@@ -191,11 +191,17 @@ def test_a_budget_too_small_for_two_rounds_names_the_minimum():
 
 
 # ---------------------------------------------------------------------------- the command
-def test_the_command_refuses_a_bad_factory_and_budget_with_status_2(capsys, tmp_path):
+def test_the_command_refuses_a_bad_factory_and_budget_with_status_2(capsys, tmp_path, monkeypatch):
     assert tune_main(["--model", "no_such_module_here:factory", "--device", "cpu"]) == 2
     assert "hlbd-fast tune: error: --model no_such_module_here:factory: cannot import" in capsys.readouterr().err
     assert tune_main(["--json", str(tmp_path), "--device", "cpu"]) == 2
     assert "--json" in capsys.readouterr().err
+    (tmp_path / "tune_bad_factories.py").write_text("def nothing():\n    return 3\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert tune_main(["--model", "tune_bad_factories:nothing", "--device", "cpu"]) == 2
+    assert "the factory returned int; return a model or a (model, data) pair" in capsys.readouterr().err
+    assert tune_main(["--budget", "0", "--device", "cpu"]) == 2  # the reference model: refused before it trains
+    assert "budget_s must be a positive number" in capsys.readouterr().err
 
 
 def test_the_command_tunes_a_factory_model_and_writes_json(tmp_path, monkeypatch, capsys):
