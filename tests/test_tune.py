@@ -125,9 +125,12 @@ def test_a_dropout_strategy_gets_the_random_stream_verdict_and_accept_can_leave_
 
 
 def test_a_strategy_the_model_cannot_run_is_not_tried_and_says_why():
-    report = tune(TinySeq2Seq(), ragged_pairs(n=32), batch_size=8, budget_s=BUDGET, candidates=cpu_candidates("unpad", "deferred sync"), progress=False)
+    pool = cpu_candidates("unpad", "fast dropout", "deferred sync")
+    report = tune(TinySeq2Seq(), ragged_pairs(n=32), batch_size=8, budget_s=BUDGET, candidates=pool, progress=False)
     r = row(report, "unpad")
     assert r.verdict == "not tried" and "Unpad cannot run TinySeq2Seq" in r.reason
+    r = row(report, "fast dropout")  # dropout p=0: a random stream of nothing
+    assert r.verdict == "not tried" and "no nn.Dropout with p > 0" in r.reason
 
 
 # ---------------------------------------------------------------------------- a trainer subclass

@@ -422,8 +422,11 @@ def _with_requirements(setup: _Setup, chosen: Sequence[Candidate], pool: Sequenc
 
 
 def _unsupported(setup: _Setup, c: Candidate) -> str | None:
-    """Why ``c`` cannot run this model on this device (its declaration), or None."""
-    return c.build().declare(Context(setup.initial, setup.device)).unsupported
+    """Why ``c`` cannot run this model on this device, or has nothing to change in it (its declaration), or None."""
+    declared = c.build().declare(Context(setup.initial, setup.device))
+    if declared.unsupported is None and declared.computes is Computes.RANDOM_STREAM and not setup.has_dropout:
+        return "it draws dropout masks from another stream, and the model has no nn.Dropout with p > 0: it would change nothing"
+    return declared.unsupported
 
 
 def _alone(setup: _Setup, pool: Sequence[Candidate], plain: _Proof, rows: list[TuneRow], tick: Callable[[], None]) -> list[tuple[str, tuple[Candidate, ...]]]:
@@ -431,8 +434,6 @@ def _alone(setup: _Setup, pool: Sequence[Candidate], plain: _Proof, rows: list[T
     accepted: list[tuple[str, tuple[Candidate, ...]]] = []
     for c in pool:
         why_not = _unsupported(setup, c)
-        if why_not is None and not setup.has_dropout and isinstance(c.build(), FastDropout):
-            why_not = "the model has no nn.Dropout module with p > 0: FastDropout would change nothing"
         if why_not is not None:
             rows.append(TuneRow(c.name, "alone", [as_code(c.build())], "not tried", why_not))
             continue
