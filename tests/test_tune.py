@@ -245,8 +245,9 @@ def test_a_candidate_brings_along_what_its_declaration_requires():
     from hlbd_fast.strategies import CUDAGraphStep, DevicePreload
 
     pool = (Candidate("graphs", CUDAGraphStep), Candidate("device preload", DevicePreload))
-    report = tune(TinySeq2Seq(), ragged_pairs(n=32), batch_size=8, budget_s=BUDGET, candidates=pool, progress=False)
+    report = tune(TinySeq2Seq(), ragged_pairs(n=64), batch_size=8, budget_s=BUDGET, candidates=pool, progress=False)
     graphs = row(report, "graphs")
     assert graphs.strategies == ["DevicePreload()", "CUDAGraphStep()"] and graphs.verdict == "exact" and graphs.speedup is not None
+    assert graphs.steps == report.proof_steps + CUDAGraphStep().warmup_steps + 2  # compared past the capture, on a replay
     for r in report.rows:
         assert r.strategies.count("DevicePreload()") <= 1, r

@@ -448,6 +448,7 @@ class CUDAGraphStep(StepRunner):
                 ),
                 Need(Capability.OWN_CUDA_GRAPHS, "CUDA graphs cannot be nested inside the step's graph"),
             ),
+            warmup_steps=self.warmup_steps + 2,  # eager runs of a shape, its capture, then a replay
         )
 
     def report(self) -> "GraphReport":

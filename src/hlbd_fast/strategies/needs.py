@@ -17,6 +17,7 @@ refused under :class:`~hlbd_fast.strategies.CUDAGraphStep`.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import warnings
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ class Declaration:
     computes: Computes = Computes.EXACT  # what it changes in the plain loop's numbers
     proof: bool = False  # it proves itself on the first batch (a preset may leave it out when the proof fails)
     unsupported: str | None = None  # why it cannot run this model or device (None: it can)
+    warmup_steps: int = 0  # optimizer steps it runs before its change takes effect: a comparison must run past them
 
     def provided(self) -> set[Capability]:
         """The capabilities it provides."""
@@ -151,7 +153,7 @@ def declarations(strategies: Iterable["Strategy"], context: Context) -> dict[int
         d = s.declare(context)
         hooks = _host_step_hooks(s)
         if hooks is not None:
-            d = Declaration(d.provides + (hooks,), d.requires, d.forbids, d.computes, d.proof, d.unsupported)
+            d = dataclasses.replace(d, provides=d.provides + (hooks,))
         out[id(s)] = (s, d)
     return out
 

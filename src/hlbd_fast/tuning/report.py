@@ -36,6 +36,7 @@ class TuneRow:
     speedup: float | None = None  # plain loop's round seconds over the row's (median, after the first round)
     rounds: int | None = None  # how many rounds the speed-up rests on
     s_per_round: float | None = None  # median seconds of the row's rounds after the first
+    steps: int | None = None  # optimizer steps its proof compared (more than proof_steps past a declared warm-up)
 
     @property
     def accepted(self) -> bool:
@@ -129,10 +130,10 @@ def _render(r: TuneReport) -> str:
     """The table, the choice and its code."""
     lines = [
         f"tune: {r.model} on {r.device}, micro-batch {r.batch_size}, lr {r.lr:g}; {r.spent_s:.0f} s of a {r.budget_s:.0f} s budget",
-        f"proofs: {r.proof_steps} optimizer steps from the same weights on the same batches as the plain loop, dropout off; "
+        f"proofs: {r.proof_steps} optimizer steps (more past a declared warm-up) from the same weights on the same batches as the plain loop, dropout off; "
         f"timing: {r.steps_per_round} steps per round, interleaved; a combined row adds one strategy to the row above it",
         "",
-        f"{'configuration':<20} {'stage':<9} {'verdict':<14} {'loss diff':>9} {'weight diff':>11} {'speed-up':>8} {'rounds':>6}  reason",
+        f"{'configuration':<20} {'stage':<9} {'verdict':<14} {'steps':>5} {'loss diff':>9} {'weight diff':>11} {'speed-up':>8} {'rounds':>6}  reason",
     ]
     previous = ""
     for row in r.rows:
@@ -143,7 +144,7 @@ def _render(r: TuneReport) -> str:
             previous = row.name
         speed = "-" if row.speedup is None else f"{row.speedup:.2f}x"
         lines.append(
-            f"{shown:<20} {row.stage:<9} {row.verdict:<14} {_fmt(row.loss_diff, '9.1e'):>9} {_fmt(row.weight_diff, '11.1e'):>11} "
+            f"{shown:<20} {row.stage:<9} {row.verdict:<14} {_fmt(row.steps, 'd'):>5} {_fmt(row.loss_diff, '9.1e'):>9} {_fmt(row.weight_diff, '11.1e'):>11} "
             f"{speed:>8} {_fmt(row.rounds, 'd'):>6}  {row.reason}"
         )
     best = r.best

@@ -77,7 +77,7 @@ class _Setup:
     """What every row shares: the initial weights, the data, the trainer and its arguments."""
 
     initial: nn.Module  # the initial weights (on the host, never trained)
-    proof_data: tuple[torch.Tensor, torch.Tensor]  # proof_steps micro-batches' pairs
+    data: tuple[torch.Tensor, torch.Tensor]  # all the pairs (a proof trains on its first steps' worth)
     round_data: tuple[torch.Tensor, torch.Tensor]  # steps_per_round micro-batches' pairs
     device: torch.device
     trainer_class: type[FastTrainer]
@@ -166,16 +166,17 @@ def _search(
     setup: _Setup, pool: Sequence[Candidate], budget_s: float, started: float, tick: Callable[..., None]
 ) -> tuple[list[TuneRow], list[tuple[str, tuple[Candidate, ...]]]]:
     """The four stages: the plain loop, each candidate alone (proven, then timed), the combinations (proven, then timed)."""
-    plain = _prove(setup, ())
+    plain = _prove(setup, (), setup.proof_steps)
+    plains = {setup.proof_steps: plain}
     if plain.error is not None:
         raise TuneError(f"the plain loop cannot train one step of this model on this data: {plain.error}")
     tick()
     _check_budget(budget_s, time.perf_counter() - started, plain.step_s, len(pool), setup.proof_steps, setup.steps_per_round)
-    rows = [TuneRow(PLAIN, "alone", [], "exact", "the reference: every other row is compared with it", 0.0, 0.0)]
-    alone = _alone(setup, pool, plain, rows, tick)
+    rows = [TuneRow(PLAIN, "alone", [], "exact", "the reference: every other row is compared with it", 0.0, 0.0, steps=setup.proof_steps)]
+    alone = _alone(setup, pool, plains, rows, tick)
     remaining = budget_s - (time.perf_counter() - started)
     _time_rows(setup, [(PLAIN, ()), *alone], rows, "alone", remaining * 0.45, tick)
-    chain = _combine(setup, pool, [c for name, members in alone for c in members if c.name == name], rows, plain, tick)
+    chain = _combine(setup, pool, [c for name, members in alone for c in members if c.name == name], rows, plains, tick)
     remaining = budget_s - (time.perf_counter() - started)
     if chain:
         _time_rows(setup, [(PLAIN, ()), *chain], rows, "combined", remaining, tick)
@@ -290,10 +291,10 @@ def _setup(
     initial = copy.deepcopy(model).cpu()
     has_dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
     kwargs = {"batch_size": batch_size, "lr": lr, "seed": seed, "progress": False, "device": dev, **trainer_kwargs}
-    proof_n, round_n = min(len(src), proof_steps * batch_size), min(len(src), steps_per_round * batch_size)
+    round_n = min(len(src), steps_per_round * batch_size)
     return _Setup(
         initial,
-        (src[:proof_n], tgt[:proof_n]),
+        (src, tgt),
         (src[:round_n], tgt[:round_n]),
         dev,
         trainer_class,
@@ -342,16 +343,36 @@ class _Proof:
     left_out: dict[str, str] = field(default_factory=dict)
 
 
-def _prove(setup: _Setup, strategies: tuple[Strategy, ...]) -> _Proof:
-    """Train ``strategies`` for the proof's steps from the initial weights; their losses and weights."""
+def _proof_steps(setup: _Setup, strategies: tuple[Strategy, ...]) -> int:
+    """The proof's steps, past the warm-up any strategy declares (CUDAGraphStep: its eager runs and capture)."""
+    context = Context(setup.initial, setup.device)
+    return setup.proof_steps + max((d.warmup_steps for _, d in declarations(strategies, context).values()), default=0)
+
+
+def _judged(setup: _Setup, name: str, stage: str, strategies: tuple[Strategy, ...], plains: dict[int, _Proof]) -> TuneRow:
+    """The row of ``strategies``: proven against the plain loop over as many steps (the plain loop trained once per step count)."""
+    steps = _proof_steps(setup, strategies)
+    if steps not in plains:
+        plains[steps] = _prove(setup, (), steps)
+    verdict, reason, loss, weight = _verdict(setup, strategies, plains[steps], _prove(setup, strategies, steps))
+    ran = len(plains[steps].losses)
+    if ran < steps and steps > setup.proof_steps:
+        reason += f"; the data holds {ran} steps, fewer than the {steps} that reach past its declared warm-up: the change itself was not compared"
+    return TuneRow(name, stage, [as_code(s) for s in strategies], verdict, reason, loss, weight, steps=ran)
+
+
+def _prove(setup: _Setup, strategies: tuple[Strategy, ...], steps: int) -> _Proof:
+    """Train ``strategies`` for ``steps`` optimizer steps (one epoch of the first pairs) from the initial weights."""
     recorder = _StepLosses()
+    n = steps * setup.kwargs["batch_size"]
+    src, tgt = setup.data[0][:n], setup.data[1][:n]
     t0 = time.perf_counter()
     model = copy.deepcopy(setup.initial)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a strategy left out says so in history.left_out
             with setup.trainer_class(model, **{**setup.kwargs, "strategies": (*strategies, recorder)}) as trainer:
-                trainer.fit(setup.proof_data, 1)
+                trainer.fit((src, tgt), 1)
                 left_out = dict(trainer.history.left_out)
     except Exception as e:  # noqa: BLE001 - the row is refused with the error; the others go on
         return _Proof(seconds=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}".splitlines()[0])
@@ -429,7 +450,9 @@ def _unsupported(setup: _Setup, c: Candidate) -> str | None:
     return declared.unsupported
 
 
-def _alone(setup: _Setup, pool: Sequence[Candidate], plain: _Proof, rows: list[TuneRow], tick: Callable[[], None]) -> list[tuple[str, tuple[Candidate, ...]]]:
+def _alone(
+    setup: _Setup, pool: Sequence[Candidate], plains: dict[int, _Proof], rows: list[TuneRow], tick: Callable[[], None]
+) -> list[tuple[str, tuple[Candidate, ...]]]:
     """Prove each candidate alone (with what it requires); the accepted ones (name, members), in the pool's order."""
     accepted: list[tuple[str, tuple[Candidate, ...]]] = []
     for c in pool:
@@ -439,9 +462,8 @@ def _alone(setup: _Setup, pool: Sequence[Candidate], plain: _Proof, rows: list[T
             continue
         members = _with_requirements(setup, [c], pool)
         strategies = tuple(m.build() for m in members)
-        verdict, reason, loss, weight = _verdict(setup, strategies, plain, _prove(setup, strategies))
-        rows.append(TuneRow(c.name, "alone", [as_code(s) for s in strategies], verdict, reason, loss, weight))
-        if verdict != "refused":
+        rows.append(_judged(setup, c.name, "alone", strategies, plains))
+        if rows[-1].verdict != "refused":
             accepted.append((c.name, tuple(members)))
         tick()
     return accepted
@@ -452,7 +474,7 @@ def _combine(
     pool: Sequence[Candidate],
     alone: Sequence[Candidate],
     rows: list[TuneRow],
-    plain: _Proof,
+    plains: dict[int, _Proof],
     tick: Callable[[], None],
 ) -> list[tuple[str, tuple[Candidate, ...]]]:
     """Add the accepted candidates fastest-alone first; every combination that its declarations and proof allow."""
@@ -473,10 +495,9 @@ def _combine(
         if problems:
             rows.append(TuneRow(name, "combined", [as_code(s) for s in strategies], "not tried", problems[0]))
             continue
-        verdict, reason, loss, weight = _verdict(setup, strategies, plain, _prove(setup, strategies))
-        rows.append(TuneRow(name, "combined", [as_code(s) for s in strategies], verdict, reason, loss, weight))
+        rows.append(_judged(setup, name, "combined", strategies, plains))
         tick()
-        if verdict != "refused":
+        if rows[-1].verdict != "refused":
             chain = members
             combos.append((name, tuple(members)))
     return combos
