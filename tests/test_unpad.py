@@ -613,3 +613,28 @@ def test_packed_layers_in_a_hand_written_loop():
             assert "forward" in vars(model.transformer.encoder.layers[0])  # still packed after the inner exit
     assert rel_diff(packed[real].detach(), full[real].detach()) < 1e-5
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+def _eval_syncs(trainer, data) -> dict[str, int]:
+    """The doctor's sync counter around one evaluation: operator -> count (on a CPU: what would wait for a GPU)."""
+    from hlbd_fast.doctor.probe import Probe, SyncCounter
+
+    probe = Probe()
+    probe.phase, probe.mode, probe.recording = "forward", "sync", True
+    with SyncCounter(probe).active(dispatch=True):
+        trainer.evaluate(data)
+    return {op: n for (_, op), n in probe.syncs.items()}
+
+
+def test_evaluation_packs_from_host_sizes_with_no_read_back_per_batch():
+    """Tensors to evaluate are measured once on the host: twice the batches, no more syncs (a Dataset's batches still
+    count theirs: two per batch)."""
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(vocab_size=23, d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, d_ff=32, dropout=0.0, max_length=32)
+    t = FastTrainer(model, strategies=[Unpad()], progress=False, batch_size=8)
+    for n in (16, 64):  # 2 or 8 batches: at most the one-off measurement on the host
+        assert _eval_syncs(t, padded(n=n)).get("aten::nonzero", 0) <= 2
+    ds = _eval_syncs(t, torch.utils.data.TensorDataset(*padded(n=64)))
+    assert ds["aten::nonzero"] == 2 * 8
+    plain = FastTrainer(clone(model), progress=False, batch_size=8)
+    assert t.evaluate(padded(n=64))["loss"] == pytest.approx(plain.evaluate(padded(n=64))["loss"], rel=1e-6)

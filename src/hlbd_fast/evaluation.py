@@ -25,6 +25,7 @@ from ._validation import check_positive_int, is_token_pair, token_loss_sum, toke
 from .batches import DataSource, move
 from .checkpoint import rng_state, set_rng_state, write_trainer_checkpoint
 from .history import Best
+from .packing import packed_sizes
 from .strategies.padding import row_lengths
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,12 +90,16 @@ def _device_batches(trainer: "FastTrainer", source: DataSource) -> Iterator[Any]
             yield trainer.to_device(batch)
         return
     src, tgt = source.tensors
-    src_len, tgt_len = row_lengths(src.cpu(), trainer.pad_id), row_lengths(tgt.cpu(), trainer.pad_id)
+    host_src, host_tgt = src.cpu(), tgt.cpu()
+    # per row, as Python numbers read once: the lengths TrimPadding cuts to, the sizes Unpad packs (no read-back per batch)
+    src_len, tgt_len = row_lengths(host_src, trainer.pad_id).tolist(), row_lengths(host_tgt, trainer.pad_id).tolist()
+    src_packed, tgt_packed = (x.tolist() for x in packed_sizes(host_src, host_tgt, trainer.pad_id))
     src, tgt = move(src, trainer.device), move(tgt, trainer.device)
     size = source.batch_size
     for i in range(0, src.shape[0], size):
-        s, t = src[i : i + size], tgt[i : i + size]
-        trainer.known_lengths.remember(s, t, int(src_len[i : i + size].max()), int(tgt_len[i : i + size].max()))
+        s, t, rows = src[i : i + size], tgt[i : i + size], slice(i, i + size)
+        packed = (sum(src_packed[rows]), sum(tgt_packed[rows]))
+        trainer.known_lengths.remember(s, t, max(src_len[rows]), max(tgt_len[rows]), packed)
         yield s, t
 
 
