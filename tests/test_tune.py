@@ -205,6 +205,8 @@ def test_the_command_refuses_a_bad_factory_and_budget_with_status_2(capsys, tmp_
     assert "the factory returned int; return a model or a (model, data) pair" in capsys.readouterr().err
     assert tune_main(["--budget", "0", "--device", "cpu"]) == 2  # the reference model: refused before it trains
     assert "budget_s must be a positive number" in capsys.readouterr().err
+    assert tune_main(["--accept", "exact,fast", "--device", "cpu"]) == 2
+    assert "accept=('exact', 'fast') must be" in capsys.readouterr().err
 
 
 def test_the_command_tunes_a_factory_model_and_writes_json(tmp_path, monkeypatch, capsys):

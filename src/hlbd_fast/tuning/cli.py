@@ -21,6 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=5e-5, help="learning rate of every configuration (default 5e-5)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="the sample order of every configuration (default 0)")
+    p.add_argument(
+        "--accept",
+        default="exact,rounding,precision,random stream",
+        help="the verdicts the choice may have, comma-separated (default: all but refused); e.g. exact,rounding",
+    )
     p.add_argument("--json", default=None, help="also write the report as JSON to this file (checked before anything trains)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -46,8 +51,17 @@ def run(args: argparse.Namespace) -> int:
             check_writable_file(args.json, "--json")  # before minutes of measuring, not after
         device = resolve_device(args.device)
         model, data = factory.load(args.model, args.data) if args.model else factory.reference(data=args.data)
+        accept = tuple(v.strip() for v in args.accept.split(",") if v.strip())
         report = search.tune(
-            model, data, device=device, batch_size=args.batch_size, lr=args.lr, budget_s=args.budget, seed=args.seed, progress=not args.no_progress
+            model,
+            data,
+            device=device,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            budget_s=args.budget,
+            seed=args.seed,
+            accept=accept,
+            progress=not args.no_progress,
         )
     except (TuneError, factory.FactoryError, ValueError) as e:
         print(f"hlbd-fast tune: error: {e}", file=sys.stderr)
