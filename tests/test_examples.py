@@ -178,7 +178,7 @@ def test_torch_transformer_trains_packed_with_the_padded_losses(capsys):
 # ---------------------------------------------------------------------------- your_own_model.py
 def test_your_own_model_is_tuned_without_what_it_refuses_then_trained(capsys):
     main = load_example("your_own_model")["main"]
-    assert main(["--tiny", "--budget", "20", "--epochs", "1", "--no-progress"]) == 0
+    assert main(["--tiny", "--budget", "12", "--epochs", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "TrimPadding refused this model" in out and "Unpad refused this model" in out
     chosen = out.split("chosen: ", 1)[1]

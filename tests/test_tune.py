@@ -15,7 +15,7 @@ from hlbd_fast.strategies import DeferredLossSync, FusedAdamW, Unpad
 from hlbd_fast.tuning import PLAIN, Candidate, TuneError, default_candidates
 from hlbd_fast.tuning import main as tune_main
 
-BUDGET = 12.0  # seconds: tiny models run hundreds of rounds in it
+BUDGET = 6.0  # seconds: tiny models run dozens of rounds in it
 
 
 class LeakyReference(Seq2SeqTransformer):
