@@ -71,6 +71,15 @@ def test_the_proofs_compare_every_candidate_with_the_plain_loop(leaky_report):
     assert fused.verdict in ("exact", "rounding") and fused.weight_diff <= 1e-4
 
 
+def test_tune_leaves_the_callers_random_stream_as_it_was():
+    model, data = TinySeq2Seq(), ragged_pairs(n=16)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    tune(model, data, batch_size=8, budget_s=BUDGET, candidates=cpu_candidates("deferred sync"), progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_the_budget_ends_whole_rounds_and_every_ratio_says_what_it_rests_on(leaky_report):
     for stage in ("alone", "combined"):
         timed = [r for r in leaky_report.rows if r.stage == stage and r.speedup is not None and r.name != PLAIN]

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .._validation import infer_vocab_size
 from ..bench import RowResult, RowSpec, _Budget, _Row, _run_interleaved, compare_rows, machine_info
+from ..checkpoint import rng_state, set_rng_state
 from ..presets import CUDA_BUCKETS, Preset
 from ..strategies import AllowTF32, CUDAGraphStep, DeferredLossSync, DevicePreload, FastDropout, FusedAdamW, MixedPrecision, Strategy, TrimPadding, Unpad
 from ..strategies.needs import Computes, Context, check_strategies, declarations
@@ -142,8 +143,12 @@ def tune(
     setup = _setup(model, data, dev, batch_size, lr, proof_steps, steps_per_round, seed, trainer_class, trainer_kwargs)
     setup = dataclasses.replace(setup, accept=_check_accept(accept), tols=(rounding_tol, precision_tol))
     pool = tuple(candidates) if candidates is not None else default_candidates(dev)
-    with _progress(budget_s, progress, started) as tick:
-        rows, chain = _search(setup, pool, budget_s, started, tick)
+    rng = rng_state()  # every row seeds torch's RNG: the caller's stream is put back afterwards
+    try:
+        with _progress(budget_s, progress, started) as tick:
+            rows, chain = _search(setup, pool, budget_s, started, tick)
+    finally:
+        set_rng_state(rng)
     chosen, builders = _choose(rows, pool, chain)
     return TuneReport(
         model=type(model).__name__,
