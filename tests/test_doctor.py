@@ -473,3 +473,12 @@ def test_trimming_a_model_that_masks_padding_is_recommended_with_its_measured_pr
 def test_nothing_is_priced_when_the_strategies_cut_the_padding_already():
     d = diagnose(_transformer(leaky=False), _much_padding(), steps=2, warmup=1, batch_size=16, device="cpu", strategies=[TrimPadding(), Unpad()])
     assert d.padding_price == {}
+
+
+def test_diagnose_leaves_the_callers_random_stream_as_it_was():
+    model, data = TinySeq2Seq(), ragged_pairs(n=16)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    diagnose(model, data, steps=1, warmup=0, batch_size=8, device="cpu")
+    assert torch.equal(torch.rand(3), expected)

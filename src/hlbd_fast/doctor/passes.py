@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .._validation import check_positive_int
+from ..checkpoint import rng_state, set_rng_state
 from ..history import reports_dict
 from ..strategies.base import Strategy
 from ..strategies.unpad import unpad_mode
@@ -78,6 +79,7 @@ def diagnose(
     if copy_model:
         model = _copy_model(model)
     dynamo_before = _graph_break_counter()
+    rng = rng_state()  # the trainer seeds torch's RNG: the caller's stream is put back afterwards
     trainer = FastTrainer(model, **kwargs)
     try:
         measured = _measure(trainer, probe, data, steps, warmup)
@@ -87,6 +89,7 @@ def diagnose(
     finally:
         probe.stop()
         trainer.close()  # worker processes, captured graphs
+        set_rng_state(rng)
 
 
 def _check_arguments(model: Any, steps: Any, warmup: Any, batch_size: Any, copy_model: bool, trainer_kwargs: dict[str, Any]) -> None:
